@@ -1,0 +1,968 @@
+#!/usr/bin/env python3
+"""Hot-swap an RL trainer's Qwen2 weights into a running sglang-jax Engine, in place.
+
+Reads a Hugging Face Qwen2/Qwen2.5 checkpoint, converts it on the host to the
+MLLM-JAX flax params tree, places every tensor as a sharded jax.Array in the
+engine's own dtype and sharding, swaps the engine's nnx Params in place and
+rebinds `model_runner.model_state_leaves`, then generates. Prints one JSON line
+per phase on stdout (logs go to stderr) with device memory summed over devices,
+so you can see that the engine holds ONE set of params, even while the caller
+keeps its dict of the very same arrays.
+
+Phases, in the order they run (each a function below):
+  jax_ready -> engine_ready_dummy -> mllm_params_cpu_ready -> [generate_before_swap]
+  -> sglang_param_dict_ready -> weights_swapped_from_mllm -> [param_sharing_check]
+  -> before_generate_param_dict_kept | after_cleanup -> generate_result
+  -> [after_drop_param_dict] -> [swap_round ...] -> summary
+
+Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
+usage (found before the engine is touched); 3 the engine failed (start,
+generate, swap or crash).
+
+  python run_param_swap.py --demo                        # tiny random Qwen2, 4 virtual CPU devices
+  python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 \\
+      --keep-param-dict --verify-param-sharing | tee swap.log   # on a TPU VM
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
+HOST_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def log(msg: str) -> None:
+    print(f"[run_param_swap] {msg}", file=sys.stderr, flush=True)
+
+
+class ToolError(Exception):
+    """A failure we can explain: one JSON error line, then the summary, then `exit_code`."""
+
+    def __init__(self, stage: str, error: str, hint: str = "", exit_code: int = EXIT_BAD_INPUT):
+        super().__init__(error)
+        self.stage, self.error, self.hint, self.exit_code = stage, error, hint, exit_code
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="HF hub id or local folder (default: %(default)s)")
+    p.add_argument("--prompt", default="Explain what a parameter hot-swap is in one sentence.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", choices=["tpu", "gpu", "cpu"], default=None,
+                   help="JAX platform (default: $JAX_PLATFORMS, else JAX's default backend). With cpu the "
+                        "tool creates --tp-size virtual CPU devices itself.")
+    p.add_argument("--tp-size", type=int, default=0, help="tensor parallel size; 0 = all devices")
+    p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--weights-source", choices=["safetensors", "torch"], default="safetensors",
+                   help="safetensors: read the shards lazily with numpy (no torch); torch: "
+                        "transformers.AutoModelForCausalLM(...).state_dict()")
+    p.add_argument("--mllm-param-dtype", choices=sorted(HOST_DTYPES), default="bfloat16",
+                   help="dtype of the MLLM flax tree on the host (the trainer's); cast to the engine's dtype "
+                        "on the host when placing")
+    p.add_argument("--swap-mode", choices=["streaming", "bulk"], default="streaming",
+                   help="streaming: place one tensor, assign it, free the dummy it replaces, go on (peak = one "
+                        "set + one tensor); bulk: build every array, then assign all (the reference algorithm, "
+                        "peak = two sets)")
+    p.add_argument("--keep-param-dict", action="store_true",
+                   help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's arrays)")
+    p.add_argument("--verify-param-sharing", action="store_true",
+                   help="check that EVERY engine Param and model_state_leaves entry is the dict's very array "
+                        "(object identity and device buffers)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="after the first swap, swap N more times alternating B (a deterministic perturbation, or "
+                        "--model-id-b) and A, checking outputs repeat and memory does not grow")
+    p.add_argument("--model-id-b", default=None, help="second checkpoint for --rounds (default: perturbed A)")
+    p.add_argument("--single-copy-tolerance", type=float, default=1.02,
+                   help="bytes_in_use_sum after the swap may be at most engine_ready_dummy x this (default: %(default)s)")
+    p.add_argument("--download-dir", default=None, help="HF cache folder for hub downloads")
+    p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--demo", action="store_true",
+                   help="build a tiny random-weight Qwen2 checkpoint and run the whole verification on 4 virtual "
+                        "CPU devices with --keep-param-dict --verify-param-sharing")
+    p.add_argument("--demo-dir", default=None, help="where --demo writes its checkpoint (kept); default: a temp folder")
+    eng = p.add_argument_group("engine arguments (defaults: the reference TPU run's)")
+    eng.add_argument("--dtype", default="bfloat16", help="engine dtype (default: %(default)s)")
+    eng.add_argument("--mem-fraction-static", type=float, default=0.8)
+    eng.add_argument("--max-prefill-tokens", type=int, default=1024)
+    eng.add_argument("--max-total-tokens", type=int, default=4096)
+    eng.add_argument("--max-running-requests", type=int, default=16)
+    eng.add_argument("--precompile", action="store_true", help="let the engine precompile (the reference run disabled it)")
+    eng.add_argument("--watchdog-timeout", type=float, default=1800.0,
+                     help="seconds sglang-jax's watchdog waits on a forward before killing the run (slow CPU "
+                          "compiles need more than its 300 s default)")
+    eng.add_argument("--random-seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.demo:
+        args.device, args.keep_param_dict, args.verify_param_sharing = "cpu", True, True
+        args.tp_size = args.tp_size or 4
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase log: one JSON object per phase on stdout (and --json-out), with memory
+# ----------------------------------------------------------------------------------------------
+
+
+def process_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def live_array_bytes_per_device() -> dict[Any, int]:
+    """Bytes of the unique device buffers of jax.live_arrays(), per device (CPU has no memory_stats)."""
+    import jax
+
+    seen: set[tuple[int, int]] = set()
+    per_device: dict[Any, int] = {d: 0 for d in jax.devices()}
+    for arr in jax.live_arrays():
+        if arr.is_deleted():
+            continue
+        for shard in arr.addressable_shards:
+            buf = shard.data
+            key = (shard.device.id, buf.unsafe_buffer_pointer())
+            if key not in seen:
+                seen.add(key)
+                per_device[shard.device] = per_device.get(shard.device, 0) + buf.nbytes
+    return per_device
+
+
+def device_memory(collect: bool = True) -> dict:
+    import jax
+
+    if collect:
+        gc.collect()
+    devices = jax.devices()
+    stats = [d.memory_stats() for d in devices]
+    if all(s for s in stats):
+        source = "memory_stats"
+        per_device = [{"device": str(d), **{k: int(v) for k, v in s.items() if isinstance(v, (int, float))}}
+                      for d, s in zip(devices, stats, strict=True)]
+    else:
+        source = "live_arrays"
+        in_use = live_array_bytes_per_device()
+        per_device = [{"device": str(d), "bytes_in_use": in_use.get(d, 0)} for d in devices]
+    summary: dict[str, int] = {}
+    for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit"):
+        values = [s[key] for s in per_device if key in s]
+        if len(values) == len(per_device):
+            summary.update({f"{key}_sum": sum(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return {"process_rss_bytes": process_rss_bytes(), "jax_device_memory_stats": per_device,
+            "jax_device_memory_summary": summary, "source": source}
+
+
+def bytes_in_use_sum(mem: dict) -> int:
+    return mem["jax_device_memory_summary"]["bytes_in_use_sum"]
+
+
+class PhaseLog:
+    """Prints one JSON line per phase on stdout and in --json-out; keeps them for the summary."""
+
+    def __init__(self, json_out: str | None):
+        self.t0 = time.perf_counter()
+        self.records: list[dict] = []
+        self.checks: dict[str, dict] = {}
+        self.file = open(json_out, "w") if json_out else None
+
+    def write(self, record: dict) -> dict:
+        line = json.dumps(record, default=str)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+        self.records.append(record)
+        return record
+
+    def phase(self, name: str, memory: bool = True, **fields) -> dict:
+        record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
+        if memory:
+            record["memory"] = device_memory()
+        return self.write(record)
+
+    def check(self, name: str, ok: bool, **details) -> bool:
+        self.checks[name] = {"ok": bool(ok), **details}
+        log(f"check {name}: {'ok' if ok else 'FAILED'}")
+        return bool(ok)
+
+    def memory_of(self, phase: str) -> int | None:
+        for r in self.records:
+            if r["phase"] == phase and "memory" in r:
+                return bytes_in_use_sum(r["memory"])
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: JAX up (platform chosen before JAX starts)
+# ----------------------------------------------------------------------------------------------
+
+
+def configure_platform(args: argparse.Namespace) -> str:
+    """Pick the platform and, for cpu, ask XLA for --tp-size virtual devices. Must run before JAX starts."""
+    env_platform = os.environ.get("JAX_PLATFORMS", "")
+    if args.device and env_platform and env_platform != args.device:
+        raise ToolError("arguments", f"--device {args.device} conflicts with JAX_PLATFORMS={env_platform}",
+                        "unset JAX_PLATFORMS or make it equal to --device (sglang-jax asserts they match)")
+    device = args.device or env_platform or ""
+    if device == "cpu" and args.tp_size > 0:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.tp_size}".strip()
+    if device:
+        os.environ["JAX_PLATFORMS"] = device
+    return device
+
+
+def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
+    import jax
+
+    device = args.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
+    devices = jax.devices()
+    tp = args.tp_size or len(devices) // args.dp_size
+    if tp * args.dp_size != len(devices):
+        raise ToolError("arguments", f"tp_size x dp_size = {tp} x {args.dp_size} != {len(devices)} devices",
+                        "pass --tp-size and --dp-size whose product is jax.device_count()")
+    args.tp_size = tp
+    log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
+               device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint: where it is, and whether it is a Qwen2 this tool can swap
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(model_id: str, download_dir: str | None) -> str:
+    """Local folder as is; otherwise a hub snapshot (config, tokenizer, safetensors) into the HF cache."""
+    if os.path.isdir(model_id):
+        return os.path.abspath(model_id)
+    if model_id.startswith((".", "/", "~")) or os.path.exists(model_id):
+        raise ToolError("checkpoint", f"local checkpoint folder {model_id!r} does not exist",
+                        "pass a folder with config.json and *.safetensors, or a hub id like Qwen/Qwen2.5-3B-Instruct")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, cache_dir=download_dir,
+                                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear error line
+        raise ToolError("checkpoint", f"cannot fetch {model_id!r} from the hub: {type(e).__name__}: {e}",
+                        "check the id and network access (or HF_HUB_OFFLINE with a filled cache), or pass a local folder") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    architecture: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    files: tuple[str, ...]
+
+
+def read_checkpoint_info(path: str) -> CheckpointInfo:
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ToolError("checkpoint", f"cannot read {config_file}: {e}", "the folder needs a valid HF config.json") from e
+    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ToolError("checkpoint", f"architecture {archs[0]} is not supported",
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 and Qwen2.5 models)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = tuple(sorted(set(json.load(f)["weight_map"].values())))
+    else:
+        files = tuple(sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
+    if not files:
+        raise ToolError("checkpoint", f"no *.safetensors files in {path}", "the tool reads safetensors checkpoints")
+    heads = cfg["num_attention_heads"]
+    return CheckpointInfo(
+        path=path, architecture=archs[0], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        hidden_size=cfg["hidden_size"], vocab_size=cfg["vocab_size"],
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), files=files)
+
+
+def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
+    if info.num_heads % tp:
+        raise ToolError("arguments", f"--tp-size {tp} does not divide the {info.num_heads} attention heads",
+                        f"choose a tp size that divides {info.num_heads}")
+    if tp > info.num_kv_heads and tp % info.num_kv_heads:
+        raise ToolError("arguments", f"--tp-size {tp} is not a multiple of the {info.num_kv_heads} KV heads",
+                        "sglang-jax replicates KV heads only by a whole factor")
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: the Engine, with dummy weights
+# ----------------------------------------------------------------------------------------------
+
+
+def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_format: str) -> dict:
+    """sglang-jax ServerArgs for this run (shared with the tests' reference engine)."""
+    return dict(
+        model_path=model_path, load_format=load_format, enable_single_process=True, device=device,
+        tp_size=args.tp_size, dp_size=args.dp_size, dtype=args.dtype, download_dir=args.download_dir,
+        mem_fraction_static=args.mem_fraction_static, max_prefill_tokens=args.max_prefill_tokens,
+        max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
+        disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
+        random_seed=args.random_seed, log_level="warning",
+    )
+
+
+def start_engine(kwargs: dict):
+    from sgl_jax.srt.entrypoints.engine import Engine
+
+    try:
+        engine = Engine(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
+        raise ToolError("engine_start", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE) from e
+    return engine, engine.scheduler_info["scheduler"].tp_worker.worker.model_runner
+
+
+def guard_engine_crashes(engine, log_: PhaseLog) -> None:
+    """sglang-jax answers a scheduler error or a watchdog timeout with SIGQUIT and SIGKILLs the whole process
+    tree (exit 137, no message). Create its request loop now and put our handler in its place: one error
+    line, the summary, exit code 3."""
+
+    def on_sigquit():
+        log_.write({"phase": "error", "stage": "engine_crash",
+                    "error": "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)",
+                    "hint": "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow"})
+        summary(log_, ToolError("engine_crash", "", "", EXIT_ENGINE))
+        sys.stdout.flush()
+        from sgl_jax.srt.utils.common_utils import kill_process_tree
+
+        kill_process_tree(os.getpid(), include_parent=False)
+        os._exit(EXIT_ENGINE)
+
+    engine.tokenizer_manager.auto_create_handle_loop()
+    engine.loop.add_signal_handler(signal.SIGQUIT, on_sigquit)
+
+
+def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
+    t = time.perf_counter()
+    engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
+    guard_engine_crashes(engine, log_)
+    targets = engine_params(model_runner)
+    log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
+               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(targets),
+               param_bytes_sum=param_bytes_sum(p.get_value() for p in targets.values()))
+    return engine, model_runner
+
+
+def path_str(path) -> str:
+    """('model', 'layers', 0, 'mlp', ...) or a jax key path -> 'model.layers.0.mlp...' (without '.value')."""
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(k))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return ".".join(parts)
+
+
+def engine_params(model_runner) -> dict[str, Any]:
+    """{nnx path: nnx.Param} of the engine's model."""
+    from flax import nnx
+
+    return {path_str(p): node for p, node in nnx.iter_graph(model_runner.model) if isinstance(node, nnx.Param)}
+
+
+def engine_leaf_paths(model_runner):
+    """Paths of the flattened nnx state, in model_state_leaves order, and its treedef."""
+    import jax
+    from flax import nnx
+
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(nnx.split(model_runner.model)[1])
+    return [path_str(p) for p, _ in with_path], treedef
+
+
+def param_bytes_sum(arrays) -> int:
+    """Bytes of the arrays' addressable shards, summed over devices (replicated data counted per device)."""
+    return sum(s.data.nbytes for a in arrays for s in a.addressable_shards)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 3: HF checkpoint -> MLLM-JAX flax params tree, on the host
+# ----------------------------------------------------------------------------------------------
+
+# HF name -> MLLM-JAX flax key. Linear weights are [out, in] in HF and [in, out] ("kernel") in flax.
+HF_TO_MLLM = [  # (HF regex, MLLM template, transpose)
+    (r"model\.embed_tokens\.weight", "model.embed_tokens.embedding", False),
+    (r"model\.norm\.weight", "model.norm.scale", False),
+    (r"lm_head\.weight", "lm_head.kernel", True),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", "model.layers_{0}.{1}.scale", False),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", "model.layers_{0}.self_attn.{1}_proj.kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias", "model.layers_{0}.self_attn.{1}_proj.bias", False),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "model.layers_{0}.mlp.{1}_proj.kernel", True),
+]
+HF_IGNORED = (r".*rotary_emb\.inv_freq",)  # buffers some exports carry; not parameters
+
+
+def to_numpy(t) -> np.ndarray:
+    """numpy array of a numpy or torch tensor, without copies and without an fp16 detour for bf16."""
+    if isinstance(t, np.ndarray):
+        return t
+    import ml_dtypes
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def host_dtype(name: str):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def hf_to_mllm(tensors: Mapping[str, Any], tie_word_embeddings: bool, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
+    """{HF name: numpy|torch tensor} -> flat MLLM-JAX tree {'model.layers_0.self_attn.q_proj.kernel': ndarray}.
+
+    Kernels are transposed views (no copy); arrays are cast to `dtype` only where they differ.
+    A tied checkpoint's lm_head (absent from its files, or present as an alias of the embedding) is dropped:
+    the embedding is the head.
+    """
+    want = host_dtype(dtype)
+    flat: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if any(re.fullmatch(rx, name) for rx in HF_IGNORED) or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        for rx, template, transpose in HF_TO_MLLM:
+            m = re.fullmatch(rx, name)
+            if m:
+                arr = to_numpy(tensor)
+                arr = arr if arr.dtype == want else arr.astype(want)
+                flat[template.format(*m.groups())] = arr.T if transpose else arr
+                break
+        else:
+            raise ToolError("checkpoint", f"unexpected tensor {name!r} in the checkpoint",
+                            "this tool converts Qwen2 checkpoints (embed, layers, norm, lm_head)")
+    return flat
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """Flat dotted keys -> the nested dict flax uses ({'model': {'layers_0': {...}}})."""
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(dict(flat), sep=".")
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(tree, sep=".")
+
+
+def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
+    """Every tensor of the shards as numpy (bf16 as ml_dtypes.bfloat16), one shard open at a time."""
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for fname in info.files:
+        full = os.path.join(info.path, fname)
+        try:
+            with safe_open(full, framework="numpy") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
+                            "the file is truncated or corrupt: download it again") from e
+    return tensors
+
+
+def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
+    """The reference run's path: transformers' model, then its state_dict (torch tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(info.path, torch_dtype="auto", low_cpu_mem_usage=True)
+    return dict(model.state_dict())
+
+
+def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
+    t = time.perf_counter()
+    tensors = read_safetensors(info) if args.weights_source == "safetensors" else read_torch_state_dict(info)
+    t_read = time.perf_counter() - t
+    tree = nest(hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype))
+    del tensors
+    flat = flatten(tree)
+    log_.phase("mllm_params_cpu_ready", weights_source=args.weights_source, dtype=args.mllm_param_dtype,
+               num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()),
+               read_s=round(t_read, 3), seconds=round(time.perf_counter() - t, 3),
+               sample_keys=sorted(flat)[:3])
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 4: MLLM tree -> {sglang nnx path: sharded jax.Array}, validated as a whole first
+# ----------------------------------------------------------------------------------------------
+
+# MLLM key -> sglang-jax Qwen2 nnx path, and how the host array becomes the target:
+#   copy: same layout; transpose: [hidden, vocab] kernel -> [vocab, hidden] embedding;
+#   kv_heads: repeat each KV head contiguously ([h0, h0, h1, h1]) when tp > num KV heads, as sglang-jax does.
+MLLM_TO_SGLANG = [  # (MLLM regex, sglang template, op)
+    (r"model\.embed_tokens\.embedding", "model.embed_tokens.embedding", "copy"),
+    (r"model\.norm\.scale", "model.norm.scale", "copy"),
+    (r"lm_head\.kernel", "lm_head.embedding", "transpose"),
+    (r"model\.layers_(\d+)\.(input_layernorm|post_attention_layernorm)\.scale", "model.layers.{0}.{1}.scale", "copy"),
+    (r"model\.layers_(\d+)\.self_attn\.([qo])_proj\.(kernel|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}", "copy"),
+    (r"model\.layers_(\d+)\.self_attn\.([kv])_proj\.(kernel|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}", "kv_heads"),
+    (r"model\.layers_(\d+)\.mlp\.(gate|up|down)_proj\.kernel", "model.layers.{0}.mlp.{1}_proj.weight", "copy"),
+]
+
+
+@dataclasses.dataclass
+class SwapItem:
+    target: str  # sglang nnx path
+    source: str  # MLLM key
+    op: str  # copy | transpose | kv_heads
+    replicas: int  # KV-head repeat factor (1 unless op == kv_heads and tp > KV heads)
+    shape: tuple
+    dtype: Any
+    sharding: Any
+    nbytes_sum: int  # device bytes of the target over all devices
+
+
+def target_name(mllm_key: str) -> tuple[str, str]:
+    for rx, template, op in MLLM_TO_SGLANG:
+        m = re.fullmatch(rx, mllm_key)
+        if m:
+            groups = [("weight" if g == "kernel" else g) for g in m.groups()]
+            return template.format(*groups), op
+    raise ToolError("plan", f"no sglang-jax target for MLLM key {mllm_key!r}",
+                    "the tree has a tensor this Qwen2 mapping does not know")
+
+
+def source_shape_after(op: str, shape: tuple, replicas: int) -> tuple:
+    if op == "transpose":
+        return tuple(reversed(shape))
+    if op == "kv_heads":
+        return (*shape[:-1], shape[-1] * replicas)
+    return tuple(shape)
+
+
+def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_heads: int) -> list[SwapItem]:
+    """Check the WHOLE swap before anything touches the engine: every target covered once, every source
+    used, every shape right. Target shape, dtype and sharding come from the engine's own Params."""
+    plan, problems, covered = [], [], set()
+    for key in sorted(flat):
+        target, op = target_name(key)
+        if target not in params:
+            problems.append(f"{key} -> {target}: the engine has no such Param")
+            continue
+        value = params[target].get_value()
+        src_shape = tuple(flat[key].shape)
+        replicas = 1
+        if op == "kv_heads" and src_shape[-1]:
+            replicas = max(1, value.shape[-1] // src_shape[-1])
+            if src_shape[-1] % num_kv_heads:
+                problems.append(f"{key}: last axis {src_shape[-1]} is not a multiple of {num_kv_heads} KV heads")
+                continue
+        expected = source_shape_after(op, src_shape, replicas)
+        if expected != tuple(value.shape):
+            problems.append(f"{key} {src_shape} -> {target}: gives {expected}, the engine has {tuple(value.shape)}")
+            continue
+        covered.add(target)
+        plan.append(SwapItem(target, key, op, replicas, tuple(value.shape), value.dtype, value.sharding,
+                             param_bytes_sum([value])))
+    missing = sorted(set(params) - covered - {p.split(" ")[0] for p in problems})
+    problems += [f"{t}: no source tensor in the checkpoint" for t in missing]
+    if problems:
+        raise ToolError("plan", f"{len(problems)} tensor(s) do not fit the engine: " + "; ".join(problems[:5]),
+                        "the checkpoint does not match the engine's model (sizes, layers, tied embeddings)")
+    return plan
+
+
+def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """The target's exact bytes on the host: layout op, then the engine dtype, one contiguous array."""
+    arr = src
+    if item.op == "transpose":
+        arr = arr.T
+    elif item.op == "kv_heads" and item.replicas > 1:
+        head_dim = arr.shape[-1] // num_kv_heads
+        arr = arr.reshape(*arr.shape[:-1], num_kv_heads, head_dim)
+        arr = np.repeat(arr, item.replicas, axis=-2).reshape(item.shape)
+    return np.ascontiguousarray(arr, dtype=item.dtype)
+
+
+def place(item: SwapItem, src: np.ndarray, num_kv_heads: int):
+    """One jax.device_put of the host array straight into the target sharding (no device-side copy)."""
+    import jax
+
+    return jax.device_put(host_array(item, src, num_kv_heads), item.sharding).block_until_ready()
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases 4-5: place and swap (streaming: one tensor at a time; bulk: all placed, then all assigned)
+# ----------------------------------------------------------------------------------------------
+
+
+class EngineState:
+    """The engine's Params and its flattened leaves, with the one way to change them."""
+
+    def __init__(self, model_runner):
+        self.model_runner = model_runner
+        self.params = engine_params(model_runner)
+        self.leaf_paths, self.treedef = engine_leaf_paths(model_runner)
+        self.leaf_index = {p: i for i, p in enumerate(self.leaf_paths)}
+
+    def assign(self, path: str, new) -> Any:
+        """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
+        engine's list in place). Returns the array it replaced."""
+        old = self.params[path].get_value()
+        self.params[path].set_value(new)
+        leaves = list(self.model_runner.model_state_leaves)
+        leaves[self.leaf_index[path]] = new
+        self.model_runner.model_state_leaves = leaves
+        return old
+
+    def rebind_from_model(self):
+        """model_state_leaves = a new flattening of the model; the structure must not change."""
+        import jax
+        from flax import nnx
+
+        leaves, treedef = jax.tree_util.tree_flatten(nnx.split(self.model_runner.model)[1])
+        if treedef != self.treedef:
+            raise ToolError("swap", "the model's state structure changed during the swap",
+                            "a swapped Param changed the nnx tree; this would recompile or fail", EXIT_ENGINE)
+        self.model_runner.model_state_leaves = leaves
+
+
+def free_if_unaliased(old, state: EngineState) -> bool:
+    """Delete the replaced buffer unless the model still uses the same array elsewhere (tunix-style)."""
+    if any(leaf is old for leaf in state.model_runner.model_state_leaves):
+        return False
+    old.delete()
+    return True
+
+
+def swap_weights(state: EngineState, plan: list[SwapItem], flat: Mapping[str, np.ndarray], num_kv_heads: int,
+                 mode: str) -> tuple[dict, dict]:
+    """Place every tensor and swap it in. Returns ({nnx path: jax.Array}, stats)."""
+    stats = {"swap_mode": mode, "place_s": 0.0, "assign_s": 0.0, "freed": 0, "peak_bytes_in_use_sum": 0}
+    param_dict: dict[str, Any] = {}
+
+    def sample_peak():
+        stats["peak_bytes_in_use_sum"] = max(stats["peak_bytes_in_use_sum"],
+                                             bytes_in_use_sum(device_memory(collect=False)))
+
+    for item in plan:
+        t = time.perf_counter()
+        param_dict[item.target] = place(item, flat[item.source], num_kv_heads)
+        stats["place_s"] += time.perf_counter() - t
+        sample_peak()
+        if mode == "streaming":
+            t = time.perf_counter()
+            stats["freed"] += free_if_unaliased(state.assign(item.target, param_dict[item.target]), state)
+            stats["assign_s"] += time.perf_counter() - t
+    if mode == "bulk":
+        t = time.perf_counter()
+        for item in plan:
+            state.assign(item.target, param_dict[item.target])
+        stats["assign_s"] += time.perf_counter() - t
+    t = time.perf_counter()
+    state.rebind_from_model()
+    stats["assign_s"] += time.perf_counter() - t
+    sample_peak()
+    return param_dict, stats
+
+
+def sglang_param_dict_ready(log_: PhaseLog, args, state: EngineState, info: CheckpointInfo, tree: dict):
+    flat = flatten(tree)
+    plan = plan_swap(flat, state.params, info.num_kv_heads)
+    if args.swap_mode == "bulk":
+        # the reference algorithm: the whole new set is built while the dummy set is still alive
+        t = time.perf_counter()
+        param_dict = {item.target: place(item, flat[item.source], info.num_kv_heads) for item in plan}
+        log_.phase("sglang_param_dict_ready", swap_mode="bulk", num_arrays=len(param_dict),
+                   param_bytes_sum=param_bytes_sum(param_dict.values()), place_s=round(time.perf_counter() - t, 3))
+        return plan, flat, param_dict
+    log_.phase("sglang_param_dict_ready", swap_mode="streaming", num_arrays=len(plan),
+               param_bytes_sum=sum(i.nbytes_sum for i in plan), note="planned and validated; placed during the swap")
+    return plan, flat, None
+
+
+def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, plan, flat, info, param_dict):
+    t = time.perf_counter()
+    if param_dict is None:
+        param_dict, stats = swap_weights(state, plan, flat, info.num_kv_heads, "streaming")
+    else:
+        stats = {"swap_mode": "bulk", "assign_s": 0.0}
+        for item in plan:
+            state.assign(item.target, param_dict[item.target])
+        state.rebind_from_model()
+        stats["assign_s"] = time.perf_counter() - t
+    engine.flush_cache()
+    seconds = time.perf_counter() - t
+    check_leaves_unchanged(log_, state, param_dict)
+    stats = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+    log_.phase("weights_swapped_from_mllm", seconds=round(seconds, 3), num_swapped=len(param_dict), **stats)
+    return param_dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+
+def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
+    """Same leaf count and treedef as the dummy engine; every swapped leaf is the dict's array (so no dummy
+    array is still referenced by the model or the leaves); no leaf is a deleted buffer."""
+    import jax
+    from flax import nnx
+
+    leaves = state.model_runner.model_state_leaves
+    treedef = jax.tree_util.tree_flatten(nnx.split(state.model_runner.model)[1])[1]
+    stale = [p for p in param_dict
+             if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
+    deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
+    return log_.check("leaves_unchanged", len(leaves) == len(state.leaf_paths) and treedef == state.treedef
+                      and not stale and not deleted, num_leaves=len(leaves), expected_leaves=len(state.leaf_paths),
+                      treedef_equal=treedef == state.treedef, still_dummy=stale[:10], deleted=deleted[:10])
+
+
+def buffer_pointers(arr) -> list[tuple[int, int]]:
+    return [(s.device.id, s.data.unsafe_buffer_pointer()) for s in arr.addressable_shards]
+
+
+def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
+    """For EVERY path: the engine's Param value and its model_state_leaves entry are the dict's very
+    jax.Array (identity), and every addressable shard sits on the same device buffer."""
+    leaves = state.model_runner.model_state_leaves
+    not_identical, not_same_buffer, shards = [], [], 0
+    for path, arr in param_dict.items():
+        param_value, leaf = state.params[path].get_value(), leaves[state.leaf_index[path]]
+        if param_value is not arr or leaf is not arr:
+            not_identical.append(path)
+        want = buffer_pointers(arr)
+        shards += len(want)
+        if buffer_pointers(param_value) != want or buffer_pointers(leaf) != want:
+            not_same_buffer.append(path)
+    ok = log_.check("param_sharing", bool(param_dict) and not not_identical and not not_same_buffer,
+                    paths_checked=len(param_dict), shards_checked=shards, not_identical=not_identical[:10],
+                    not_same_buffer=not_same_buffer[:10])
+    log_.phase("param_sharing_check", ok=ok, paths_checked=len(param_dict), shards_checked=shards,
+               not_identical=len(not_identical), not_same_buffer=len(not_same_buffer))
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------
+
+
+def generate(engine, prompt: str, max_new_tokens: int) -> dict:
+    out = engine.generate(prompt=prompt, sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens})
+    return {"text": out["text"], "output_ids": list(out["output_ids"]), "meta_info": out.get("meta_info", {})}
+
+
+def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result") -> dict:
+    t = time.perf_counter()
+    out = generate(engine, args.prompt, args.max_new_tokens)
+    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), **out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo checkpoint: a tiny random Qwen2 with a tokenizer trained on the spot
+# ----------------------------------------------------------------------------------------------
+
+DEMO_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Explain what a parameter hot-swap is in one sentence.",
+    "Reinforcement learning trainers update weights; rollout engines generate with them.",
+    "JAX arrays are sharded over devices; every device holds a shard or a replica.",
+]
+
+
+def write_tokenizer(folder: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(DEMO_CORPUS * 20, trainer)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "model_max_length": 4096}, f)
+
+
+def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int = 2, num_heads: int = 4,
+                          head_dim: int = 128, hidden_size: int = 512, intermediate_size: int = 1024,
+                          num_layers: int = 2, vocab_size: int = 512, dtype: str = "bfloat16",
+                          num_shards: int = 1, seed: int = 0) -> str:
+    """A random-weight Qwen2ForCausalLM in HF layout (config, tokenizer, safetensors). head_dim 128: the CPU
+    attention path needs it. Returns the folder."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    write_tokenizer(folder, vocab_size)
+    config = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
+        "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "tie_word_embeddings": tied, "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 0,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers,
+    }
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    rng = np.random.default_rng(seed)
+    out_dtype = host_dtype(dtype)
+
+    def rand(*shape, std=0.05, mean=0.0):
+        return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(out_dtype)
+
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    tensors = {"model.embed_tokens.weight": rand(vocab_size, hidden_size, std=0.05),
+               "model.norm.weight": rand(hidden_size, mean=1.0)}
+    if not tied:
+        tensors["lm_head.weight"] = rand(vocab_size, hidden_size)
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "input_layernorm.weight": rand(hidden_size, mean=1.0),
+            p + "post_attention_layernorm.weight": rand(hidden_size, mean=1.0),
+            p + "self_attn.q_proj.weight": rand(q, hidden_size), p + "self_attn.q_proj.bias": rand(q),
+            p + "self_attn.k_proj.weight": rand(kv, hidden_size), p + "self_attn.k_proj.bias": rand(kv),
+            p + "self_attn.v_proj.weight": rand(kv, hidden_size), p + "self_attn.v_proj.bias": rand(kv),
+            p + "self_attn.o_proj.weight": rand(hidden_size, q),
+            p + "mlp.gate_proj.weight": rand(intermediate_size, hidden_size),
+            p + "mlp.up_proj.weight": rand(intermediate_size, hidden_size),
+            p + "mlp.down_proj.weight": rand(hidden_size, intermediate_size),
+        })
+    names = list(tensors)
+    if num_shards == 1:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    for s in range(num_shards):
+        fname = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::num_shards]}
+        save_file(part, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, f)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary and main
+# ----------------------------------------------------------------------------------------------
+
+
+def check_single_copy(log_: PhaseLog, tolerance: float, phases: list[str]) -> bool:
+    base = log_.memory_of("engine_ready_dummy")
+    seen = {p: log_.memory_of(p) for p in phases if log_.memory_of(p) is not None}
+    limit = int(base * tolerance) if base else None
+    ok = bool(base) and bool(seen) and all(v <= limit for v in seen.values())
+    return log_.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen)
+
+
+def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
+    ok = error is None and bool(log_.checks) and all(c["ok"] for c in log_.checks.values())
+    log_.phase("summary", memory=False, ok=ok, checks=log_.checks)
+    if error is not None:
+        return error.exit_code
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def run(log_: PhaseLog, args: argparse.Namespace) -> None:
+    device = jax_ready(log_, args)
+    info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
+    validate_parallelism(info, args.tp_size)
+    engine, model_runner = engine_ready_dummy(log_, args, info, device)
+    try:
+        tree = mllm_params_cpu_ready(log_, args, info)
+        state = EngineState(model_runner)
+        plan, flat, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
+        param_dict = weights_swapped_from_mllm(log_, args, engine, state, plan, flat, info, param_dict)
+        if args.verify_param_sharing:
+            param_sharing_check(log_, state, param_dict)
+        if args.keep_param_dict:
+            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict))
+        else:
+            del param_dict
+            log_.phase("after_cleanup")
+        out = generate_result(log_, args, engine)
+        log_.check("generate", len(out["output_ids"]) > 0, num_tokens=len(out["output_ids"]))
+        if args.keep_param_dict:
+            del param_dict
+            log_.phase("after_drop_param_dict")
+        check_single_copy(log_, args.single_copy_tolerance,
+                          ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
+    finally:
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        log_ = PhaseLog(args.json_out)
+    except OSError as e:
+        print(json.dumps({"phase": "error", "stage": "arguments", "error": f"cannot open --json-out: {e}",
+                          "hint": "the folder must exist and be writable"}), flush=True)
+        return EXIT_BAD_INPUT
+    demo_tmp = None
+    try:
+        configure_platform(args)
+        if args.demo:
+            folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
+            args.model_id = write_demo_checkpoint(folder)
+            log(f"demo checkpoint in {folder}")
+        run(log_, args)
+        return summary(log_)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
+        traceback.print_exc()
+        if not isinstance(e, ToolError):
+            last = log_.records[-1]["phase"] if log_.records else "start"
+            e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
+        log_.write({"phase": "error", "stage": e.stage, "error": e.error, "hint": e.hint})
+        return summary(log_, e)
+    finally:
+        if demo_tmp:
+            shutil.rmtree(demo_tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # sglang-jax's threads can hang or abort interpreter teardown; everything is written
