@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -144,13 +145,22 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     for arr in jax.live_arrays():
         if arr.is_deleted():
             continue
-        for shard in arr.addressable_shards:
-            buf = shard.data
-            key = (shard.device.id, buf.unsafe_buffer_pointer())
-            if key not in seen:
-                seen.add(key)
-                per_device[shard.device] = per_device.get(shard.device, 0) + buf.nbytes
+        for device, ptr, nbytes in device_buffers(arr):
+            if (device.id, ptr) not in seen:
+                seen.add((device.id, ptr))
+                per_device[device] = per_device.get(device, 0) + nbytes
     return per_device
+
+
+def device_buffers(arr) -> list[tuple[Any, int, int]]:
+    """(device, buffer pointer, bytes) of each addressable shard. Reads the per-device arrays without
+    `addressable_shards`: its cached Shard list keeps the buffers alive past the array's death until the next gc.collect(),
+    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak."""
+    out = []
+    for i in range(len(arr.sharding.addressable_devices)):
+        data = arr.addressable_data(i)
+        out.append((next(iter(data.devices())), data.unsafe_buffer_pointer(), data.nbytes))
+    return out
 
 
 def device_memory(collect: bool = True) -> dict:
@@ -411,7 +421,7 @@ def engine_leaf_paths(model_runner):
 
 def param_bytes_sum(arrays) -> int:
     """Bytes of the arrays' addressable shards, summed over devices (replicated data counted per device)."""
-    return sum(s.data.nbytes for a in arrays for s in a.addressable_shards)
+    return sum(nbytes for a in arrays for _, _, nbytes in device_buffers(a))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,17 +523,21 @@ def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
     return dict(model.state_dict())
 
 
-def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
+def read_mllm_tree(args, info: CheckpointInfo) -> tuple[dict, float]:
+    """The MLLM-JAX params tree of a checkpoint, and the seconds spent reading the files."""
     t = time.perf_counter()
     tensors = read_safetensors(info) if args.weights_source == "safetensors" else read_torch_state_dict(info)
-    t_read = time.perf_counter() - t
-    tree = nest(hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype))
-    del tensors
+    read_s = time.perf_counter() - t
+    return nest(hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype)), read_s
+
+
+def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
+    t = time.perf_counter()
+    tree, read_s = read_mllm_tree(args, info)
     flat = flatten(tree)
     log_.phase("mllm_params_cpu_ready", weights_source=args.weights_source, dtype=args.mllm_param_dtype,
                num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()),
-               read_s=round(t_read, 3), seconds=round(time.perf_counter() - t, 3),
-               sample_keys=sorted(flat)[:3])
+               read_s=round(read_s, 3), seconds=round(time.perf_counter() - t, 3), sample_keys=sorted(flat)[:3])
     return tree
 
 
@@ -608,15 +622,17 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
 
 
 def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> np.ndarray:
-    """The target's exact bytes on the host: layout op, then the engine dtype, one contiguous array."""
-    arr = src
+    """The target's exact bytes on the host: the engine dtype, then the layout op, one contiguous array.
+    Layout copies run on an unsigned-int view: numpy moves native 2/4-byte ints far faster than bf16."""
+    arr = src if src.dtype == item.dtype else src.astype(item.dtype)
+    raw = arr.view(np.dtype(f"u{arr.itemsize}")) if arr.itemsize in (2, 4) else arr
     if item.op == "transpose":
-        arr = arr.T
+        raw = raw.T
     elif item.op == "kv_heads" and item.replicas > 1:
-        head_dim = arr.shape[-1] // num_kv_heads
-        arr = arr.reshape(*arr.shape[:-1], num_kv_heads, head_dim)
-        arr = np.repeat(arr, item.replicas, axis=-2).reshape(item.shape)
-    return np.ascontiguousarray(arr, dtype=item.dtype)
+        head_dim = raw.shape[-1] // num_kv_heads
+        raw = raw.reshape(*raw.shape[:-1], num_kv_heads, head_dim)
+        raw = np.repeat(raw, item.replicas, axis=-2).reshape(item.shape)
+    return np.ascontiguousarray(raw).view(item.dtype)
 
 
 def place(item: SwapItem, src: np.ndarray, num_kv_heads: int):
@@ -642,7 +658,7 @@ class EngineState:
 
     def assign(self, path: str, new) -> Any:
         """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
-        engine's list in place). Returns the array it replaced."""
+        engine's list in place), so the forward always sees live buffers. Returns the array it replaced."""
         old = self.params[path].get_value()
         self.params[path].set_value(new)
         leaves = list(self.model_runner.model_state_leaves)
@@ -650,7 +666,7 @@ class EngineState:
         self.model_runner.model_state_leaves = leaves
         return old
 
-    def rebind_from_model(self):
+    def rebind_from_model(self) -> None:
         """model_state_leaves = a new flattening of the model; the structure must not change."""
         import jax
         from flax import nnx
@@ -662,75 +678,98 @@ class EngineState:
         self.model_runner.model_state_leaves = leaves
 
 
-def free_if_unaliased(old, state: EngineState) -> bool:
-    """Delete the replaced buffer unless the model still uses the same array elsewhere (tunix-style)."""
-    if any(leaf is old for leaf in state.model_runner.model_state_leaves):
-        return False
-    old.delete()
-    return True
+@dataclasses.dataclass
+class SwapStats:
+    """What one swap cost: seconds per step, device bytes placed, the peak, and whether the arrays it
+    replaced were released (nothing else may still hold them)."""
+
+    mode: str
+    place_s: float = 0.0
+    assign_s: float = 0.0
+    placed_bytes_sum: int = 0
+    peak_bytes_in_use_sum: int = 0
+    replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
+
+    def sample_peak(self) -> None:
+        self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
+
+    def release(self, old) -> None:
+        self.replaced.append(weakref.ref(old))
+
+    def still_alive(self) -> int:
+        return sum(r() is not None for r in self.replaced)
+
+    def as_json(self) -> dict:
+        gbps = self.placed_bytes_sum / self.place_s / 1e9 if self.place_s else None
+        return {"swap_mode": self.mode, "place_s": round(self.place_s, 4), "assign_s": round(self.assign_s, 4),
+                "placed_bytes_sum": self.placed_bytes_sum, "place_gb_per_s": gbps and round(gbps, 3),
+                "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
+                "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
 
 
-def swap_weights(state: EngineState, plan: list[SwapItem], flat: Mapping[str, np.ndarray], num_kv_heads: int,
-                 mode: str) -> tuple[dict, dict]:
-    """Place every tensor and swap it in. Returns ({nnx path: jax.Array}, stats)."""
-    stats = {"swap_mode": mode, "place_s": 0.0, "assign_s": 0.0, "freed": 0, "peak_bytes_in_use_sum": 0}
-    param_dict: dict[str, Any] = {}
-
-    def sample_peak():
-        stats["peak_bytes_in_use_sum"] = max(stats["peak_bytes_in_use_sum"],
-                                             bytes_in_use_sum(device_memory(collect=False)))
-
+def place_all(plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int, stats: SwapStats) -> dict:
+    param_dict = {}
     for item in plan:
         t = time.perf_counter()
-        param_dict[item.target] = place(item, flat[item.source], num_kv_heads)
-        stats["place_s"] += time.perf_counter() - t
-        sample_peak()
-        if mode == "streaming":
-            t = time.perf_counter()
-            stats["freed"] += free_if_unaliased(state.assign(item.target, param_dict[item.target]), state)
-            stats["assign_s"] += time.perf_counter() - t
-    if mode == "bulk":
+        param_dict[item.target] = place(item, source[item.source], num_kv_heads)
+        stats.place_s += time.perf_counter() - t
+        stats.placed_bytes_sum += item.nbytes_sum
+        stats.sample_peak()
+    return param_dict
+
+
+def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int,
+         stats: SwapStats, param_dict: dict | None = None) -> dict:
+    """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
+
+    streaming: place one tensor, assign it, let go of the array it replaced, go on (peak: one set + one tensor).
+    bulk: place every tensor (or take `param_dict`, already placed), then assign all (peak: two sets).
+    """
+    if stats.mode == "bulk":
+        if param_dict is None:
+            param_dict = place_all(plan, source, num_kv_heads, stats)
         t = time.perf_counter()
         for item in plan:
-            state.assign(item.target, param_dict[item.target])
-        stats["assign_s"] += time.perf_counter() - t
+            stats.release(state.assign(item.target, param_dict[item.target]))
+        stats.assign_s += time.perf_counter() - t
+    else:
+        param_dict = {}
+        for item in plan:
+            param_dict.update(place_all([item], source, num_kv_heads, stats))
+            t = time.perf_counter()
+            stats.release(state.assign(item.target, param_dict[item.target]))
+            stats.assign_s += time.perf_counter() - t
     t = time.perf_counter()
     state.rebind_from_model()
-    stats["assign_s"] += time.perf_counter() - t
-    sample_peak()
-    return param_dict, stats
+    stats.assign_s += time.perf_counter() - t
+    stats.sample_peak()
+    return param_dict
 
 
 def sglang_param_dict_ready(log_: PhaseLog, args, state: EngineState, info: CheckpointInfo, tree: dict):
+    """Validate the whole plan against the engine. bulk: also place every array now (the reference
+    algorithm: the new set exists beside the dummy set). streaming: placement happens during the swap."""
     flat = flatten(tree)
     plan = plan_swap(flat, state.params, info.num_kv_heads)
-    if args.swap_mode == "bulk":
-        # the reference algorithm: the whole new set is built while the dummy set is still alive
-        t = time.perf_counter()
-        param_dict = {item.target: place(item, flat[item.source], info.num_kv_heads) for item in plan}
-        log_.phase("sglang_param_dict_ready", swap_mode="bulk", num_arrays=len(param_dict),
-                   param_bytes_sum=param_bytes_sum(param_dict.values()), place_s=round(time.perf_counter() - t, 3))
-        return plan, flat, param_dict
-    log_.phase("sglang_param_dict_ready", swap_mode="streaming", num_arrays=len(plan),
-               param_bytes_sum=sum(i.nbytes_sum for i in plan), note="planned and validated; placed during the swap")
-    return plan, flat, None
+    stats = SwapStats(args.swap_mode)
+    param_dict = place_all(plan, flat, info.num_kv_heads, stats) if args.swap_mode == "bulk" else None
+    log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
+               param_bytes_sum=sum(i.nbytes_sum for i in plan), placed=param_dict is not None,
+               place_s=round(stats.place_s, 4))
+    return plan, flat, stats, param_dict
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, plan, flat, info, param_dict):
+def weights_swapped_from_mllm(log_: PhaseLog, engine, state: EngineState, plan, flat, info, stats, param_dict):
     t = time.perf_counter()
-    if param_dict is None:
-        param_dict, stats = swap_weights(state, plan, flat, info.num_kv_heads, "streaming")
-    else:
-        stats = {"swap_mode": "bulk", "assign_s": 0.0}
-        for item in plan:
-            state.assign(item.target, param_dict[item.target])
-        state.rebind_from_model()
-        stats["assign_s"] = time.perf_counter() - t
-    engine.flush_cache()
+    param_dict = swap(state, plan, flat, info.num_kv_heads, stats, param_dict)
+    engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
     seconds = time.perf_counter() - t
-    check_leaves_unchanged(log_, state, param_dict)
-    stats = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
-    log_.phase("weights_swapped_from_mllm", seconds=round(seconds, 3), num_swapped=len(param_dict), **stats)
+    check_leaves_unchanged(log_, state, param_dict, stats)
+    base = log_.memory_of("engine_ready_dummy")
+    param_bytes = sum(i.nbytes_sum for i in plan)
+    log_.phase("weights_swapped_from_mllm", seconds=round(seconds, 4), num_swapped=len(param_dict),
+               param_bytes_sum=param_bytes, **stats.as_json(),
+               swap_peak_extra_ratio=round((stats.peak_bytes_in_use_sum - base) / param_bytes, 4))
     return param_dict
 
 
@@ -739,9 +778,10 @@ def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, 
 # ----------------------------------------------------------------------------------------------
 
 
-def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
-    """Same leaf count and treedef as the dummy engine; every swapped leaf is the dict's array (so no dummy
-    array is still referenced by the model or the leaves); no leaf is a deleted buffer."""
+def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any],
+                           stats: SwapStats, name: str = "leaves_unchanged") -> bool:
+    """Same leaf count and treedef as the dummy engine; every swapped Param and leaf is the dict's array; no
+    leaf is a deleted buffer; and every array the swap replaced is gone (nothing still references it)."""
     import jax
     from flax import nnx
 
@@ -750,13 +790,17 @@ def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mappi
     stale = [p for p in param_dict
              if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
     deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
-    return log_.check("leaves_unchanged", len(leaves) == len(state.leaf_paths) and treedef == state.treedef
-                      and not stale and not deleted, num_leaves=len(leaves), expected_leaves=len(state.leaf_paths),
-                      treedef_equal=treedef == state.treedef, still_dummy=stale[:10], deleted=deleted[:10])
+    alive = stats.still_alive()
+    ok = (len(leaves) == len(state.leaf_paths) and treedef == state.treedef and not stale and not deleted
+          and alive == 0 and len(param_dict) == len(state.params))
+    return log_.check(name, ok, num_leaves=len(leaves), expected_leaves=len(state.leaf_paths),
+                      treedef_equal=treedef == state.treedef, params_swapped=len(param_dict),
+                      params_in_model=len(state.params), not_the_new_array=stale[:10], deleted=deleted[:10],
+                      replaced_still_alive=alive)
 
 
 def buffer_pointers(arr) -> list[tuple[int, int]]:
-    return [(s.device.id, s.data.unsafe_buffer_pointer()) for s in arr.addressable_shards]
+    return [(device.id, ptr) for device, ptr, _ in device_buffers(arr)]
 
 
 def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
@@ -797,6 +841,79 @@ def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result"
     return out
 
 
+def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
+    """The same prompt and greedy sampling must answer differently once the real weights are in: a swap the
+    forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
+    return log_.check("swap_effective", before["output_ids"] != after["output_ids"],
+                      before_swap_output_ids=before["output_ids"], after_swap_output_ids=after["output_ids"])
+
+
+# ----------------------------------------------------------------------------------------------
+# --rounds: swap back and forth between A and B; answers must repeat and memory must not grow
+# ----------------------------------------------------------------------------------------------
+
+
+class PerturbedWeights(Mapping):
+    """Weight set B for --rounds: A with every matrix rolled by one along its last axis. Deterministic,
+    same shapes, clearly different answers, and no second host copy of the weights."""
+
+    def __init__(self, base: Mapping[str, np.ndarray]):
+        self.base = base
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        arr = self.base[key]
+        return np.roll(arr, 1, axis=-1) if arr.ndim >= 2 else arr
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def weights_b(args, state: EngineState, info: CheckpointInfo, flat_a, plan_a):
+    if not args.model_id_b:
+        return PerturbedWeights(flat_a), plan_a
+    info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
+    flat_b = flatten(read_mllm_tree(args, info_b)[0])
+    return flat_b, plan_swap(flat_b, state.params, info.num_kv_heads)
+
+
+def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: CheckpointInfo, flat_a, plan_a,
+                first_output: dict) -> None:
+    flat_b, plan_b = weights_b(args, state, info, flat_a, plan_a)  # validated before round 1 touches anything
+    limit = int(log_.memory_of("weights_swapped_from_mllm") * args.single_copy_tolerance)
+    outputs: dict[str, list] = {"A": [], "B": []}
+    leaks = []
+    for r in range(1, args.rounds + 1):
+        which = "B" if r % 2 else "A"
+        source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
+        stats = SwapStats(args.swap_mode)
+        t = time.perf_counter()
+        param_dict = swap(state, plan, source, info.num_kv_heads, stats)
+        engine.flush_cache()
+        swap_s = time.perf_counter() - t
+        ok_leaves = check_leaves_unchanged(log_, state, param_dict, stats, name=f"round_{r}_leaves")
+        log_.checks.pop(f"round_{r}_leaves")  # folded into rounds_no_leak below
+        del param_dict
+        after_swap = bytes_in_use_sum(device_memory())
+        out = generate(engine, args.prompt, args.max_new_tokens)
+        outputs[which].append(out["output_ids"])
+        if after_swap > limit or not ok_leaves:
+            leaks.append({"round": r, "bytes_in_use_sum_after_swap": after_swap, "leaves_ok": ok_leaves})
+        log_.phase("swap_round", round=r, weights=which, swap_s=round(swap_s, 4),
+                   bytes_in_use_sum_after_swap=after_swap, **stats.as_json(),
+                   output_ids=out["output_ids"], text=out["text"])
+    first_a = first_output["output_ids"]
+    b_runs = outputs["B"]
+    log_.check("rounds_consistent",
+               all(o == first_a for o in outputs["A"]) and all(o == b_runs[0] for o in b_runs) and b_runs[0] != first_a,
+               rounds=args.rounds, a_output_ids=first_a, b_output_ids=b_runs[0],
+               a_rounds_equal=sum(o == first_a for o in outputs["A"]), a_rounds=len(outputs["A"]),
+               b_rounds_equal=sum(o == b_runs[0] for o in b_runs), b_rounds=len(b_runs))
+    log_.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
+
+
 # ----------------------------------------------------------------------------------------------
 # The demo checkpoint: a tiny random Qwen2 with a tokenizer trained on the spot
 # ----------------------------------------------------------------------------------------------
@@ -809,19 +926,23 @@ DEMO_CORPUS = [
 ]
 
 
-def write_tokenizer(folder: str, vocab_size: int) -> None:
+def write_tokenizer(folder: str, vocab_size: int) -> int:
+    """A byte-level BPE trained on the spot; returns the EOS id. EOS is the LAST id, not 0: a dummy-weight
+    engine's near-uniform logits pick id 0, and an EOS there would make its answer empty."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(DEMO_CORPUS * 20, trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                    "pad_token": "<|endoftext|>", "model_max_length": 4096}, f)
+    return tok.token_to_id("<|endoftext|>")
 
 
 def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int = 2, num_heads: int = 4,
@@ -833,13 +954,13 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
-    write_tokenizer(folder, vocab_size)
+    eos = write_tokenizer(folder, vocab_size)
     config = {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "tie_word_embeddings": tied, "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 0,
+        "tie_word_embeddings": tied, "torch_dtype": dtype, "bos_token_id": eos, "eos_token_id": eos,
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers,
     }
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -910,10 +1031,11 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     validate_parallelism(info, args.tp_size)
     engine, model_runner = engine_ready_dummy(log_, args, info, device)
     try:
+        before = generate_result(log_, args, engine, phase="generate_before_swap")
         tree = mllm_params_cpu_ready(log_, args, info)
         state = EngineState(model_runner)
-        plan, flat, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
-        param_dict = weights_swapped_from_mllm(log_, args, engine, state, plan, flat, info, param_dict)
+        plan, flat, stats, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
+        param_dict = weights_swapped_from_mllm(log_, engine, state, plan, flat, info, stats, param_dict)
         if args.verify_param_sharing:
             param_sharing_check(log_, state, param_dict)
         if args.keep_param_dict:
@@ -923,11 +1045,14 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
             log_.phase("after_cleanup")
         out = generate_result(log_, args, engine)
         log_.check("generate", len(out["output_ids"]) > 0, num_tokens=len(out["output_ids"]))
+        check_swap_effective(log_, before, out)
         if args.keep_param_dict:
             del param_dict
             log_.phase("after_drop_param_dict")
         check_single_copy(log_, args.single_copy_tolerance,
                           ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
+        if args.rounds:
+            swap_rounds(log_, args, engine, state, info, flat, plan, out)
     finally:
         engine.shutdown()
 
