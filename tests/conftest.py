@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny Qwen2 checkpoints built on the spot, and runners for the tool and for sglang-jax's
+own loader, each in its own process (sglang-jax kills its whole process on a scheduler error)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_param_swap as rps  # noqa: E402
+
+TOOL = os.path.join(ROOT, "run_param_swap.py")
+REFERENCE = os.path.join(ROOT, "tests", "reference_generate.py")
+MUTATED = os.path.join(ROOT, "tests", "mutated_run.py")
+PROMPT = "The quick brown fox"
+MAX_NEW = 12
+ENGINE_TIMEOUT = 600
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclasses.dataclass
+class ToolRun:
+    returncode: int
+    records: list
+    stdout: str
+    stderr: str
+
+    def phase(self, name: str) -> dict:
+        found = [r for r in self.records if r["phase"] == name]
+        assert found, f"no {name!r} phase in {[r['phase'] for r in self.records]}\n{self.stderr[-3000:]}"
+        return found[0]
+
+    def phases(self) -> list[str]:
+        return [r["phase"] for r in self.records]
+
+    @property
+    def summary(self) -> dict:
+        return self.phase("summary")
+
+
+def run_tool(*args: str, script: str = TOOL, env: dict | None = None, timeout: int = ENGINE_TIMEOUT) -> ToolRun:
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=env or clean_env(), timeout=timeout, cwd=ROOT)
+    records = []
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if line:
+            records.append(json.loads(line))  # stdout carries only JSON lines
+    return ToolRun(proc.returncode, records, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(tied=..., num_kv_heads=..., dtype=..., num_shards=...) -> folder, built once per variant."""
+    built: dict = {}
+
+    def make(**kw) -> str:
+        key = tuple(sorted(kw.items()))
+        if key not in built:
+            folder = tmp_path_factory.mktemp("ckpt")
+            built[key] = rps.write_demo_checkpoint(str(folder), **kw)
+        return built[key]
+
+    return make
+
+
+_reference_cache: dict = {}
+
+
+def reference_output_ids(model: str, tp: int, prompt: str = PROMPT, max_new: int = MAX_NEW) -> list[int]:
+    """Greedy output_ids of an Engine that loads `model` with sglang-jax's own loader."""
+    key = (model, tp, prompt, max_new)
+    if key not in _reference_cache:
+        proc = subprocess.run([sys.executable, REFERENCE, "--model-id", model, "--device", "cpu", "--tp-size", str(tp),
+                               "--prompt", prompt, "--max-new-tokens", str(max_new)],
+                              capture_output=True, text=True, env=clean_env(), timeout=ENGINE_TIMEOUT, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _reference_cache[key] = json.loads(proc.stdout.strip().splitlines()[-1])["output_ids"]
+    return _reference_cache[key]

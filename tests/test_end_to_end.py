@@ -1,0 +1,146 @@
+"""The demo end to end, and the swapped engine against sglang-jax's own loader (the heart)."""
+
+import pytest
+from conftest import MAX_NEW, MUTATED, PROMPT, reference_output_ids, run_tool
+
+DEMO_PHASES = ["jax_ready", "engine_ready_dummy", "generate_before_swap", "mllm_params_cpu_ready",
+               "sglang_param_dict_ready", "weights_swapped_from_mllm", "param_sharing_check",
+               "before_generate_param_dict_kept", "generate_result", "after_drop_param_dict", "summary"]
+
+
+def swap_args(folder, tp, *extra):
+    return ["--model-id", folder, "--device", "cpu", "--tp-size", str(tp), "--prompt", PROMPT,
+            "--max-new-tokens", str(MAX_NEW), *extra]
+
+
+def test_demo(tmp_path):
+    run = run_tool("--demo", "--demo-dir", str(tmp_path / "demo"), "--json-out", str(tmp_path / "demo.jsonl"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.phases() == DEMO_PHASES
+    assert run.summary["ok"] is True
+    assert set(run.summary["checks"]) == {"leaves_unchanged", "param_sharing", "generate", "swap_effective",
+                                          "single_copy_memory"}
+    assert all(c["ok"] for c in run.summary["checks"].values())
+    for record in run.records[:-1]:
+        summary = record["memory"]["jax_device_memory_summary"]
+        assert record["memory"]["source"] == "live_arrays" and record["memory"]["process_rss_bytes"] > 0
+        assert len(record["memory"]["jax_device_memory_stats"]) == 4
+        if record["phase"] != "jax_ready":
+            assert summary["bytes_in_use_sum"] > 0 and summary["bytes_in_use_min"] > 0
+    dummy = run.phase("engine_ready_dummy")
+    swapped = run.phase("weights_swapped_from_mllm")
+    kept = run.phase("before_generate_param_dict_kept")
+    base = dummy["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
+    # one set of params, even with the caller's dict alive: within 2% of the dummy engine
+    for rec in (swapped, kept):
+        assert rec["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] <= base * 1.02
+    assert swapped["param_bytes_sum"] == dummy["param_bytes_sum"] > 0
+    assert run.phase("param_sharing_check")["paths_checked"] == dummy["num_params"] == 26
+    assert (tmp_path / "demo.jsonl").read_text().splitlines() == run.stdout.strip().splitlines()
+    assert run.phase("generate_result")["output_ids"] != run.phase("generate_before_swap")["output_ids"]
+
+
+# (tp, tied, num_kv_heads, num_shards, file dtype): each value of each axis appears at least once
+MATRIX = [
+    (1, True, 2, 1, "bfloat16"),
+    (2, False, 1, 3, "float32"),
+    (4, True, 1, 2, "bfloat16"),
+    (4, False, 2, 1, "bfloat16"),
+    (4, True, 4, 1, "float32"),
+    (2, True, 4, 2, "bfloat16"),
+    (1, False, 4, 2, "bfloat16"),
+    (4, False, 1, 1, "float32"),
+]
+
+
+@pytest.mark.parametrize("tp,tied,kv_heads,shards,dtype", MATRIX)
+def test_swapped_engine_matches_sglang_loader(checkpoint, tp, tied, kv_heads, shards, dtype):
+    folder = checkpoint(tied=tied, num_kv_heads=kv_heads, num_shards=shards, dtype=dtype)
+    run = run_tool(*swap_args(folder, tp))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.summary["ok"], run.summary
+    assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, tp)
+
+
+def test_torch_source_bulk_mode_and_fp32_host_tree_match_too(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool(*swap_args(folder, 4, "--weights-source", "torch", "--swap-mode", "bulk",
+                              "--mllm-param-dtype", "float32", "--verify-param-sharing", "--keep-param-dict"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, 4)
+    assert run.phase("mllm_params_cpu_ready")["weights_source"] == "torch"
+
+
+def test_rounds_repeat_answers_without_leaking(checkpoint):
+    folder = checkpoint(tied=False, num_kv_heads=2)
+    run = run_tool(*swap_args(folder, 4, "--rounds", "4"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rounds = [r for r in run.records if r["phase"] == "swap_round"]
+    assert [r["weights"] for r in rounds] == ["B", "A", "B", "A"]
+    reference = reference_output_ids(folder, 4)
+    assert run.phase("generate_result")["output_ids"] == reference
+    assert [r["output_ids"] for r in rounds if r["weights"] == "A"] == [reference, reference]
+    assert rounds[0]["output_ids"] == rounds[2]["output_ids"] != reference
+    checks = run.summary["checks"]
+    assert checks["rounds_consistent"]["ok"] and checks["rounds_no_leak"]["ok"]
+    first = run.phase("weights_swapped_from_mllm")["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
+    assert all(r["bytes_in_use_sum_after_swap"] <= first * 1.02 for r in rounds)
+    assert all(r["replaced_still_alive"] == 0 for r in rounds)
+
+
+def test_second_checkpoint_as_b(checkpoint, tmp_path):
+    a = checkpoint(tied=True, num_kv_heads=2)
+    b = checkpoint(tied=True, num_kv_heads=2, seed=7)
+    run = run_tool(*swap_args(a, 4, "--rounds", "2", "--model-id-b", b))
+    assert run.returncode == 0, run.stderr[-3000:]
+    rounds = [r for r in run.records if r["phase"] == "swap_round"]
+    assert rounds[0]["output_ids"] == reference_output_ids(b, 4)
+    assert rounds[1]["output_ids"] == reference_output_ids(a, 4)
+
+
+def test_streaming_peak_is_one_set_plus_one_tensor_and_bulk_is_two(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    ratios = {}
+    for mode in ("streaming", "bulk"):
+        run = run_tool(*swap_args(folder, 4, "--swap-mode", mode, "--max-new-tokens", "2"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        ratios[mode] = run.phase("weights_swapped_from_mllm")["swap_peak_extra_ratio"]
+    largest = 512 * 1024 * 2 / 11055104  # gate/up/down [512, 1024] bf16 over the 4-device param bytes
+    assert ratios["streaming"] <= largest + 0.02
+    assert 0.95 <= ratios["bulk"] <= 1.05
+
+
+# --- the checks themselves must be able to fail -------------------------------------------------------------
+
+
+def test_mutation_no_rebind_fails_swap_effective(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("no_rebind", *swap_args(folder, 4), script=MUTATED)
+    assert run.returncode == 1
+    checks = run.summary["checks"]
+    assert not checks["swap_effective"]["ok"] and not checks["leaves_unchanged"]["ok"]
+    assert run.phase("generate_result")["output_ids"] != reference_output_ids(folder, 4)
+
+
+def test_mutation_one_param_left_dummy_fails_leaves_unchanged(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("skip_one_param", *swap_args(folder, 4, "--max-new-tokens", "2"), script=MUTATED)
+    assert run.returncode == 1
+    assert not run.summary["checks"]["leaves_unchanged"]["ok"]
+
+
+def test_mutation_copy_in_dict_fails_buffer_sharing(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("copy_in_dict", *swap_args(folder, 4, "--verify-param-sharing", "--max-new-tokens", "2"),
+                   script=MUTATED)
+    assert run.returncode == 1
+    sharing = run.summary["checks"]["param_sharing"]
+    assert not sharing["ok"] and len(sharing["not_same_buffer"]) == 1 and len(sharing["not_identical"]) == 1
+
+
+def test_mutation_no_flush_gives_stale_answer(checkpoint):
+    """The prompt was generated before the swap; without flush_cache its cached prefix KV (dummy weights)
+    is reused and the answer is not the new weights' answer."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("no_flush", *swap_args(folder, 4), script=MUTATED)
+    assert run.phase("generate_result")["output_ids"] != reference_output_ids(folder, 4)
