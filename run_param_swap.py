@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -57,9 +59,13 @@ def log(msg: str) -> None:
 class ToolError(Exception):
     """A failure we can explain: one JSON error line, then the summary, then `exit_code`."""
 
-    def __init__(self, stage: str, error: str, hint: str = "", exit_code: int = EXIT_BAD_INPUT):
+    def __init__(self, stage: str, error: str, hint: str = "", exit_code: int = EXIT_BAD_INPUT, **details):
         super().__init__(error)
-        self.stage, self.error, self.hint, self.exit_code = stage, error, hint, exit_code
+        self.stage, self.error, self.hint, self.exit_code, self.details = stage, error, hint, exit_code, details
+
+    def record(self) -> dict:
+        return {"phase": "error", "stage": self.stage, "error": self.error, "hint": self.hint,
+                "exit_code": self.exit_code, **self.details}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="streaming: place one tensor, assign it, free the dummy it replaces, go on (peak = one "
                         "set + one tensor); bulk: build every array, then assign all (the reference algorithm, "
                         "peak = two sets)")
+    p.add_argument("--no-rollback", dest="rollback", action="store_false",
+                   help="streaming: keep no host copy of the replaced arrays (faster; a failure mid-swap then "
+                        "shuts the engine down, exit 3, instead of restoring the previous weights)")
     p.add_argument("--keep-param-dict", action="store_true",
                    help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's arrays)")
     p.add_argument("--verify-param-sharing", action="store_true",
@@ -183,7 +192,9 @@ def device_memory(collect: bool = True) -> dict:
         values = [s[key] for s in per_device if key in s]
         if len(values) == len(per_device):
             summary.update({f"{key}_sum": sum(values), f"{key}_min": min(values), f"{key}_max": max(values)})
-    return {"process_rss_bytes": process_rss_bytes(), "jax_device_memory_stats": per_device,
+    return {"process_rss_bytes": process_rss_bytes(),
+            "process_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "jax_device_memory_stats": per_device,
             "jax_device_memory_summary": summary, "source": source}
 
 
@@ -232,6 +243,26 @@ class PhaseLog:
 # ----------------------------------------------------------------------------------------------
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Usage errors, found before JAX or the engine start."""
+    problems = []
+    if not args.prompt:
+        problems.append(("--prompt is empty", "give a non-empty prompt: the check compares generated tokens"))
+    if args.max_new_tokens < 1:
+        problems.append((f"--max-new-tokens {args.max_new_tokens} < 1", "generate at least one token"))
+    if args.tp_size < 0:
+        problems.append((f"--tp-size {args.tp_size} < 0", "0 means all devices"))
+    if args.dp_size != 1:
+        problems.append((f"--dp-size {args.dp_size}: only 1 is supported",
+                         "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
+    if args.rounds < 0:
+        problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
+    if args.single_copy_tolerance < 1.0:
+        problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
+    if problems:
+        raise ToolError("arguments", "; ".join(p for p, _ in problems), "; ".join(h for _, h in problems))
+
+
 def configure_platform(args: argparse.Namespace) -> str:
     """Pick the platform and, for cpu, ask XLA for --tp-size virtual devices. Must run before JAX starts."""
     env_platform = os.environ.get("JAX_PLATFORMS", "")
@@ -239,9 +270,10 @@ def configure_platform(args: argparse.Namespace) -> str:
         raise ToolError("arguments", f"--device {args.device} conflicts with JAX_PLATFORMS={env_platform}",
                         "unset JAX_PLATFORMS or make it equal to --device (sglang-jax asserts they match)")
     device = args.device or env_platform or ""
-    if device == "cpu" and args.tp_size > 0:
+    if args.device == "cpu" and args.tp_size > 0:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.tp_size}".strip()
+        count = args.tp_size * args.dp_size
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     if device:
         os.environ["JAX_PLATFORMS"] = device
     return device
@@ -255,7 +287,8 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
     tp = args.tp_size or len(devices) // args.dp_size
     if tp * args.dp_size != len(devices):
         raise ToolError("arguments", f"tp_size x dp_size = {tp} x {args.dp_size} != {len(devices)} devices",
-                        "pass --tp-size and --dp-size whose product is jax.device_count()")
+                        "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
+                        "makes --tp-size virtual devices)")
     args.tp_size = tp
     log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
                device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size)
@@ -280,8 +313,12 @@ def resolve_checkpoint(model_id: str, download_dir: str | None) -> str:
         return snapshot_download(model_id, cache_dir=download_dir,
                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear error line
-        raise ToolError("checkpoint", f"cannot fetch {model_id!r} from the hub: {type(e).__name__}: {e}",
-                        "check the id and network access (or HF_HUB_OFFLINE with a filled cache), or pass a local folder") from e
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or "connect" in str(e).lower() \
+            or type(e).__name__ in ("LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout")
+        what = "the hub cannot be reached (offline) and the HF cache does not have it" if offline else "hub error"
+        raise ToolError("checkpoint", f"cannot fetch {model_id!r}: {what}: {type(e).__name__}: {str(e)[:300]}",
+                        "download it where the hub is reachable (huggingface-cli download ... --local-dir DIR) and "
+                        "pass --model-id DIR, or check the id") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +330,7 @@ class CheckpointInfo:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool
     files: tuple[str, ...]
@@ -321,8 +359,71 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
     return CheckpointInfo(
         path=path, architecture=archs[0], num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        hidden_size=cfg["hidden_size"], vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), files=files)
+
+
+# The tensors a Qwen2 checkpoint must hold, with their HF shapes in config terms.
+QWEN2_TENSORS = {  # name (layer i as {i}): shape
+    "model.embed_tokens.weight": ("vocab", "hidden"),
+    "model.norm.weight": ("hidden",),
+    "lm_head.weight": ("vocab", "hidden"),  # untied only
+    "model.layers.{i}.input_layernorm.weight": ("hidden",),
+    "model.layers.{i}.post_attention_layernorm.weight": ("hidden",),
+    "model.layers.{i}.self_attn.q_proj.weight": ("q", "hidden"),
+    "model.layers.{i}.self_attn.q_proj.bias": ("q",),
+    "model.layers.{i}.self_attn.k_proj.weight": ("kv", "hidden"),
+    "model.layers.{i}.self_attn.k_proj.bias": ("kv",),
+    "model.layers.{i}.self_attn.v_proj.weight": ("kv", "hidden"),
+    "model.layers.{i}.self_attn.v_proj.bias": ("kv",),
+    "model.layers.{i}.self_attn.o_proj.weight": ("hidden", "q"),
+    "model.layers.{i}.mlp.gate_proj.weight": ("intermediate", "hidden"),
+    "model.layers.{i}.mlp.up_proj.weight": ("intermediate", "hidden"),
+    "model.layers.{i}.mlp.down_proj.weight": ("hidden", "intermediate"),
+}
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def expected_tensors(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
+    dims = {"vocab": info.vocab_size, "hidden": info.hidden_size, "intermediate": info.intermediate_size,
+            "q": info.num_heads * info.head_dim, "kv": info.num_kv_heads * info.head_dim}
+    out = {}
+    for name, shape in QWEN2_TENSORS.items():
+        if name == "lm_head.weight" and info.tie_word_embeddings:
+            continue
+        for i in range(info.num_layers) if "{i}" in name else [None]:
+            out[name.format(i=i)] = tuple(dims[d] for d in shape)
+    return out
+
+
+def validate_checkpoint(info: CheckpointInfo) -> None:
+    """Read only the safetensors headers and check every tensor against the config: present, readable
+    (the file is complete), the right shape, a float dtype. Runs before the engine is started."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple] = {}
+    for fname in info.files:
+        full = os.path.join(info.path, fname)
+        try:
+            with safe_open(full, framework="numpy") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    found[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
+                            "the file is missing, truncated or corrupt: download it again") from e
+    expected = expected_tensors(info)
+    ignored = [n for n in found if any(re.fullmatch(rx, n) for rx in HF_IGNORED)
+               or (n == "lm_head.weight" and info.tie_word_embeddings)]
+    problems = [f"{n}: missing" for n in expected if n not in found]
+    problems += [f"{n}: unexpected tensor" for n in found if n not in expected and n not in ignored]
+    problems += [f"{n}: shape {found[n][0]}, config says {shape}" for n, shape in expected.items()
+                 if n in found and found[n][0] != shape]
+    problems += [f"{n}: dtype {found[n][1]} (floats only: {', '.join(FLOAT_DTYPES)})" for n in expected
+                 if n in found and found[n][1] not in FLOAT_DTYPES]
+    if problems:
+        raise ToolError("checkpoint", f"{len(problems)} tensor(s) do not match config.json: " + "; ".join(problems[:5]),
+                        "the checkpoint's files and its config.json disagree: re-download or re-export it")
 
 
 def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
@@ -367,10 +468,12 @@ def guard_engine_crashes(engine, log_: PhaseLog) -> None:
     line, the summary, exit code 3."""
 
     def on_sigquit():
-        log_.write({"phase": "error", "stage": "engine_crash",
-                    "error": "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)",
-                    "hint": "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow"})
-        summary(log_, ToolError("engine_crash", "", "", EXIT_ENGINE))
+        error = ToolError("engine_crash",
+                          "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)",
+                          "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
+                          EXIT_ENGINE)
+        log_.write(error.record())
+        summary(log_, error)
         sys.stdout.flush()
         from sgl_jax.srt.utils.common_utils import kill_process_tree
 
@@ -535,9 +638,10 @@ def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
     t = time.perf_counter()
     tree, read_s = read_mllm_tree(args, info)
     flat = flatten(tree)
+    seconds = time.perf_counter() - t
     log_.phase("mllm_params_cpu_ready", weights_source=args.weights_source, dtype=args.mllm_param_dtype,
-               num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()),
-               read_s=round(read_s, 3), seconds=round(time.perf_counter() - t, 3), sample_keys=sorted(flat)[:3])
+               num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()), read_s=round(read_s, 4),
+               convert_s=round(seconds - read_s, 4), seconds=round(seconds, 4), sample_keys=sorted(flat)[:3])
     return tree
 
 
@@ -621,25 +725,58 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
     return plan
 
 
-def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> np.ndarray:
-    """The target's exact bytes on the host: the engine dtype, then the layout op, one contiguous array.
-    Layout copies run on an unsigned-int view: numpy moves native 2/4-byte ints far faster than bf16."""
-    arr = src if src.dtype == item.dtype else src.astype(item.dtype)
-    raw = arr.view(np.dtype(f"u{arr.itemsize}")) if arr.itemsize in (2, 4) else arr
+def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, bool]:
+    """(C-contiguous host array in the engine dtype, transposed). transposed=True means the array is the
+    target's transpose: the MLLM kernel was a transposed view of the checkpoint's [out, in] tensor, and
+    numpy's strided transpose copy runs at a few % of memcpy speed, so place() transposes on the device."""
+    arr = src if src.dtype == item.dtype else src.astype(item.dtype)  # keeps the memory layout
     if item.op == "transpose":
-        raw = raw.T
-    elif item.op == "kv_heads" and item.replicas > 1:
-        head_dim = raw.shape[-1] // num_kv_heads
-        raw = raw.reshape(*raw.shape[:-1], num_kv_heads, head_dim)
-        raw = np.repeat(raw, item.replicas, axis=-2).reshape(item.shape)
-    return np.ascontiguousarray(raw).view(item.dtype)
+        arr = arr.T
+    transposed = arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+    if transposed:
+        arr = arr.T
+    if item.op == "kv_heads" and item.replicas > 1:  # repeat each head contiguously: [h0, h0, h1, h1]
+        axis = 0 if transposed else arr.ndim - 1
+        shape = arr.shape
+        heads = arr.reshape(*shape[:axis], num_kv_heads, shape[axis] // num_kv_heads, *shape[axis + 1:])
+        arr = np.repeat(heads, item.replicas, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
+    return np.ascontiguousarray(arr), transposed
 
 
-def place(item: SwapItem, src: np.ndarray, num_kv_heads: int):
-    """One jax.device_put of the host array straight into the target sharding (no device-side copy)."""
+@functools.cache
+def device_transpose(sharding):
+    """A jitted 2-D transpose whose output lands in `sharding` (the input comes in the mirrored sharding,
+    so every device transposes its own shard: no communication)."""
     import jax
 
-    return jax.device_put(host_array(item, src, num_kv_heads), item.sharding).block_until_ready()
+    return jax.jit(lambda x: x.T, out_shardings=sharding)
+
+
+def mirrored(sharding, ndim: int):
+    import jax
+
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
+
+
+def place(item: SwapItem, src: np.ndarray, num_kv_heads: int, stats: SwapStats | None = None):
+    """One jax.device_put of the host array into the target sharding (no device-side dtype copy); a
+    transposed kernel goes in the mirrored sharding and one jitted transpose puts it in the target's."""
+    import jax
+
+    t0 = time.perf_counter()
+    host, transposed = host_array(item, src, num_kv_heads)
+    t1 = time.perf_counter()
+    if transposed:
+        arr = device_transpose(item.sharding)(jax.device_put(host, mirrored(item.sharding, host.ndim)))
+    else:
+        arr = jax.device_put(host, item.sharding)
+    arr.block_until_ready()
+    if stats is not None:
+        stats.host_s += t1 - t0
+        stats.put_s += time.perf_counter() - t1
+        stats.placed_bytes_sum += item.nbytes_sum
+    return arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,8 +821,10 @@ class SwapStats:
     replaced were released (nothing else may still hold them)."""
 
     mode: str
-    place_s: float = 0.0
-    assign_s: float = 0.0
+    host_s: float = 0.0  # layout + dtype on the host
+    put_s: float = 0.0  # jax.device_put into the target sharding, until ready
+    assign_s: float = 0.0  # Param assignment + leaves rebind
+    backup_s: float = 0.0  # streaming with rollback: host copies of the replaced arrays
     placed_bytes_sum: int = 0
     peak_bytes_in_use_sum: int = 0
     replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
@@ -700,9 +839,14 @@ class SwapStats:
         return sum(r() is not None for r in self.replaced)
 
     def as_json(self) -> dict:
-        gbps = self.placed_bytes_sum / self.place_s / 1e9 if self.place_s else None
-        return {"swap_mode": self.mode, "place_s": round(self.place_s, 4), "assign_s": round(self.assign_s, 4),
-                "placed_bytes_sum": self.placed_bytes_sum, "place_gb_per_s": gbps and round(gbps, 3),
+        def gbps(seconds):
+            return round(self.placed_bytes_sum / seconds / 1e9, 3) if seconds else None
+
+        place_s = self.host_s + self.put_s
+        return {"swap_mode": self.mode, "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
+                "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
+                "placed_bytes_sum": self.placed_bytes_sum, "place_gb_per_s": gbps(place_s),
+                "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
                 "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
                 "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
 
@@ -710,40 +854,67 @@ class SwapStats:
 def place_all(plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int, stats: SwapStats) -> dict:
     param_dict = {}
     for item in plan:
-        t = time.perf_counter()
-        param_dict[item.target] = place(item, source[item.source], num_kv_heads)
-        stats.place_s += time.perf_counter() - t
-        stats.placed_bytes_sum += item.nbytes_sum
+        param_dict[item.target] = place(item, source[item.source], num_kv_heads, stats)
         stats.sample_peak()
     return param_dict
 
 
 def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int,
-         stats: SwapStats, param_dict: dict | None = None) -> dict:
+         stats: SwapStats, param_dict: dict | None = None, rollback: bool = True) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
-    streaming: place one tensor, assign it, let go of the array it replaced, go on (peak: one set + one tensor).
+    streaming: place one tensor, assign it, let go of the array it replaced, go on (peak: one set + one
+    tensor); with `rollback`, a host copy of each replaced array is kept until the swap is complete.
     bulk: place every tensor (or take `param_dict`, already placed), then assign all (peak: two sets).
+    If anything fails, the previous arrays are put back (restore) and the error is raised as a ToolError.
     """
-    if stats.mode == "bulk":
-        if param_dict is None:
-            param_dict = place_all(plan, source, num_kv_heads, stats)
-        t = time.perf_counter()
-        for item in plan:
-            stats.release(state.assign(item.target, param_dict[item.target]))
-        stats.assign_s += time.perf_counter() - t
-    else:
-        param_dict = {}
-        for item in plan:
-            param_dict.update(place_all([item], source, num_kv_heads, stats))
+    previous: dict[str, Any] = {}  # path -> the replaced array (bulk) or its host copy (streaming)
+    try:
+        if stats.mode == "bulk":
+            if param_dict is None:
+                param_dict = place_all(plan, source, num_kv_heads, stats)
             t = time.perf_counter()
-            stats.release(state.assign(item.target, param_dict[item.target]))
+            for item in plan:
+                previous[item.target] = state.assign(item.target, param_dict[item.target])
+                stats.release(previous[item.target])
             stats.assign_s += time.perf_counter() - t
-    t = time.perf_counter()
-    state.rebind_from_model()
-    stats.assign_s += time.perf_counter() - t
+        else:
+            param_dict = {}
+            for item in plan:
+                param_dict.update(place_all([item], source, num_kv_heads, stats))
+                t = time.perf_counter()
+                if rollback:
+                    previous[item.target] = np.asarray(state.params[item.target].get_value())
+                stats.backup_s += time.perf_counter() - t
+                t = time.perf_counter()
+                stats.release(state.assign(item.target, param_dict[item.target]))
+                stats.assign_s += time.perf_counter() - t
+        t = time.perf_counter()
+        state.rebind_from_model()
+        stats.assign_s += time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - any failure mid-swap: put the previous weights back, then report
+        restored = restore(state, plan, previous, rollback or stats.mode == "bulk")
+        raise ToolError("swap", f"the swap failed after {len(stats.replaced)} of {len(plan)} tensors: "
+                        f"{type(e).__name__}: {e}",
+                        "the previous weights were restored" if restored else
+                        "no rollback copy (--no-rollback): the engine is half-swapped and is shut down",
+                        EXIT_ENGINE, restored=restored) from e
     stats.sample_peak()
     return param_dict
+
+
+def restore(state: EngineState, plan: list[SwapItem], previous: Mapping[str, Any], possible: bool) -> bool:
+    """Put every replaced array (or its host copy, placed again) back into its Param, then rebind."""
+    if not possible:
+        return False
+    import jax
+
+    for item in plan:
+        if item.target in previous:
+            old = previous[item.target]
+            state.assign(item.target, jax.device_put(old, item.sharding) if isinstance(old, np.ndarray) else old)
+    state.rebind_from_model()
+    return True
 
 
 def sglang_param_dict_ready(log_: PhaseLog, args, state: EngineState, info: CheckpointInfo, tree: dict):
@@ -752,16 +923,23 @@ def sglang_param_dict_ready(log_: PhaseLog, args, state: EngineState, info: Chec
     flat = flatten(tree)
     plan = plan_swap(flat, state.params, info.num_kv_heads)
     stats = SwapStats(args.swap_mode)
-    param_dict = place_all(plan, flat, info.num_kv_heads, stats) if args.swap_mode == "bulk" else None
+    param_dict = None
+    if args.swap_mode == "bulk":
+        try:
+            param_dict = place_all(plan, flat, info.num_kv_heads, stats)
+        except Exception as e:  # noqa: BLE001 - nothing was assigned yet: the engine keeps its weights
+            raise ToolError("swap", f"placing the new arrays failed: {type(e).__name__}: {e}",
+                            "no Param was assigned yet: the engine keeps its previous weights", EXIT_ENGINE,
+                            restored=True) from e
     log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
                param_bytes_sum=sum(i.nbytes_sum for i in plan), placed=param_dict is not None,
-               place_s=round(stats.place_s, 4))
+               place_s=round(stats.host_s + stats.put_s, 4))
     return plan, flat, stats, param_dict
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, engine, state: EngineState, plan, flat, info, stats, param_dict):
+def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, plan, flat, info, stats, param_dict):
     t = time.perf_counter()
-    param_dict = swap(state, plan, flat, info.num_kv_heads, stats, param_dict)
+    param_dict = swap(state, plan, flat, info.num_kv_heads, stats, param_dict, rollback=args.rollback)
     engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
     seconds = time.perf_counter() - t
     check_leaves_unchanged(log_, state, param_dict, stats)
@@ -841,6 +1019,14 @@ def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result"
     return out
 
 
+def check_restored(error: ToolError, engine, args, previous_output: dict) -> None:
+    """After a failed swap was rolled back, the engine must answer exactly as it did with those weights."""
+    if error.details.get("restored"):
+        engine.flush_cache()
+        out = generate(engine, args.prompt, args.max_new_tokens)
+        error.details["previous_weights_answer_matches"] = out["output_ids"] == previous_output["output_ids"]
+
+
 def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
     """The same prompt and greedy sampling must answer differently once the real weights are in: a swap the
     forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
@@ -884,13 +1070,17 @@ def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: Checkpoi
     flat_b, plan_b = weights_b(args, state, info, flat_a, plan_a)  # validated before round 1 touches anything
     limit = int(log_.memory_of("weights_swapped_from_mllm") * args.single_copy_tolerance)
     outputs: dict[str, list] = {"A": [], "B": []}
-    leaks = []
+    leaks, last_output = [], first_output
     for r in range(1, args.rounds + 1):
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
         stats = SwapStats(args.swap_mode)
         t = time.perf_counter()
-        param_dict = swap(state, plan, source, info.num_kv_heads, stats)
+        try:
+            param_dict = swap(state, plan, source, info.num_kv_heads, stats, rollback=args.rollback)
+        except ToolError as e:
+            check_restored(e, engine, args, last_output)
+            raise
         engine.flush_cache()
         swap_s = time.perf_counter() - t
         ok_leaves = check_leaves_unchanged(log_, state, param_dict, stats, name=f"round_{r}_leaves")
@@ -899,6 +1089,7 @@ def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: Checkpoi
         after_swap = bytes_in_use_sum(device_memory())
         out = generate(engine, args.prompt, args.max_new_tokens)
         outputs[which].append(out["output_ids"])
+        last_output = out
         if after_swap > limit or not ok_leaves:
             leaks.append({"round": r, "bytes_in_use_sum_after_swap": after_swap, "leaves_ok": ok_leaves})
         log_.phase("swap_round", round=r, weights=which, swap_s=round(swap_s, 4),
@@ -1028,14 +1219,25 @@ def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
 def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     device = jax_ready(log_, args)
     info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
+    validate_checkpoint(info)
     validate_parallelism(info, args.tp_size)
+    if args.rounds and args.model_id_b:
+        info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
+        validate_checkpoint(info_b)
+        if expected_tensors(info_b) != expected_tensors(info):
+            raise ToolError("checkpoint", f"--model-id-b {args.model_id_b} has other sizes than --model-id "
+                            "(the engine's model)", "B must be the same architecture and sizes as A")
     engine, model_runner = engine_ready_dummy(log_, args, info, device)
     try:
         before = generate_result(log_, args, engine, phase="generate_before_swap")
         tree = mllm_params_cpu_ready(log_, args, info)
         state = EngineState(model_runner)
-        plan, flat, stats, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
-        param_dict = weights_swapped_from_mllm(log_, engine, state, plan, flat, info, stats, param_dict)
+        try:
+            plan, flat, stats, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
+            param_dict = weights_swapped_from_mllm(log_, args, engine, state, plan, flat, info, stats, param_dict)
+        except ToolError as e:
+            check_restored(e, engine, args, before)
+            raise
         if args.verify_param_sharing:
             param_sharing_check(log_, state, param_dict)
         if args.keep_param_dict:
@@ -1062,11 +1264,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log_ = PhaseLog(args.json_out)
     except OSError as e:
-        print(json.dumps({"phase": "error", "stage": "arguments", "error": f"cannot open --json-out: {e}",
-                          "hint": "the folder must exist and be writable"}), flush=True)
-        return EXIT_BAD_INPUT
+        log_ = PhaseLog(None)
+        error = ToolError("arguments", f"cannot open --json-out {args.json_out}: {e.strerror}",
+                          "the folder must exist and be writable")
+        log_.write(error.record())
+        return summary(log_, error)
     demo_tmp = None
     try:
+        validate_args(args)
         configure_platform(args)
         if args.demo:
             folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
@@ -1079,7 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ToolError):
             last = log_.records[-1]["phase"] if log_.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
-        log_.write({"phase": "error", "stage": e.stage, "error": e.error, "hint": e.hint})
+        log_.write(e.record())
         return summary(log_, e)
     finally:
         if demo_tmp:

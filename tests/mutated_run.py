@@ -5,6 +5,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   skip_one_param  the swap leaves the last planned Param dummy
   copy_in_dict    after the swap, one dict entry is a copy of the engine's array, not the array itself
   no_flush        the radix cache is not flushed after the swap
+  fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
+  sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
 """
 
 import os
@@ -48,6 +50,30 @@ elif mutation == "no_flush":
     from sgl_jax.srt.entrypoints.engine import Engine
 
     Engine.flush_cache = lambda self: None
+elif mutation.startswith("fail_swap_at_"):
+    fail_at, calls = int(mutation.rsplit("_", 1)[1]), [0]
+    original_place = rps.place
+
+    def place(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory while placing a tensor")
+        return original_place(*args, **kwargs)
+
+    rps.place = place
+elif mutation == "sigquit_in_generate":
+    import signal
+    import threading
+
+    original_generate, calls = rps.generate, [0]
+
+    def generate(engine, prompt, max_new_tokens):
+        calls[0] += 1
+        if calls[0] == 2:  # while the request loop runs, like a scheduler exception or the watchdog
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
+        return original_generate(engine, prompt, max_new_tokens)
+
+    rps.generate = generate
 else:
     raise SystemExit(f"unknown mutation {mutation}")
 

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Benchmark: streaming vs bulk swap, safetensors vs torch source, on a Qwen2.5-3B-shaped checkpoint with few
+layers (vocab 151936, hidden 2048, 16 heads, 2 KV heads, head_dim 128, intermediate 11008, tied), 4 virtual
+CPU devices. Runs the tool once per combination, back to back, then prints a table (and --out JSON):
+peak extra ratio, seconds and GB/s per step, host RSS peak, and placement speed against a plain numpy copy
+of the same bytes measured in the same invocation (the CPU stand-in for the host -> device limit).
+
+  python bench/bench_swap.py                 # ~1.2 GB checkpoint, 4 layers
+  python bench/bench_swap.py --layers 2 --out bench.json
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_param_swap as rps  # noqa: E402
+
+QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
+                       intermediate_size=11008, tied=True)
+COMBOS = [("streaming", "safetensors"), ("bulk", "safetensors"), ("streaming", "torch"), ("bulk", "torch")]
+
+
+def numpy_copy_gbps(nbytes: int, repeats: int = 3) -> float:
+    """Best-of-N speed of one plain numpy copy of `nbytes` (the bytes the swap places)."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def run_once(folder: str, mode: str, source: str, tp: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
+        env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "run_param_swap.py"), "--model-id", folder,
+                               "--device", "cpu", "--tp-size", str(tp), "--swap-mode", mode, "--weights-source",
+                               source, "--max-new-tokens", "1", "--json-out", out.name],
+                              capture_output=True, text=True, env=env)
+        records = {json.loads(line)["phase"]: json.loads(line) for line in open(out.name) if line.strip()}
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}/{source} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    read, swapped = records["mllm_params_cpu_ready"], records["weights_swapped_from_mllm"]
+    placed = swapped["placed_bytes_sum"]
+    seconds_to_device = read["seconds"] + swapped["place_s"]
+    return {
+        "swap_mode": mode, "weights_source": source, "param_bytes_sum": swapped["param_bytes_sum"],
+        "swap_peak_extra_ratio": swapped["swap_peak_extra_ratio"],
+        "read_s": read["read_s"], "convert_s": read["convert_s"], "host_s": swapped["host_s"],
+        "put_s": swapped["put_s"], "assign_s": swapped["assign_s"], "place_gb_per_s": swapped["place_gb_per_s"],
+        "read_convert_place_gb_per_s": round(placed / seconds_to_device / 1e9, 3),
+        "rss_peak_bytes": max(r["memory"]["process_rss_peak_bytes"] for r in records.values() if "memory" in r),
+        "rss_after_read_bytes": read["memory"]["process_rss_bytes"],
+        "host_tree_bytes": read["host_bytes"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tp-size", type=int, default=4)
+    p.add_argument("--checkpoint-dir", default=None, help="reuse/keep the checkpoint here (default: temp folder)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+    tmp = None
+    folder = args.checkpoint_dir or (tmp := tempfile.mkdtemp(prefix="bench_ckpt_"))
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        t = time.perf_counter()
+        rps.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
+        print(f"checkpoint written in {time.perf_counter() - t:.1f} s: {folder}", file=sys.stderr)
+    rows = []
+    for mode, source in COMBOS:
+        print(f"running {mode} / {source} ...", file=sys.stderr, flush=True)
+        rows.append(run_once(folder, mode, source, args.tp_size))
+    copy_gbps = numpy_copy_gbps(rows[0]["param_bytes_sum"])
+    for row in rows:
+        row["numpy_copy_gb_per_s"] = round(copy_gbps, 3)
+        row["place_vs_numpy_copy"] = round(row["place_gb_per_s"] / copy_gbps, 3)
+        row["read_convert_place_vs_numpy_copy"] = round(row["read_convert_place_gb_per_s"] / copy_gbps, 3)
+    cols = ["swap_mode", "weights_source", "swap_peak_extra_ratio", "read_s", "convert_s", "host_s", "put_s",
+            "assign_s", "place_gb_per_s", "read_convert_place_gb_per_s", "read_convert_place_vs_numpy_copy",
+            "rss_peak_bytes"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c] / 1e9:.2f} GB" if c == "rss_peak_bytes" else str(row[c]) for c in cols) + " |")
+    print(f"\nparam bytes over devices: {rows[0]['param_bytes_sum']:,}; numpy copy of the same bytes: "
+          f"{copy_gbps:.2f} GB/s; host tree: {rows[0]['host_tree_bytes']:,} bytes")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"layers": args.layers, "tp_size": args.tp_size, "rows": rows}, f, indent=1)
+    if tmp:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

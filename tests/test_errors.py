@@ -1,0 +1,209 @@
+"""Bad input and faults: one error line with a stage and a message that names the problem, then the summary
+(ok: false), and the documented exit code. Nothing is left behind."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import MUTATED, clean_env, run_tool
+from safetensors.numpy import load_file, save_file
+
+import run_param_swap as rps
+
+CPU4 = ["--device", "cpu", "--tp-size", "4", "--max-new-tokens", "4"]
+
+
+def assert_error(run, code: int, stage: str, *words: str) -> dict:
+    assert run.returncode == code, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    errors = [r for r in run.records if r["phase"] == "error"]
+    assert len(errors) == 1, run.stdout
+    error = errors[0]
+    assert error["stage"] == stage, error
+    for word in words:
+        assert word.lower() in (error["error"] + " " + error["hint"]).lower(), (word, error)
+    assert run.records[-1]["phase"] == "summary" and run.records[-1]["ok"] is False
+    assert run.records.index(error) == len(run.records) - 2
+    assert "Traceback" not in run.stdout
+    return error
+
+
+@pytest.fixture
+def ckpt_copy(checkpoint, tmp_path):
+    def make(**kw) -> str:
+        dst = tmp_path / "ckpt"
+        shutil.copytree(checkpoint(**kw), dst)
+        return str(dst)
+
+    return make
+
+
+def rewrite_tensors(folder: str, change) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# --- usage, before JAX starts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--prompt", ""], ["--prompt", "empty"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens 0"]),
+    (["--dp-size", "2"], ["--dp-size 2", "single-process"]),
+])
+def test_usage_errors(checkpoint, args, words):
+    run = run_tool("--model-id", checkpoint(), *CPU4, *args)
+    assert_error(run, 2, "arguments", *words)
+
+
+def test_json_out_in_missing_folder(checkpoint, tmp_path):
+    run = run_tool("--model-id", checkpoint(), *CPU4, "--json-out", str(tmp_path / "nope" / "out.jsonl"))
+    assert_error(run, 2, "arguments", "--json-out", "folder")
+
+
+def test_device_conflicts_with_jax_platforms(checkpoint):
+    env = {**clean_env(), "JAX_PLATFORMS": "cpu"}
+    run = run_tool("--model-id", checkpoint(), "--device", "tpu", "--tp-size", "4", env=env)
+    assert_error(run, 2, "arguments", "--device tpu", "JAX_PLATFORMS=cpu")
+
+
+# --- parallelism -------------------------------------------------------------------------------------------
+
+
+def test_tp_must_divide_heads(checkpoint):
+    run = run_tool("--model-id", checkpoint(), "--device", "cpu", "--tp-size", "3")
+    assert_error(run, 2, "arguments", "--tp-size 3", "4 attention heads")
+
+
+def test_tp_times_dp_must_equal_devices(checkpoint):
+    env = {**clean_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    run = run_tool("--model-id", checkpoint(), "--tp-size", "2", env=env)
+    assert_error(run, 2, "arguments", "2 x 1 != 4 devices")
+
+
+# --- the checkpoint ----------------------------------------------------------------------------------------
+
+
+def test_missing_local_folder():
+    run = run_tool("--model-id", "/nonexistent/qwen-ckpt", *CPU4)
+    assert_error(run, 2, "checkpoint", "/nonexistent/qwen-ckpt", "does not exist")
+
+
+@pytest.mark.parametrize("env_extra", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["hf_hub_offline", "unreachable_hub"])
+def test_hub_id_without_network(tmp_path, env_extra):
+    env = {**clean_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "3", **env_extra}
+    run = run_tool("--model-id", "Qwen/Qwen2.5-3B-Instruct", *CPU4, env=env, timeout=300)
+    assert_error(run, 2, "checkpoint", "Qwen/Qwen2.5-3B-Instruct", "offline", "--local-dir")
+
+
+def test_unsupported_architecture(ckpt_copy):
+    folder = ckpt_copy()
+    config_path = os.path.join(folder, "config.json")
+    config = json.load(open(config_path))
+    config["architectures"] = ["LlamaForCausalLM"]
+    json.dump(config, open(config_path, "w"))
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def test_missing_tensor(ckpt_copy):
+    folder = ckpt_copy()
+    rewrite_tensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "model.layers.1.mlp.up_proj.weight: missing")
+
+
+def test_wrong_shape(ckpt_copy):
+    folder = ckpt_copy()
+
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:128]
+
+    rewrite_tensors(folder, shrink)
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "model.layers.0.self_attn.k_proj.weight", "shape (128, 512)", "(256, 512)")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage_header"])
+def test_corrupt_safetensors(ckpt_copy, damage):
+    folder = ckpt_copy()
+    path = os.path.join(folder, "model.safetensors")
+    if damage == "truncated":
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        with open(path, "r+b") as f:
+            f.write(b"\xff" * 64)
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "model.safetensors", "truncated or corrupt")
+
+
+def test_tensors_sized_for_another_model(ckpt_copy, checkpoint):
+    folder = ckpt_copy()  # config: intermediate 1024; tensors from an intermediate-2048 model
+    other = checkpoint(intermediate_size=2048)
+    shutil.copy(os.path.join(other, "model.safetensors"), os.path.join(folder, "model.safetensors"))
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "6 tensor(s) do not match config.json", "config says (1024, 512)")
+
+
+def test_b_checkpoint_of_other_sizes(checkpoint):
+    run = run_tool("--model-id", checkpoint(), *CPU4, "--rounds", "2", "--model-id-b",
+                   checkpoint(intermediate_size=2048))
+    assert_error(run, 2, "checkpoint", "--model-id-b", "other sizes")
+    assert "engine_ready_dummy" not in [r["phase"] for r in run.records]  # found before the engine started
+
+
+def test_plan_refuses_what_the_engine_cannot_hold():
+    """The second guard, against the engine's own Params (shapes, coverage), before any assignment."""
+    import jax.numpy as jnp
+
+    class P:
+        def __init__(self, shape):
+            self.v = jnp.zeros(shape, jnp.bfloat16)
+
+        def get_value(self):
+            return self.v
+
+    params = {"model.norm.scale": P((8,)), "model.embed_tokens.embedding": P((16, 8))}
+    flat = {"model.norm.scale": np.zeros(8, np.float32), "model.embed_tokens.embedding": np.zeros((16, 4), np.float32)}
+    with pytest.raises(rps.ToolError, match=r"gives \(16, 4\), the engine has \(16, 8\)"):
+        rps.plan_swap(flat, params, 1)
+    with pytest.raises(rps.ToolError, match="model.embed_tokens.embedding: no source tensor"):
+        rps.plan_swap({"model.norm.scale": flat["model.norm.scale"]}, params, 1)
+
+
+# --- faults once the engine runs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["streaming", "bulk"])
+def test_failure_mid_swap_restores_previous_weights(checkpoint, mode):
+    run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--swap-mode", mode, script=MUTATED)
+    error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
+    assert error["restored"] is True and error["previous_weights_answer_matches"] is True
+
+
+def test_failure_mid_swap_without_rollback_is_reported(checkpoint):
+    run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--no-rollback", script=MUTATED)
+    error = assert_error(run, 3, "swap", "half-swapped")
+    assert error["restored"] is False
+
+
+def test_engine_crash_is_exit_3_not_137(checkpoint):
+    run = run_tool("sigquit_in_generate", "--model-id", checkpoint(), *CPU4, script=MUTATED)
+    assert_error(run, 3, "engine_crash", "SIGQUIT", "--watchdog-timeout")
+
+
+def test_other_host_dtype_is_cast_and_still_shared(checkpoint):
+    run = run_tool("--model-id", checkpoint(), *CPU4, "--mllm-param-dtype", "float16", "--verify-param-sharing")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.summary["checks"]["param_sharing"]["ok"]
+
+
+def test_demo_leaves_nothing_behind(tmp_path):
+    env = {**clean_env(), "TMPDIR": str(tmp_path)}
+    run = run_tool("--demo", "--max-new-tokens", "2", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("param_swap_demo_")]
