@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes_in_use_sum after the swap may be at most engine_ready_dummy x this (default: %(default)s)")
     p.add_argument("--download-dir", default=None, help="HF cache folder for hub downloads")
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="bar chart of bytes_in_use_sum per phase, with the one-set-of-params level marked")
+    p.add_argument("--wandb", action="store_true",
+                   help="log each phase's memory and timings to Weights & Biases (process 0 only; a W&B "
+                        "failure is a warning, never a failed run)")
+    p.add_argument("--wandb-project", default="param-swap")
     p.add_argument("--demo", action="store_true",
                    help="build a tiny random-weight Qwen2 checkpoint and run the whole verification on 4 virtual "
                         "CPU devices with --keep-param-dict --verify-param-sharing")
@@ -210,6 +216,7 @@ class PhaseLog:
         self.records: list[dict] = []
         self.checks: dict[str, dict] = {}
         self.file = open(json_out, "w") if json_out else None
+        self.sinks: list = []  # e.g. WandbSink: each gets every record
 
     def write(self, record: dict) -> dict:
         line = json.dumps(record, default=str)
@@ -218,6 +225,8 @@ class PhaseLog:
             self.file.write(line + "\n")
             self.file.flush()
         self.records.append(record)
+        for sink in self.sinks:
+            sink.log(record)
         return record
 
     def phase(self, name: str, memory: bool = True, **fields) -> dict:
@@ -601,18 +610,33 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep=".")
 
 
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
 def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
-    """Every tensor of the shards as numpy (bf16 as ml_dtypes.bfloat16), one shard open at a time."""
-    from safetensors import safe_open
+    """Every tensor of the shards as a zero-copy numpy view of the file (np.memmap: the OS reads pages
+    lazily, when placement touches them; bf16 as ml_dtypes.bfloat16). safetensors' own numpy loader copies
+    every tensor into new memory; its format (8-byte header length, JSON header, raw data) is simple enough
+    to map directly. The headers were already checked by validate_checkpoint()."""
+    import struct
 
     tensors: dict[str, np.ndarray] = {}
     for fname in info.files:
         full = os.path.join(info.path, fname)
         try:
-            with safe_open(full, framework="numpy") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+            with open(full, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            data = np.memmap(full, dtype=np.uint8, mode="r")
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = (8 + header_len + o for o in meta["data_offsets"])
+                if end > data.size:
+                    raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
+                raw = np.asarray(data[start:end])
+                tensors[name] = raw.view(host_dtype(SAFETENSORS_DTYPES[meta["dtype"]])).reshape(meta["shape"])
+        except (OSError, ValueError, KeyError, struct.error) as e:
             raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
                             "the file is truncated or corrupt: download it again") from e
     return tensors
@@ -776,6 +800,9 @@ def place(item: SwapItem, src: np.ndarray, num_kv_heads: int, stats: SwapStats |
         stats.host_s += t1 - t0
         stats.put_s += time.perf_counter() - t1
         stats.placed_bytes_sum += item.nbytes_sum
+        if transposed:
+            stats.transposed_s += time.perf_counter() - t1
+            stats.transposed_bytes_sum += item.nbytes_sum
     return arr
 
 
@@ -825,6 +852,8 @@ class SwapStats:
     put_s: float = 0.0  # jax.device_put into the target sharding, until ready
     assign_s: float = 0.0  # Param assignment + leaves rebind
     backup_s: float = 0.0  # streaming with rollback: host copies of the replaced arrays
+    transposed_s: float = 0.0  # the part of put_s spent on kernels that are transposed on the device
+    transposed_bytes_sum: int = 0
     placed_bytes_sum: int = 0
     peak_bytes_in_use_sum: int = 0
     replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
@@ -847,6 +876,10 @@ class SwapStats:
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
                 "placed_bytes_sum": self.placed_bytes_sum, "place_gb_per_s": gbps(place_s),
                 "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
+                "transposed_bytes_sum": self.transposed_bytes_sum, "transposed_s": round(self.transposed_s, 4),
+                "direct_put_gb_per_s": round((self.placed_bytes_sum - self.transposed_bytes_sum)
+                                             / max(self.put_s - self.transposed_s, 1e-9) / 1e9, 3),
+                "transposed_put_gb_per_s": round(self.transposed_bytes_sum / max(self.transposed_s, 1e-9) / 1e9, 3),
                 "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
                 "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
 
@@ -1196,6 +1229,105 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
 
 
 # ----------------------------------------------------------------------------------------------
+# Reports for people: the stderr table, --plot, --wandb
+# ----------------------------------------------------------------------------------------------
+
+
+def memory_rows(records: list[dict]) -> list[tuple[str, float, int, int]]:
+    """(phase, elapsed_s, bytes_in_use_sum, process_rss_bytes) of every phase that measured memory."""
+    return [(r["phase"] + (f" {r['round']}" if "round" in r else ""), r["elapsed_s"], bytes_in_use_sum(r["memory"]),
+             r["memory"]["process_rss_bytes"]) for r in records if "memory" in r]
+
+
+def memory_table(records: list[dict]) -> str:
+    rows = memory_rows(records)
+    base = next((b for p, _, b, _ in rows if p == "engine_ready_dummy"), None)
+    lines = [f"{'phase':34} {'elapsed_s':>9} {'device bytes in use (sum)':>26} {'vs dummy':>9} {'host RSS':>10}"]
+    for phase, elapsed, in_use, rss in rows:
+        ratio = f"{in_use / base:8.3f}x" if base else ""
+        lines.append(f"{phase:34} {elapsed:9.1f} {in_use:26,} {ratio:>9} {rss / 2**30:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def plot_memory(records: list[dict], path: str) -> None:
+    """Bars of bytes_in_use_sum per phase; dashed lines at the dummy engine (one set of params) and at one
+    set more (what a second copy would cost)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = memory_rows(records)
+    base = next(b for p, _, b, _ in rows if p == "engine_ready_dummy")
+    params = next(r["param_bytes_sum"] for r in records if r["phase"] == "engine_ready_dummy")
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=80)
+    gib = 2**30
+    colors = ["tab:red" if b > base * 1.02 else "tab:blue" for _, _, b, _ in rows]
+    ax.bar(range(len(rows)), [b / gib for _, _, b, _ in rows], color=colors)
+    ax.axhline(base / gib, color="black", linestyle="--", linewidth=1, label="one set of params (dummy engine)")
+    ax.axhline((base + params) / gib, color="tab:red", linestyle=":", linewidth=1, label="+ a second set")
+    ax.set_xticks(range(len(rows)), [p for p, _, _, _ in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("device bytes in use, sum (GiB)")
+    ax.set_title("run_param_swap: device memory per phase", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class WandbSink:
+    """Logs each phase's memory and timings to W&B from process 0. Any W&B failure becomes a warning on
+    stderr and turns the sink off: it must never break the run."""
+
+    def __init__(self, args):
+        self.run, self.step = None, 0
+        try:
+            import jax
+            import wandb
+
+            if jax.process_index() != 0:
+                return
+            self.run = wandb.init(project=args.wandb_project, config={k: v for k, v in vars(args).items()},
+                                  job_type="param-swap")
+        except Exception as e:  # noqa: BLE001 - W&B is optional: warn and go on
+            log(f"warning: W&B disabled: {type(e).__name__}: {e}")
+
+    def log(self, record: dict) -> None:
+        if self.run is None:
+            return
+        metrics = {f"{record['phase']}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "memory" in record:
+            summary = record["memory"]["jax_device_memory_summary"]
+            metrics.update({f"memory/{k}": v for k, v in summary.items()})
+            metrics["memory/process_rss_bytes"] = record["memory"]["process_rss_bytes"]
+        if record["phase"] == "summary":
+            metrics["summary/ok"] = int(record["ok"])
+            metrics.update({f"checks/{k}": int(v["ok"]) for k, v in record["checks"].items()})
+        try:
+            self.run.log(metrics, step=self.step)
+            self.step += 1
+            if record["phase"] == "summary":
+                self.run.finish()
+                self.run = None
+        except Exception as e:  # noqa: BLE001 - W&B is optional: warn and go on
+            log(f"warning: W&B logging failed, disabled: {type(e).__name__}: {e}")
+            self.run = None
+
+
+def report(log_: PhaseLog, args) -> None:
+    """The stderr table, and the plot if asked for. Runs after the summary, on every path."""
+    if any("memory" in r for r in log_.records):
+        print("\n" + memory_table(log_.records), file=sys.stderr, flush=True)
+    if args.plot and any(r["phase"] == "engine_ready_dummy" for r in log_.records):
+        try:
+            plot_memory(log_.records, args.plot)
+            log(f"memory plot: {args.plot}")
+        except Exception as e:  # noqa: BLE001 - a plot must not change the verdict
+            log(f"warning: --plot failed: {type(e).__name__}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Summary and main
 # ----------------------------------------------------------------------------------------------
 
@@ -1273,19 +1405,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_args(args)
         configure_platform(args)
+        if args.wandb:
+            log_.sinks.append(WandbSink(args))
         if args.demo:
             folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
             args.model_id = write_demo_checkpoint(folder)
             log(f"demo checkpoint in {folder}")
         run(log_, args)
-        return summary(log_)
+        code = summary(log_)
+        report(log_, args)
+        return code
     except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
         traceback.print_exc()
         if not isinstance(e, ToolError):
             last = log_.records[-1]["phase"] if log_.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
         log_.write(e.record())
-        return summary(log_, e)
+        code = summary(log_, e)
+        report(log_, args)
+        return code
     finally:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The demo end to end, and the swapped engine against sglang-jax's own loader (the heart)."""
 
 import pytest
-from conftest import MAX_NEW, MUTATED, PROMPT, reference_output_ids, run_tool
+from conftest import MAX_NEW, MUTATED, PROMPT, clean_env, reference_output_ids, run_tool
 
 DEMO_PHASES = ["jax_ready", "engine_ready_dummy", "generate_before_swap", "mllm_params_cpu_ready",
                "sglang_param_dict_ready", "weights_swapped_from_mllm", "param_sharing_check",
@@ -14,8 +14,16 @@ def swap_args(folder, tp, *extra):
 
 
 def test_demo(tmp_path):
-    run = run_tool("--demo", "--demo-dir", str(tmp_path / "demo"), "--json-out", str(tmp_path / "demo.jsonl"))
+    env = {**clean_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    run = run_tool("--demo", "--demo-dir", str(tmp_path / "demo"), "--json-out", str(tmp_path / "demo.jsonl"),
+                   "--plot", str(tmp_path / "memory.png"), "--wandb", env=env)
     assert run.returncode == 0, run.stderr[-3000:]
+    # the human-readable table on stderr, the plot, the offline W&B run
+    table = run.stderr[run.stderr.index("device bytes in use (sum)"):]
+    for phase in DEMO_PHASES[:-1]:
+        assert phase in table
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert run.phases() == DEMO_PHASES
     assert run.summary["ok"] is True
     assert set(run.summary["checks"]) == {"leaves_unchanged", "param_sharing", "generate", "swap_effective",

@@ -1,0 +1,80 @@
+"""The reports for people: the stderr table and --plot from phase records; --wandb never breaks a run."""
+
+import argparse
+
+import pytest
+
+import run_param_swap as rps
+
+
+def records():
+    def rec(phase, elapsed, in_use, **extra):
+        return {"phase": phase, "elapsed_s": elapsed, **extra,
+                "memory": {"process_rss_bytes": 2**30, "jax_device_memory_summary": {"bytes_in_use_sum": in_use}}}
+
+    return [rec("jax_ready", 0.1, 0), rec("engine_ready_dummy", 5.0, 1000, param_bytes_sum=800),
+            rec("sglang_param_dict_ready", 6.0, 1800), rec("weights_swapped_from_mllm", 7.0, 1000),
+            rec("swap_round", 8.0, 1000, round=1), {"phase": "summary", "elapsed_s": 9.0, "ok": True, "checks": {}}]
+
+
+def test_memory_table_marks_two_sets():
+    table = rps.memory_table(records())
+    lines = table.splitlines()
+    assert "device bytes in use (sum)" in lines[0] and len(lines) == 6
+    assert "sglang_param_dict_ready" in lines[3] and "1.800x" in lines[3]
+    assert "swap_round 1" in lines[5] and "1.000x" in lines[5]
+
+
+def test_plot_is_written(tmp_path):
+    path = tmp_path / "m.png"
+    rps.plot_memory(records(), str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def args(**kw):
+    return argparse.Namespace(wandb_project="p", **kw)
+
+
+def test_wandb_init_failure_is_a_warning(monkeypatch, capsys):
+    import wandb
+
+    def broken_init(**kw):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    sink = rps.WandbSink(args())
+    assert sink.run is None
+    sink.log(records()[1])  # a no-op, not an exception
+    assert "W&B disabled" in capsys.readouterr().err
+
+
+def test_wandb_log_failure_turns_the_sink_off(monkeypatch, capsys):
+    import wandb
+
+    class Run:
+        def log(self, *a, **k):
+            raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: Run())
+    sink = rps.WandbSink(args())
+    sink.log(records()[1])
+    assert sink.run is None and "W&B logging failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", records())
+def test_wandb_metrics_are_numbers(monkeypatch, record):
+    import wandb
+
+    logged = []
+
+    class Run:
+        def log(self, metrics, step):
+            logged.append((step, metrics))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: Run())
+    sink = rps.WandbSink(args())
+    sink.log(record)
+    assert all(isinstance(v, (int, float)) for _, m in logged for v in m.values())
