@@ -9,11 +9,11 @@ per phase on stdout (logs go to stderr) with device memory summed over devices,
 so you can see that the engine holds ONE set of params, even while the caller
 keeps its dict of the very same arrays.
 
-Phases, in the order they run (each a function below):
-  jax_ready -> engine_ready_dummy -> mllm_params_cpu_ready -> [generate_before_swap]
+Phases, in the order they run ([] only with their flag):
+  jax_ready -> engine_ready_dummy -> generate_before_swap -> mllm_params_cpu_ready
   -> sglang_param_dict_ready -> weights_swapped_from_mllm -> [param_sharing_check]
   -> before_generate_param_dict_kept | after_cleanup -> generate_result
-  -> [after_drop_param_dict] -> [swap_round ...] -> summary
+  -> [after_drop_param_dict] -> [swap_round ...] -> summary   (docs/phases.md: fields and checks)
 
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
 usage (found before the engine is touched); 3 the engine failed (start,
@@ -49,7 +49,7 @@ import numpy as np
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
-HOST_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+HOST_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def log(msg: str) -> None:
@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JAX platform (default: $JAX_PLATFORMS, else JAX's default backend). With cpu the "
                         "tool creates --tp-size virtual CPU devices itself.")
     p.add_argument("--tp-size", type=int, default=0, help="tensor parallel size; 0 = all devices")
-    p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--dp-size", type=int, default=1,
+                   help="data parallel size; only 1 (sglang-jax's single-process engine, which the swap needs)")
     p.add_argument("--weights-source", choices=["safetensors", "torch"], default="safetensors",
                    help="safetensors: read the shards lazily with numpy (no torch); torch: "
                         "transformers.AutoModelForCausalLM(...).state_dict()")
@@ -471,7 +472,7 @@ def start_engine(kwargs: dict):
     return engine, engine.scheduler_info["scheduler"].tp_worker.worker.model_runner
 
 
-def guard_engine_crashes(engine, log_: PhaseLog) -> None:
+def guard_engine_crashes(engine, log_: PhaseLog, args) -> None:
     """sglang-jax answers a scheduler error or a watchdog timeout with SIGQUIT and SIGKILLs the whole process
     tree (exit 137, no message). Create its request loop now and put our handler in its place: one error
     line, the summary, exit code 3."""
@@ -483,6 +484,7 @@ def guard_engine_crashes(engine, log_: PhaseLog) -> None:
                           EXIT_ENGINE)
         log_.write(error.record())
         summary(log_, error)
+        report(log_, args)
         sys.stdout.flush()
         from sgl_jax.srt.utils.common_utils import kill_process_tree
 
@@ -496,7 +498,7 @@ def guard_engine_crashes(engine, log_: PhaseLog) -> None:
 def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
-    guard_engine_crashes(engine, log_)
+    guard_engine_crashes(engine, log_, args)
     targets = engine_params(model_runner)
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
                load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(targets),

@@ -28,10 +28,10 @@ if mutation == "no_rebind":
 elif mutation == "skip_one_param":
     original_swap = rps.swap
 
-    def swap(state, plan, source, num_kv_heads, stats, param_dict=None):
+    def swap(state, plan, source, num_kv_heads, stats, param_dict=None, **kwargs):
         if param_dict is not None:
             param_dict.pop(plan[-1].target)
-        return original_swap(state, plan[:-1], source, num_kv_heads, stats, param_dict)
+        return original_swap(state, plan[:-1], source, num_kv_heads, stats, param_dict, **kwargs)
 
     rps.swap = swap
 elif mutation == "copy_in_dict":
