@@ -722,9 +722,10 @@ def source_shape_after(op: str, shape: tuple, replicas: int) -> tuple:
 def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_heads: int) -> list[SwapItem]:
     """Check the WHOLE swap before anything touches the engine: every target covered once, every source
     used, every shape right. Target shape, dtype and sharding come from the engine's own Params."""
-    plan, problems, covered = [], [], set()
+    plan, problems, seen = [], [], set()
     for key in sorted(flat):
         target, op = target_name(key)
+        seen.add(target)
         if target not in params:
             problems.append(f"{key} -> {target}: the engine has no such Param")
             continue
@@ -740,11 +741,9 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
         if expected != tuple(value.shape):
             problems.append(f"{key} {src_shape} -> {target}: gives {expected}, the engine has {tuple(value.shape)}")
             continue
-        covered.add(target)
         plan.append(SwapItem(target, key, op, replicas, tuple(value.shape), value.dtype, value.sharding,
                              param_bytes_sum([value])))
-    missing = sorted(set(params) - covered - {p.split(" ")[0] for p in problems})
-    problems += [f"{t}: no source tensor in the checkpoint" for t in missing]
+    problems += [f"{t}: no source tensor in the checkpoint" for t in sorted(set(params) - seen)]
     if problems:
         raise ToolError("plan", f"{len(problems)} tensor(s) do not fit the engine: " + "; ".join(problems[:5]),
                         "the checkpoint does not match the engine's model (sizes, layers, tied embeddings)")
@@ -858,10 +857,13 @@ class SwapStats:
     transposed_bytes_sum: int = 0
     placed_bytes_sum: int = 0
     peak_bytes_in_use_sum: int = 0
+    rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
+    peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every tensor
     replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
 
     def sample_peak(self) -> None:
         self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
+        self.peak_rss_bytes = max(self.peak_rss_bytes, process_rss_bytes())
 
     def release(self, old) -> None:
         self.replaced.append(weakref.ref(old))
@@ -883,6 +885,7 @@ class SwapStats:
                                              / max(self.put_s - self.transposed_s, 1e-9) / 1e9, 3),
                 "transposed_put_gb_per_s": round(self.transposed_bytes_sum / max(self.transposed_s, 1e-9) / 1e9, 3),
                 "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
+                "rss_before_swap_bytes": self.rss_before_bytes, "swap_peak_rss_bytes": self.peak_rss_bytes,
                 "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
 
 

@@ -78,6 +78,10 @@ def run_once(folder: str, mode: str, source: str, tp: int) -> dict:
                                               ["bytes_in_use_sum"]) / swapped["param_bytes_sum"], 4) for r in rounds),
         "rss_peak_bytes": max(r["memory"]["process_rss_peak_bytes"] for r in lines if "memory" in r),
         "rss_after_read_bytes": read["memory"]["process_rss_bytes"],
+        "rss_before_swap_bytes": swapped["rss_before_swap_bytes"],
+        "swap_peak_rss_bytes": swapped["swap_peak_rss_bytes"],
+        "swap_host_extra_vs_tree": round((swapped["swap_peak_rss_bytes"] - swapped["rss_before_swap_bytes"])
+                                         / read["host_bytes"], 3),
         "host_tree_bytes": read["host_bytes"],
     }
 
@@ -109,11 +113,13 @@ def main() -> None:
             "assign_s", "backup_s", "place_gb_per_s", "direct_put_gb_per_s", "transposed_put_gb_per_s",
             "read_convert_place_gb_per_s", "read_convert_place_vs_numpy_copy", "read_convert_place_vs_warm_copy",
             "rounds_place_gb_per_s", "rounds_place_vs_numpy_copy", "rounds_peak_extra_ratio",
-            "rss_after_read_bytes", "rss_peak_bytes"]
+            "rss_before_swap_bytes", "swap_peak_rss_bytes", "swap_host_extra_vs_tree", "rss_peak_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(f"{row[c] / 1e9:.2f} GB" if c.endswith("_bytes") else str(row[c]) for c in cols) + " |")
+    print("\nrss_peak_bytes is the whole run's peak (the engine's first compile dominates it); "
+          "swap_host_extra_vs_tree = (host RSS peak during the swap - RSS before it) / host tree bytes")
     print(f"\nparam bytes over devices: {rows[0]['param_bytes_sum']:,}; host tree: {rows[0]['host_tree_bytes']:,} "
           f"bytes; numpy copy of the same bytes: {copy['alloc']:.2f} GB/s into a new array, "
           f"{copy['warm']:.2f} GB/s into a touched one")
