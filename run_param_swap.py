@@ -1256,7 +1256,7 @@ def memory_table(records: list[dict]) -> str:
 
 def plot_memory(records: list[dict], path: str) -> None:
     """Bars of bytes_in_use_sum per phase; dashed lines at the dummy engine (one set of params) and at one
-    set more (what a second copy would cost)."""
+    set more (what a second copy would cost); a tick at each swap's sampled peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1265,16 +1265,22 @@ def plot_memory(records: list[dict], path: str) -> None:
     rows = memory_rows(records)
     base = next(b for p, _, b, _ in rows if p == "engine_ready_dummy")
     params = next(r["param_bytes_sum"] for r in records if r["phase"] == "engine_ready_dummy")
+    unit, unit_name = (2**30, "GiB") if base + params >= 2**30 else (2**20, "MiB")
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=80)
-    gib = 2**30
     colors = ["tab:red" if b > base * 1.02 else "tab:blue" for _, _, b, _ in rows]
-    ax.bar(range(len(rows)), [b / gib for _, _, b, _ in rows], color=colors)
-    ax.axhline(base / gib, color="black", linestyle="--", linewidth=1, label="one set of params (dummy engine)")
-    ax.axhline((base + params) / gib, color="tab:red", linestyle=":", linewidth=1, label="+ a second set")
+    ax.bar(range(len(rows)), [b / unit for _, _, b, _ in rows], color=colors)
+    peaks = [(i, r["swap_peak_bytes_in_use_sum"]) for i, r in enumerate(r for r in records if "memory" in r)
+             if "swap_peak_bytes_in_use_sum" in r]
+    if peaks:
+        ax.scatter([i for i, _ in peaks], [p / unit for _, p in peaks], marker="_", s=900, color="tab:orange",
+                   zorder=3, label="peak during the swap")
+    ax.axhline(base / unit, color="black", linestyle="--", linewidth=1, label="one set of params (dummy engine)")
+    ax.axhline((base + params) / unit, color="tab:red", linestyle=":", linewidth=1, label="+ a second set")
+    ax.set_ylim(0, (base + params) / unit * 1.35)
     ax.set_xticks(range(len(rows)), [p for p, _, _, _ in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("device bytes in use, sum (GiB)")
+    ax.set_ylabel(f"device bytes in use, sum ({unit_name})")
     ax.set_title("run_param_swap: device memory per phase", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
