@@ -980,7 +980,8 @@ def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, 
     param_dict = swap(state, plan, flat, info.num_kv_heads, stats, param_dict, rollback=args.rollback)
     engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
     seconds = time.perf_counter() - t
-    check_leaves_unchanged(log_, state, param_dict, stats)
+    ok, details = leaves_unchanged(state, param_dict, stats)
+    log_.check("leaves_unchanged", ok, **details)
     base = log_.memory_of("engine_ready_dummy")
     param_bytes = sum(i.nbytes_sum for i in plan)
     log_.phase("weights_swapped_from_mllm", seconds=round(seconds, 4), num_swapped=len(param_dict),
@@ -994,8 +995,7 @@ def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, 
 # ----------------------------------------------------------------------------------------------
 
 
-def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any],
-                           stats: SwapStats, name: str = "leaves_unchanged") -> bool:
+def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], stats: SwapStats) -> tuple[bool, dict]:
     """Same leaf count and treedef as the dummy engine; every swapped Param and leaf is the dict's array; no
     leaf is a deleted buffer; and every array the swap replaced is gone (nothing still references it)."""
     import jax
@@ -1009,10 +1009,10 @@ def check_leaves_unchanged(log_: PhaseLog, state: EngineState, param_dict: Mappi
     alive = stats.still_alive()
     ok = (len(leaves) == len(state.leaf_paths) and treedef == state.treedef and not stale and not deleted
           and alive == 0 and len(param_dict) == len(state.params))
-    return log_.check(name, ok, num_leaves=len(leaves), expected_leaves=len(state.leaf_paths),
-                      treedef_equal=treedef == state.treedef, params_swapped=len(param_dict),
-                      params_in_model=len(state.params), not_the_new_array=stale[:10], deleted=deleted[:10],
-                      replaced_still_alive=alive)
+    return ok, {"num_leaves": len(leaves), "expected_leaves": len(state.leaf_paths),
+                "treedef_equal": treedef == state.treedef, "params_swapped": len(param_dict),
+                "params_in_model": len(state.params), "not_the_new_array": stale[:10], "deleted": deleted[:10],
+                "replaced_still_alive": alive}
 
 
 def buffer_pointers(arr) -> list[tuple[int, int]]:
@@ -1121,8 +1121,7 @@ def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: Checkpoi
             raise
         engine.flush_cache()
         swap_s = time.perf_counter() - t
-        ok_leaves = check_leaves_unchanged(log_, state, param_dict, stats, name=f"round_{r}_leaves")
-        log_.checks.pop(f"round_{r}_leaves")  # folded into rounds_no_leak below
+        ok_leaves, _ = leaves_unchanged(state, param_dict, stats)  # folded into rounds_no_leak below
         del param_dict
         after_swap = bytes_in_use_sum(device_memory())
         out = generate(engine, args.prompt, args.max_new_tokens)
