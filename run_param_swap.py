@@ -499,11 +499,11 @@ def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
     guard_engine_crashes(engine, log_, args)
-    targets = engine_params(model_runner)
+    state = EngineState(model_runner)
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
-               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(targets),
-               param_bytes_sum=param_bytes_sum(p.get_value() for p in targets.values()))
-    return engine, model_runner
+               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(state.params),
+               param_bytes_sum=param_bytes_sum(p.get_value() for p in state.params.values()))
+    return engine, state
 
 
 def path_str(path) -> str:
@@ -536,6 +536,37 @@ def engine_leaf_paths(model_runner):
 def param_bytes_sum(arrays) -> int:
     """Bytes of the arrays' addressable shards, summed over devices (replicated data counted per device)."""
     return sum(nbytes for a in arrays for _, _, nbytes in device_buffers(a))
+
+
+class EngineState:
+    """The engine's Params and its flattened leaves, with the one way to change them."""
+
+    def __init__(self, model_runner):
+        self.model_runner = model_runner
+        self.params = engine_params(model_runner)
+        self.leaf_paths, self.treedef = engine_leaf_paths(model_runner)
+        self.leaf_index = {p: i for i, p in enumerate(self.leaf_paths)}
+
+    def assign(self, path: str, new) -> Any:
+        """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
+        engine's list in place), so the forward always sees live buffers. Returns the array it replaced."""
+        old = self.params[path].get_value()
+        self.params[path].set_value(new)
+        leaves = list(self.model_runner.model_state_leaves)
+        leaves[self.leaf_index[path]] = new
+        self.model_runner.model_state_leaves = leaves
+        return old
+
+    def rebind_from_model(self) -> None:
+        """model_state_leaves = a new flattening of the model; the structure must not change."""
+        import jax
+        from flax import nnx
+
+        leaves, treedef = jax.tree_util.tree_flatten(nnx.split(self.model_runner.model)[1])
+        if treedef != self.treedef:
+            raise ToolError("swap", "the model's state structure changed during the swap",
+                            "a swapped Param changed the nnx tree; this would recompile or fail", EXIT_ENGINE)
+        self.model_runner.model_state_leaves = leaves
 
 
 # ----------------------------------------------------------------------------------------------
@@ -810,37 +841,6 @@ def place(item: SwapItem, src: np.ndarray, num_kv_heads: int, stats: SwapStats |
 # ----------------------------------------------------------------------------------------------
 # Phases 4-5: place and swap (streaming: one tensor at a time; bulk: all placed, then all assigned)
 # ----------------------------------------------------------------------------------------------
-
-
-class EngineState:
-    """The engine's Params and its flattened leaves, with the one way to change them."""
-
-    def __init__(self, model_runner):
-        self.model_runner = model_runner
-        self.params = engine_params(model_runner)
-        self.leaf_paths, self.treedef = engine_leaf_paths(model_runner)
-        self.leaf_index = {p: i for i, p in enumerate(self.leaf_paths)}
-
-    def assign(self, path: str, new) -> Any:
-        """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
-        engine's list in place), so the forward always sees live buffers. Returns the array it replaced."""
-        old = self.params[path].get_value()
-        self.params[path].set_value(new)
-        leaves = list(self.model_runner.model_state_leaves)
-        leaves[self.leaf_index[path]] = new
-        self.model_runner.model_state_leaves = leaves
-        return old
-
-    def rebind_from_model(self) -> None:
-        """model_state_leaves = a new flattening of the model; the structure must not change."""
-        import jax
-        from flax import nnx
-
-        leaves, treedef = jax.tree_util.tree_flatten(nnx.split(self.model_runner.model)[1])
-        if treedef != self.treedef:
-            raise ToolError("swap", "the model's state structure changed during the swap",
-                            "a swapped Param changed the nnx tree; this would recompile or fail", EXIT_ENGINE)
-        self.model_runner.model_state_leaves = leaves
 
 
 @dataclasses.dataclass
@@ -1369,11 +1369,10 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
         if expected_tensors(info_b) != expected_tensors(info):
             raise ToolError("checkpoint", f"--model-id-b {args.model_id_b} has other sizes than --model-id "
                             "(the engine's model)", "B must be the same architecture and sizes as A")
-    engine, model_runner = engine_ready_dummy(log_, args, info, device)
+    engine, state = engine_ready_dummy(log_, args, info, device)
     try:
         before = generate_result(log_, args, engine, phase="generate_before_swap")
         tree = mllm_params_cpu_ready(log_, args, info)
-        state = EngineState(model_runner)
         try:
             plan, flat, stats, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
             param_dict = weights_swapped_from_mllm(log_, args, engine, state, plan, flat, info, stats, param_dict)
