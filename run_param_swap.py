@@ -391,7 +391,6 @@ QWEN2_TENSORS = {  # name (layer i as {i}): shape
     "model.layers.{i}.mlp.up_proj.weight": ("intermediate", "hidden"),
     "model.layers.{i}.mlp.down_proj.weight": ("hidden", "intermediate"),
 }
-FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
 def expected_tensors(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
@@ -407,30 +406,16 @@ def expected_tensors(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
 
 
 def validate_checkpoint(info: CheckpointInfo) -> None:
-    """Read only the safetensors headers and check every tensor against the config: present, readable
-    (the file is complete), the right shape, a float dtype. Runs before the engine is started."""
-    from safetensors import safe_open
-
-    found: dict[str, tuple] = {}
-    for fname in info.files:
-        full = os.path.join(info.path, fname)
-        try:
-            with safe_open(full, framework="numpy") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    found[name] = (tuple(sl.get_shape()), sl.get_dtype())
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
-                            "the file is missing, truncated or corrupt: download it again") from e
+    """Map the files (no data is read) and check every tensor against the config: present, inside its file
+    (not truncated), the right shape, a float dtype. Runs before the engine is started."""
+    found = {name: tuple(arr.shape) for name, arr in read_safetensors(info).items()}
     expected = expected_tensors(info)
     ignored = [n for n in found if any(re.fullmatch(rx, n) for rx in HF_IGNORED)
                or (n == "lm_head.weight" and info.tie_word_embeddings)]
     problems = [f"{n}: missing" for n in expected if n not in found]
     problems += [f"{n}: unexpected tensor" for n in found if n not in expected and n not in ignored]
-    problems += [f"{n}: shape {found[n][0]}, config says {shape}" for n, shape in expected.items()
-                 if n in found and found[n][0] != shape]
-    problems += [f"{n}: dtype {found[n][1]} (floats only: {', '.join(FLOAT_DTYPES)})" for n in expected
-                 if n in found and found[n][1] not in FLOAT_DTYPES]
+    problems += [f"{n}: shape {found[n]}, config says {shape}" for n, shape in expected.items()
+                 if n in found and found[n] != shape]
     if problems:
         raise ToolError("checkpoint", f"{len(problems)} tensor(s) do not match config.json: " + "; ".join(problems[:5]),
                         "the checkpoint's files and its config.json disagree: re-download or re-export it")
@@ -650,7 +635,7 @@ def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
     """Every tensor of the shards as a zero-copy numpy view of the file (np.memmap: the OS reads pages
     lazily, when placement touches them; bf16 as ml_dtypes.bfloat16). safetensors' own numpy loader copies
     every tensor into new memory; its format (8-byte header length, JSON header, raw data) is simple enough
-    to map directly. The headers were already checked by validate_checkpoint()."""
+    to map directly. Used both to validate the checkpoint (shapes only) and to read it."""
     import struct
 
     tensors: dict[str, np.ndarray] = {}
@@ -659,11 +644,15 @@ def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
         try:
             with open(full, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > os.path.getsize(full) - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file: not a safetensors file")
                 header = json.loads(f.read(header_len))
             data = np.memmap(full, dtype=np.uint8, mode="r")
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
+                if meta["dtype"] not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"{name}: dtype {meta['dtype']} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
                 start, end = (8 + header_len + o for o in meta["data_offsets"])
                 if end > data.size:
                     raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
@@ -671,7 +660,7 @@ def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
                 tensors[name] = raw.view(host_dtype(SAFETENSORS_DTYPES[meta["dtype"]])).reshape(meta["shape"])
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
-                            "the file is truncated or corrupt: download it again") from e
+                            "the file is missing, truncated or corrupt, or not a float checkpoint") from e
     return tensors
 
 

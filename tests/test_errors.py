@@ -128,6 +128,17 @@ def test_wrong_shape(ckpt_copy):
     assert_error(run, 2, "checkpoint", "model.layers.0.self_attn.k_proj.weight", "shape (128, 512)", "(256, 512)")
 
 
+def test_integer_tensor_is_refused(ckpt_copy):
+    folder = ckpt_copy()
+
+    def quantize(t):
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].view(np.int8)[:, :512]
+
+    rewrite_tensors(folder, quantize)
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "model.layers.0.mlp.up_proj.weight: dtype I8", "floats only")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage_header"])
 def test_corrupt_safetensors(ckpt_copy, damage):
     folder = ckpt_copy()
