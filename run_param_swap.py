@@ -106,6 +106,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-param-sharing", action="store_true",
                    help="check that EVERY engine Param and model_state_leaves entry is the dict's very array "
                         "(object identity and device buffers)")
+    p.add_argument("--verify-weights", action="store_true",
+                   help="check weights_equal_loader: after the swap, compare EVERY engine Param (bits, shape, dtype, "
+                        "sharding) with what sglang-jax's own loader makes of the checkpoint, tensor by tensor, in "
+                        "this process")
+    p.add_argument("--verify-logits", action="store_true",
+                   help="check logits_match_reference: the engine's logprob of each generated token against "
+                        "transformers' float32 forward of the checkpoint on the host (needs torch)")
+    p.add_argument("--logprob-tolerance", type=float, default=None,
+                   help="--verify-logits: largest |engine - reference| logprob per token (default by engine dtype: "
+                        + ", ".join(f"{k} {v[0]:g}" for k, v in LOGITS_TOLERANCE.items()) + ")")
+    p.add_argument("--argmax-margin", type=float, default=None,
+                   help="--verify-logits: largest gap between the reference's top logprob and the generated token's "
+                        "(default by engine dtype: " + ", ".join(f"{k} {v[1]:g}" for k, v in LOGITS_TOLERANCE.items()) + ")")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message with the tokenizer's chat template (instruct checkpoints)")
     p.add_argument("--rounds", type=int, default=0,
                    help="after the first swap, swap N more times alternating B (a deterministic perturbation, or "
                         "--model-id-b) and A, checking outputs repeat and memory does not grow")
@@ -122,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb-project", default="param-swap")
     p.add_argument("--demo", action="store_true",
                    help="build a tiny random-weight Qwen2 checkpoint and run the whole verification on 4 virtual "
-                        "CPU devices with --keep-param-dict --verify-param-sharing")
+                        "CPU devices with --keep-param-dict --verify-param-sharing --verify-weights --verify-logits")
     p.add_argument("--demo-dir", default=None, help="where --demo writes its checkpoint (kept); default: a temp folder")
     eng = p.add_argument_group("engine arguments (defaults: the reference TPU run's)")
     eng.add_argument("--dtype", default="bfloat16", help="engine dtype (default: %(default)s)")
@@ -138,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.demo:
         args.device, args.keep_param_dict, args.verify_param_sharing = "cpu", True, True
+        args.verify_weights = args.verify_logits = True
         args.tp_size = args.tp_size or 4
     return args
 
@@ -216,6 +232,7 @@ class PhaseLog:
         self.t0 = time.perf_counter()
         self.records: list[dict] = []
         self.checks: dict[str, dict] = {}
+        self.answers: list[tuple[str, dict]] = []  # (phase, generate()'s answer) of every generation
         self.file = open(json_out, "w") if json_out else None
         self.sinks: list = []  # e.g. WandbSink: each gets every record
 
@@ -269,6 +286,14 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
+    if args.verify_logits:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            problems.append((f"--verify-logits needs {' and '.join(missing)}, which is not installed",
+                             "pip install torch==2.9.1 transformers (the reference forward runs on the host CPU; "
+                             "any torch build works)"))
     if problems:
         raise ToolError("arguments", "; ".join(p for p, _ in problems), "; ".join(h for _, h in problems))
 
@@ -421,6 +446,18 @@ def validate_checkpoint(info: CheckpointInfo) -> None:
                         "the checkpoint's files and its config.json disagree: re-download or re-export it")
 
 
+def chat_prompt(path: str, prompt: str) -> str:
+    """--chat: the prompt as one user message in the tokenizer's chat template, ready for the assistant."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        raise ToolError("arguments", f"--chat: the tokenizer in {path} has no chat template",
+                        "drop --chat (base checkpoints) or use an instruct checkpoint")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
     if info.num_heads % tp:
         raise ToolError("arguments", f"--tp-size {tp} does not divide the {info.num_heads} attention heads",
@@ -454,7 +491,9 @@ def start_engine(kwargs: dict):
         engine = Engine(**kwargs)
     except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
         raise ToolError("engine_start", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE) from e
-    return engine, engine.scheduler_info["scheduler"].tp_worker.worker.model_runner
+    scheduler = engine.scheduler_info["scheduler"]
+    engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
+    return engine, scheduler.tp_worker.worker.model_runner
 
 
 def guard_engine_crashes(engine, log_: PhaseLog, args) -> None:
@@ -1030,20 +1069,88 @@ def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation
+# Generation: greedy, always max_new_tokens tokens, the ids as the scheduler generated them
 # ----------------------------------------------------------------------------------------------
 
 
-def generate(engine, prompt: str, max_new_tokens: int) -> dict:
-    out = engine.generate(prompt=prompt, sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens})
-    return {"text": out["text"], "output_ids": list(out["output_ids"]), "meta_info": out.get("meta_info", {})}
+class RequestRecorder:
+    """The scheduler's own record of every finished request: prompt ids, generated ids and their logprobs.
+
+    sglang-jax 0.0.3rc99's answer to a non-streaming `generate` is not the generated sequence once it spans
+    the scheduler's forced 50-token chunk: the detokenizer re-sends ids it already sent whenever its
+    incremental text ends in an incomplete UTF-8 character (64 tokens came back as 114 ids), it drops
+    special tokens such as a generated EOS, and `meta_info.output_token_logprobs` holds 50 + N entries for N
+    tokens. The scheduler's `Req` (`origin_input_ids`, `output_ids`, `output_token_logprobs_val`) is right.
+    In single-process mode the scheduler runs in this process: wrap its `stream_output` (the one place every
+    finished request passes) and copy those lists before they are sent."""
+
+    def __init__(self, scheduler):
+        self.finished: dict[str, dict] = {}
+        original = scheduler.stream_output
+
+        def stream_output(reqs, *args, **kwargs):
+            for req in reqs:
+                if req.finished() and req.rid not in self.finished:
+                    self.finished[req.rid] = {
+                        "prompt_ids": [int(t) for t in req.origin_input_ids],
+                        "output_ids": [int(t) for t in req.output_ids],
+                        "output_logprobs": ([float(v) for v in req.output_token_logprobs_val]
+                                            if req.output_token_logprobs_val is not None else None)}
+            return original(reqs, *args, **kwargs)
+
+        scheduler.stream_output = stream_output
+
+    def take(self, rid: str) -> dict:
+        if rid not in self.finished:
+            raise ToolError("generate", f"the scheduler kept no record of request {rid}",
+                            "sglang-jax's scheduler no longer passes finished requests through stream_output: "
+                            "this tool needs the pinned sglang-jax", EXIT_ENGINE)
+        return self.finished.pop(rid)
 
 
-def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result") -> dict:
+def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+    """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
+    an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
+    = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
+    ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    out = engine.generate(prompt=prompt, return_logprob=logprobs,
+                          sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
+    record = engine.scheduler_info["request_recorder"].take(meta["id"])
+    ids = record["output_ids"]
+    decoded = engine.tokenizer_manager.tokenizer.decode(ids, skip_special_tokens=True)
+    problems = []
+    if not len(ids) == meta.get("completion_tokens") == max_new_tokens:
+        problems.append(f"{len(ids)} ids, completion_tokens {meta.get('completion_tokens')}, "
+                        f"max_new_tokens {max_new_tokens}")
+    if logprobs and len(record["output_logprobs"] or []) != len(ids):
+        problems.append(f"{len(record['output_logprobs'] or [])} logprobs for {len(ids)} ids")
+    if out["text"] != decoded:
+        problems.append("the engine's text is not the decoding of the generated ids")
+    result = {"text": out["text"], "output_ids": ids, "num_tokens": len(ids),
+              "finish_reason": meta.get("finish_reason"), "prompt_ids": record["prompt_ids"],
+              "api_output_ids_match": list(out.get("output_ids", [])) == ids,
+              "consistent": not problems, "consistency_problems": problems, "meta_info": meta}
+    if logprobs:
+        result["output_logprobs"] = record["output_logprobs"]
+    return result
+
+
+def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result", logprobs: bool = False) -> dict:
     t = time.perf_counter()
-    out = generate(engine, args.prompt, args.max_new_tokens)
-    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), **out)
+    out = generate(engine, args.prompt, args.max_new_tokens, logprobs)
+    fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
+    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), **fields)
+    log_.answers.append((phase, out))
     return out
+
+
+def check_generate(log_: PhaseLog) -> bool:
+    """Every answer so far was consistent (see generate()): a wrong count or a text that is not the ids'
+    decoding means the engine's answer cannot be trusted, whatever the weights."""
+    bad = {phase: out["consistency_problems"] for phase, out in log_.answers if not out["consistent"]}
+    return log_.check("generate", bool(log_.answers) and not bad, answers_checked=len(log_.answers),
+                      num_tokens=[out["num_tokens"] for _, out in log_.answers], inconsistent=bad)
 
 
 def check_restored(error: ToolError, engine, args, previous_output: dict) -> None:
@@ -1059,6 +1166,174 @@ def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
     forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
     return log_.check("swap_effective", before["output_ids"] != after["output_ids"],
                       before_swap_output_ids=before["output_ids"], after_swap_output_ids=after["output_ids"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent oracles: sglang-jax's own loader (--verify-weights), a transformers forward (--verify-logits)
+# ----------------------------------------------------------------------------------------------
+
+
+class LoaderTap:
+    """Stands in for one Param of the model that sglang-jax's own loader fills. The loader reads the Param's
+    shape and dtype through `.value` (an abstract value: the model is built with nnx.eval_shape) and its
+    assignment `.value = array` goes to `compare` and is dropped: only one loaded tensor exists at a time."""
+
+    def __init__(self, path: str, abstract, compare):
+        self._path, self._abstract, self._compare = path, abstract, compare
+
+    @property
+    def value(self):
+        return self._abstract
+
+    @value.setter
+    def value(self, array) -> None:
+        self._compare(self._path, array)
+
+
+@functools.cache
+def bits_diff():
+    """jitted (a, b) -> (differing elements, first differing flat index, max |a - b|), on the devices.
+    Compares the bits (NaN == NaN of the same bits, -0 != +0); no reshape, so explicit shardings hold."""
+    import jax
+    import jax.numpy as jnp
+
+    def diff(a, b):
+        uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[a.dtype.itemsize]
+        neq = jax.lax.bitcast_convert_type(a, uint) != jax.lax.bitcast_convert_type(b, uint)
+        flat = sum(jax.lax.broadcasted_iota(jnp.int32, a.shape, d) * int(np.prod(a.shape[d + 1:], dtype=np.int64))
+                   for d in range(a.ndim)) if a.ndim else jnp.int32(0)
+        first = jnp.min(jnp.where(neq, flat, jnp.iinfo(jnp.int32).max))
+        abs_diff = jnp.where(neq, jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), 0.0)
+        return jnp.sum(neq, dtype=jnp.int32), first, jnp.max(abs_diff)
+
+    return jax.jit(diff)
+
+
+def compare_arrays(ours, theirs) -> dict | None:
+    """None when `ours` (the engine's Param) equals `theirs` (the loader's) in shape, dtype, sharding and
+    every bit; else what differs: max abs diff and the first differing index."""
+    import jax
+
+    problems = {}
+    if tuple(ours.shape) != tuple(theirs.shape):
+        return {"shape": [list(ours.shape), list(theirs.shape)]}
+    if ours.dtype != theirs.dtype:
+        problems["dtype"] = [str(ours.dtype), str(theirs.dtype)]
+        theirs = theirs.astype(ours.dtype)
+    if not ours.sharding.is_equivalent_to(theirs.sharding, ours.ndim):
+        problems["sharding"] = [str(ours.sharding.spec), str(getattr(theirs.sharding, "spec", theirs.sharding))]
+        theirs = jax.device_put(theirs, ours.sharding)
+    count, first, max_abs = (v.item() for v in bits_diff()(ours, theirs))
+    if count:
+        problems.update(differing_elements=int(count), max_abs_diff=float(max_abs),
+                        first_differing_index=[int(i) for i in np.unravel_index(int(first), ours.shape)])
+    return problems or None
+
+
+def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, swap: str = "first swap") -> bool:
+    """Every engine Param against what sglang-jax's OWN loader (its model file's weight mappings, its
+    WeightLoader) makes of the checkpoint at `model_path`, in this process and on these devices: values
+    bit for bit, shape, dtype, sharding. The loader runs tensor by tensor through LoaderTap, so the extra
+    device memory is one loaded tensor, not a second set."""
+    import copy
+
+    from sgl_jax.srt.configs.load_config import LoadConfig
+    from sgl_jax.srt.model_loader.loader import JAXModelLoader
+    from sgl_jax.srt.utils.weight_utils import WeightLoader
+
+    t = time.perf_counter()
+    base_rss, base = process_rss_bytes(), bytes_in_use_sum(device_memory())
+    peak, peak_rss = base, base_rss
+    differing: dict[str, dict] = {}
+    loaded: dict[str, int] = {}
+
+    def compare(path: str, array) -> None:
+        nonlocal peak, peak_rss
+        loaded[path] = loaded.get(path, 0) + 1
+        if path in state.params:
+            problems = compare_arrays(state.params[path].get_value(), array)
+            if problems:
+                differing[path] = problems
+        peak = max(peak, bytes_in_use_sum(device_memory(collect=False)))
+        peak_rss = max(peak_rss, process_rss_bytes())
+
+    original = WeightLoader._get_param
+    WeightLoader._get_param = lambda self, params, path: LoaderTap(path, original(self, params, path).value, compare)
+    try:
+        model_config = copy.copy(state.model_runner.model_config)
+        model_config.model_path = model_path
+        model_config._dummy_mode = False  # the engine's config says "dummy": the loader would make dummies
+        JAXModelLoader(LoadConfig(load_format="auto"), state.model_runner.mesh).load_model(model_config=model_config)
+    finally:
+        WeightLoader._get_param = original
+    not_loaded = sorted(set(state.params) - set(loaded))
+    unknown = sorted(set(loaded) - set(state.params))
+    twice = sorted(p for p, n in loaded.items() if n > 1)
+    param_bytes = param_bytes_sum(p.get_value() for p in state.params.values())
+    ok = not differing and not not_loaded and not unknown and not twice
+    details = {"paths_checked": len(state.params), "differing": dict(list(differing.items())[:20]),
+               "num_differing": len(differing), "not_loaded_by_loader": not_loaded[:20],
+               "loaded_but_not_in_engine": unknown[:20], "loaded_twice": twice[:20]}
+    earlier = log_.checks.get("weights_equal_loader", {})  # with --rounds: every verified swap must pass
+    failed_swaps = earlier.get("failed_swaps", []) + ([] if ok else [swap])
+    log_.check("weights_equal_loader", not failed_swaps, **(details if not ok or not earlier else earlier),
+               swaps_checked=earlier.get("swaps_checked", 0) + 1, failed_swaps=failed_swaps)
+    log_.phase("weights_verified", ok=ok, swap=swap, **details, seconds=round(time.perf_counter() - t, 3), model_path=model_path,
+               peak_extra_bytes_sum=peak - base, peak_extra_ratio=round((peak - base) / param_bytes, 4),
+               rss_extra_peak_bytes=peak_rss - base_rss)
+    return ok
+
+
+# Per engine dtype: (largest |engine logprob - reference logprob| of a generated token, largest margin by
+# which a generated token may trail the reference's argmax). Set from measured distributions: docs/phases.md.
+LOGITS_TOLERANCE = {"float32": (1e-3, 1e-3), "bfloat16": (0.5, 0.5)}
+
+
+def reference_token_logprobs(model_path: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
+    """transformers' own model of the checkpoint, float32 on the host CPU, teacher-forced on the prompt and
+    the engine's tokens: per generated token its log-probability, the argmax and the argmax's log-probability.
+    Shares no code with the tool's mapping or with sglang-jax."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32, low_cpu_mem_usage=True)
+    model.eval()
+    ids = torch.tensor([prompt_ids + output_ids], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = torch.tensor(output_ids)
+    best, argmax = logprobs.max(dim=-1)
+    return {"logprobs": logprobs[torch.arange(len(output_ids)), tokens].tolist(), "argmax": argmax.tolist(),
+            "argmax_logprobs": best.tolist()}
+
+
+def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) -> bool:
+    """The engine's logprob of each generated token against an independent float32 forward of the same
+    checkpoint, and each token against the reference's argmax (within a margin, for near ties)."""
+    t = time.perf_counter()
+    ref = reference_token_logprobs(model_path, answer["prompt_ids"], answer["output_ids"])
+    tol, margin_tol = LOGITS_TOLERANCE.get(args.dtype, LOGITS_TOLERANCE["bfloat16"])
+    tol = args.logprob_tolerance if args.logprob_tolerance is not None else tol
+    margin_tol = args.argmax_margin if args.argmax_margin is not None else margin_tol
+    engine_lp = answer["output_logprobs"]
+    diffs = [abs(e - r) for e, r in zip(engine_lp, ref["logprobs"], strict=True)]
+    margins = [b - r for b, r in zip(ref["argmax_logprobs"], ref["logprobs"], strict=True)]
+    agree = sum(a == o for a, o in zip(ref["argmax"], answer["output_ids"], strict=True))
+    worst = sorted(range(len(diffs)), key=lambda i: -max(diffs[i] / tol, margins[i] / margin_tol))[:5]
+    ok = max(diffs) <= tol and max(margins) <= margin_tol
+    details = {"engine_dtype": args.dtype, "num_tokens": len(diffs), "logprob_tolerance": tol,
+               "argmax_margin": margin_tol, "max_abs_logprob_diff": round(max(diffs), 6),
+               "mean_abs_logprob_diff": round(sum(diffs) / len(diffs), 6), "max_margin": round(max(margins), 6),
+               "argmax_agreement": f"{agree}/{len(diffs)}",
+               "worst_tokens": [{"position": i, "token": answer["output_ids"][i], "engine_logprob": round(engine_lp[i], 6),
+                                 "reference_logprob": round(ref["logprobs"][i], 6), "reference_argmax": ref["argmax"][i],
+                                 "margin": round(margins[i], 6)} for i in worst]}
+    log_.check("logits_match_reference", ok, **details)
+    log_.phase("logits_verified", ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
+               engine_logprobs=[round(v, 6) for v in engine_lp], reference_logprobs=[round(v, 6) for v in ref["logprobs"]],
+               reference_argmax=ref["argmax"])
+    return ok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1085,16 +1360,17 @@ class PerturbedWeights(Mapping):
 
 
 def weights_b(args, state: EngineState, info: CheckpointInfo, flat_a, plan_a):
+    """B's tree, its plan, and its checkpoint folder (None for the perturbed copy of A)."""
     if not args.model_id_b:
-        return PerturbedWeights(flat_a), plan_a
+        return PerturbedWeights(flat_a), plan_a, None
     info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
     flat_b = flatten(read_mllm_tree(args, info_b)[0])
-    return flat_b, plan_swap(flat_b, state.params, info.num_kv_heads)
+    return flat_b, plan_swap(flat_b, state.params, info.num_kv_heads), info_b.path
 
 
 def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: CheckpointInfo, flat_a, plan_a,
                 first_output: dict) -> None:
-    flat_b, plan_b = weights_b(args, state, info, flat_a, plan_a)  # validated before round 1 touches anything
+    flat_b, plan_b, path_b = weights_b(args, state, info, flat_a, plan_a)  # validated before round 1 touches anything
     limit = int(log_.memory_of("weights_swapped_from_mllm") * args.single_copy_tolerance)
     outputs: dict[str, list] = {"A": [], "B": []}
     leaks, last_output = [], first_output
@@ -1112,15 +1388,19 @@ def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: Checkpoi
         swap_s = time.perf_counter() - t
         ok_leaves, _ = leaves_unchanged(state, param_dict, stats)  # folded into rounds_no_leak below
         del param_dict
+        checkpoint = info.path if which == "A" else path_b
+        if args.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
+            weights_equal_loader(log_, state, checkpoint, swap=f"round {r}")
         after_swap = bytes_in_use_sum(device_memory())
         out = generate(engine, args.prompt, args.max_new_tokens)
         outputs[which].append(out["output_ids"])
+        log_.answers.append((f"swap_round {r}", out))
         last_output = out
         if after_swap > limit or not ok_leaves:
             leaks.append({"round": r, "bytes_in_use_sum_after_swap": after_swap, "leaves_ok": ok_leaves})
         log_.phase("swap_round", round=r, weights=which, swap_s=round(swap_s, 4),
                    bytes_in_use_sum_after_swap=after_swap, **stats.as_json(),
-                   output_ids=out["output_ids"], text=out["text"])
+                   output_ids=out["output_ids"], text=out["text"], finish_reason=out["finish_reason"])
     first_a = first_output["output_ids"]
     b_runs = outputs["B"]
     log_.check("rounds_consistent",
@@ -1129,6 +1409,7 @@ def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: Checkpoi
                a_rounds_equal=sum(o == first_a for o in outputs["A"]), a_rounds=len(outputs["A"]),
                b_rounds_equal=sum(o == b_runs[0] for o in b_runs), b_rounds=len(b_runs))
     log_.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
+    check_generate(log_)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1358,6 +1639,8 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
         if expected_tensors(info_b) != expected_tensors(info):
             raise ToolError("checkpoint", f"--model-id-b {args.model_id_b} has other sizes than --model-id "
                             "(the engine's model)", "B must be the same architecture and sizes as A")
+    if args.chat:
+        args.prompt = chat_prompt(info.path, args.prompt)
     engine, state = engine_ready_dummy(log_, args, info, device)
     try:
         before = generate_result(log_, args, engine, phase="generate_before_swap")
@@ -1370,14 +1653,18 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
             raise
         if args.verify_param_sharing:
             param_sharing_check(log_, state, param_dict)
+        if args.verify_weights:
+            weights_equal_loader(log_, state, info.path)
         if args.keep_param_dict:
             log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict))
         else:
             del param_dict
             log_.phase("after_cleanup")
-        out = generate_result(log_, args, engine)
-        log_.check("generate", len(out["output_ids"]) > 0, num_tokens=len(out["output_ids"]))
+        out = generate_result(log_, args, engine, logprobs=args.verify_logits)
+        check_generate(log_)
         check_swap_effective(log_, before, out)
+        if args.verify_logits:
+            logits_match_reference(log_, args, info.path, out)
         if args.keep_param_dict:
             del param_dict
             log_.phase("after_drop_param_dict")

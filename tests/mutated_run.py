@@ -7,6 +7,12 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   no_flush        the radix cache is not flushed after the swap
   fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
+Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
+  gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
+  kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
+  layers_swapped      layers 0 and 1 exchanged
+  kernel_shifted      layer 0's down_proj shifted by one column
+  norm_left_dummy     layer 0's post_attention_layernorm scale swapped in as a new array holding the dummy values
 """
 
 import os
@@ -74,6 +80,64 @@ elif mutation == "sigquit_in_generate":
         return original_generate(engine, prompt, max_new_tokens)
 
     rps.generate = generate
+elif mutation == "gate_up_swapped":
+    rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.gate_proj\.kernel", "model.layers.{0}.mlp.up_proj.weight", "copy"))
+    rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.up_proj\.kernel", "model.layers.{0}.mlp.gate_proj.weight", "copy"))
+elif mutation == "kv_heads_tiled":
+    import dataclasses
+
+    import numpy as np
+
+    original_host_array = rps.host_array
+
+    def host_array(item, src, num_kv_heads):
+        if item.op != "kv_heads" or item.replicas == 1:
+            return original_host_array(item, src, num_kv_heads)
+        arr, transposed = original_host_array(dataclasses.replace(item, replicas=1), src, num_kv_heads)
+        axis = 0 if transposed else arr.ndim - 1
+        return np.ascontiguousarray(np.concatenate([arr] * item.replicas, axis=axis)), transposed
+
+    rps.host_array = host_array
+elif mutation == "layers_swapped":
+    original_target_name = rps.target_name
+
+    def target_name(mllm_key):
+        target, op = original_target_name(mllm_key)
+        for a, b in ((".layers.0.", ".layers.1."), (".layers.1.", ".layers.0.")):
+            if a in target:
+                return target.replace(a, b), op
+        return target, op
+
+    rps.target_name = target_name
+elif mutation == "kernel_shifted":
+    import numpy as np
+
+    original_host_array = rps.host_array
+
+    def host_array(item, src, num_kv_heads):
+        arr, transposed = original_host_array(item, src, num_kv_heads)
+        if item.target == "model.layers.0.mlp.down_proj.weight":  # the target's columns: its last axis
+            arr = np.ascontiguousarray(np.roll(arr, 1, axis=0 if transposed else -1))
+        return arr, transposed
+
+    rps.host_array = host_array
+elif mutation == "norm_left_dummy":
+    import numpy as np
+
+    original_plan_swap, original_place, engine_params = rps.plan_swap, rps.place, {}
+
+    def plan_swap(flat, params, num_kv_heads):
+        engine_params.update(params)
+        return original_plan_swap(flat, params, num_kv_heads)
+
+    def place(item, src, num_kv_heads, stats=None):
+        if item.target == "model.layers.0.post_attention_layernorm.scale":
+            import jax
+
+            return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
+        return original_place(item, src, num_kv_heads, stats)
+
+    rps.plan_swap, rps.place = plan_swap, place
 else:
     raise SystemExit(f"unknown mutation {mutation}")
 
