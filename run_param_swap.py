@@ -9,19 +9,24 @@ per phase on stdout (logs go to stderr) with device memory summed over devices,
 so you can see that the engine holds ONE set of params, even while the caller
 keeps its dict of the very same arrays.
 
+Two independent oracles judge the swap in the same run: --verify-weights compares every engine Param bit
+for bit with what sglang-jax's own loader makes of the checkpoint (tensor by tensor, no second set), and
+--verify-logits compares the engine's logprobs with transformers' float32 forward on the host. Generation
+is greedy with ignore_eos; the ids are the scheduler's own record of each request.
+
 Phases, in the order they run ([] only with their flag):
   jax_ready -> engine_ready_dummy -> generate_before_swap -> mllm_params_cpu_ready
-  -> sglang_param_dict_ready -> weights_swapped_from_mllm -> [param_sharing_check]
-  -> before_generate_param_dict_kept | after_cleanup -> generate_result
-  -> [after_drop_param_dict] -> [swap_round ...] -> summary   (docs/phases.md: fields and checks)
+  -> sglang_param_dict_ready -> weights_swapped_from_mllm -> [param_sharing_check] -> [weights_verified]
+  -> before_generate_param_dict_kept | after_cleanup -> generate_result -> [logits_verified]
+  -> [after_drop_param_dict] -> [swap_round (-> weights_verified) ...] -> summary   (docs/phases.md)
 
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
 usage (found before the engine is touched); 3 the engine failed (start,
 generate, swap or crash).
 
   python run_param_swap.py --demo                        # tiny random Qwen2, 4 virtual CPU devices
-  python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 \\
-      --keep-param-dict --verify-param-sharing | tee swap.log   # on a TPU VM
+  python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 --chat \\
+      --keep-param-dict --verify-param-sharing --verify-weights --verify-logits | tee swap.log   # TPU VM
 """
 
 from __future__ import annotations
@@ -1140,7 +1145,7 @@ def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result"
     t = time.perf_counter()
     out = generate(engine, args.prompt, args.max_new_tokens, logprobs)
     fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
-    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), **fields)
+    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=args.prompt, **fields)
     log_.answers.append((phase, out))
     return out
 
@@ -1274,10 +1279,13 @@ def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, sw
     details = {"paths_checked": len(state.params), "differing": dict(list(differing.items())[:20]),
                "num_differing": len(differing), "not_loaded_by_loader": not_loaded[:20],
                "loaded_but_not_in_engine": unknown[:20], "loaded_twice": twice[:20]}
-    earlier = log_.checks.get("weights_equal_loader", {})  # with --rounds: every verified swap must pass
-    failed_swaps = earlier.get("failed_swaps", []) + ([] if ok else [swap])
-    log_.check("weights_equal_loader", not failed_swaps, **(details if not ok or not earlier else earlier),
-               swaps_checked=earlier.get("swaps_checked", 0) + 1, failed_swaps=failed_swaps)
+    earlier = log_.checks.get("weights_equal_loader")  # with --rounds: every verified swap must pass
+    failed_swaps = (earlier["failed_swaps"] if earlier else []) + ([] if ok else [swap])
+    shown = details
+    if earlier and not earlier["ok"]:  # the first failure's details stay
+        shown = {k: v for k, v in earlier.items() if k not in ("ok", "swaps_checked", "failed_swaps")}
+    log_.check("weights_equal_loader", not failed_swaps, **shown, failed_swaps=failed_swaps,
+               swaps_checked=(earlier["swaps_checked"] if earlier else 0) + 1)
     log_.phase("weights_verified", ok=ok, swap=swap, **details, seconds=round(time.perf_counter() - t, 3), model_path=model_path,
                peak_extra_bytes_sum=peak - base, peak_extra_ratio=round((peak - base) / param_bytes, 4),
                rss_extra_peak_bytes=peak_rss - base_rss)
@@ -1311,6 +1319,9 @@ def reference_token_logprobs(model_path: str, prompt_ids: list[int], output_ids:
 def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) -> bool:
     """The engine's logprob of each generated token against an independent float32 forward of the same
     checkpoint, and each token against the reference's argmax (within a margin, for near ties)."""
+    if not answer["consistent"]:
+        return log_.check("logits_match_reference", False, error="the engine's answer is inconsistent: "
+                          + "; ".join(answer["consistency_problems"]))
     t = time.perf_counter()
     ref = reference_token_logprobs(model_path, answer["prompt_ids"], answer["output_ids"])
     tol, margin_tol = LOGITS_TOLERANCE.get(args.dtype, LOGITS_TOLERANCE["bfloat16"])
@@ -1424,9 +1435,14 @@ DEMO_CORPUS = [
 ]
 
 
-def write_tokenizer(folder: str, vocab_size: int) -> int:
-    """A byte-level BPE trained on the spot; returns the EOS id. EOS is the LAST id, not 0: a dummy-weight
-    engine's near-uniform logits pick id 0, and an EOS there would make its answer empty."""
+# Qwen's ChatML, for --chat on the demo checkpoint (its tokenizer knows no special tokens but EOS: plain text)
+DEMO_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tokenizer(folder: str, vocab_size: int, chat_template: bool = True) -> int:
+    """A byte-level BPE trained on the spot; returns the EOS id. EOS is the LAST id, not 0 (the tool
+    generates with ignore_eos, so an early EOS would not shorten an answer, but the demo reads better)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -1439,20 +1455,21 @@ def write_tokenizer(folder: str, vocab_size: int) -> int:
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                   "pad_token": "<|endoftext|>", "model_max_length": 4096}, f)
+                   "pad_token": "<|endoftext|>", "model_max_length": 4096,
+                   **({"chat_template": DEMO_CHAT_TEMPLATE} if chat_template else {})}, f)
     return tok.token_to_id("<|endoftext|>")
 
 
 def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int = 2, num_heads: int = 4,
                           head_dim: int = 128, hidden_size: int = 512, intermediate_size: int = 1024,
                           num_layers: int = 2, vocab_size: int = 512, dtype: str = "bfloat16",
-                          num_shards: int = 1, seed: int = 0) -> str:
+                          num_shards: int = 1, seed: int = 0, chat_template: bool = True) -> str:
     """A random-weight Qwen2ForCausalLM in HF layout (config, tokenizer, safetensors). head_dim 128: the CPU
     attention path needs it. Returns the folder."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
-    eos = write_tokenizer(folder, vocab_size)
+    eos = write_tokenizer(folder, vocab_size, chat_template)
     config = {
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,

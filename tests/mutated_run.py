@@ -13,6 +13,7 @@ Layout errors that every structural check passes (the oracles --verify-weights /
   layers_swapped      layers 0 and 1 exchanged
   kernel_shifted      layer 0's down_proj shifted by one column
   norm_left_dummy     layer 0's post_attention_layernorm scale swapped in as a new array holding the dummy values
+  no_torch            torch is not installed (as find_spec sees it)
 """
 
 import os
@@ -73,11 +74,11 @@ elif mutation == "sigquit_in_generate":
 
     original_generate, calls = rps.generate, [0]
 
-    def generate(engine, prompt, max_new_tokens):
+    def generate(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 2:  # while the request loop runs, like a scheduler exception or the watchdog
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
-        return original_generate(engine, prompt, max_new_tokens)
+        return original_generate(*args, **kwargs)
 
     rps.generate = generate
 elif mutation == "gate_up_swapped":
@@ -138,6 +139,11 @@ elif mutation == "norm_left_dummy":
         return original_place(item, src, num_kv_heads, stats)
 
     rps.plan_swap, rps.place = plan_swap, place
+elif mutation == "no_torch":
+    import importlib.util
+
+    original_find_spec = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "torch" else original_find_spec(name, *a)
 else:
     raise SystemExit(f"unknown mutation {mutation}")
 

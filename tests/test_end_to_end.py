@@ -4,8 +4,10 @@ import pytest
 from conftest import MAX_NEW, MUTATED, PROMPT, clean_env, reference_output_ids, run_tool
 
 DEMO_PHASES = ["jax_ready", "engine_ready_dummy", "generate_before_swap", "mllm_params_cpu_ready",
-               "sglang_param_dict_ready", "weights_swapped_from_mllm", "param_sharing_check",
-               "before_generate_param_dict_kept", "generate_result", "after_drop_param_dict", "summary"]
+               "sglang_param_dict_ready", "weights_swapped_from_mllm", "param_sharing_check", "weights_verified",
+               "before_generate_param_dict_kept", "generate_result", "logits_verified", "after_drop_param_dict",
+               "summary"]
+ORACLES = ("--verify-weights", "--verify-logits")
 
 
 def swap_args(folder, tp, *extra):
@@ -27,8 +29,14 @@ def test_demo(tmp_path):
     assert run.phases() == DEMO_PHASES
     assert run.summary["ok"] is True
     assert set(run.summary["checks"]) == {"leaves_unchanged", "param_sharing", "generate", "swap_effective",
-                                          "single_copy_memory"}
+                                          "single_copy_memory", "weights_equal_loader", "logits_match_reference"}
     assert all(c["ok"] for c in run.summary["checks"].values())
+    # 64 tokens, exactly as generated: the independent reference's argmax at every position (teacher-forced on
+    # the engine's own tokens, agreement everywhere = the reference's greedy decode is the same sequence)
+    result, logits = run.phase("generate_result"), run.phase("logits_verified")
+    assert len(result["output_ids"]) == result["meta_info"]["completion_tokens"] == 64
+    assert logits["reference_argmax"] == result["output_ids"] and logits["argmax_agreement"] == "64/64"
+    assert run.phase("weights_verified")["paths_checked"] == 26 and run.phase("weights_verified")["differing"] == {}
     for record in run.records[:-1]:
         summary = record["memory"]["jax_device_memory_summary"]
         assert record["memory"]["source"] == "live_arrays" and record["memory"]["process_rss_bytes"] > 0
@@ -64,25 +72,30 @@ MATRIX = [
 @pytest.mark.parametrize("tp,tied,kv_heads,shards,dtype", MATRIX)
 def test_swapped_engine_matches_sglang_loader(checkpoint, tp, tied, kv_heads, shards, dtype):
     folder = checkpoint(tied=tied, num_kv_heads=kv_heads, num_shards=shards, dtype=dtype)
-    run = run_tool(*swap_args(folder, tp))
+    run = run_tool(*swap_args(folder, tp, *ORACLES))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.summary["ok"], run.summary
+    assert run.summary["checks"]["weights_equal_loader"]["ok"] and run.summary["checks"]["logits_match_reference"]["ok"]
     assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, tp)
 
 
 def test_torch_source_bulk_mode_and_fp32_host_tree_match_too(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     run = run_tool(*swap_args(folder, 4, "--weights-source", "torch", "--swap-mode", "bulk",
-                              "--mllm-param-dtype", "float32", "--verify-param-sharing", "--keep-param-dict"))
+                              "--mllm-param-dtype", "float32", "--verify-param-sharing", "--keep-param-dict", *ORACLES))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.summary["checks"]["weights_equal_loader"]["ok"] and run.summary["checks"]["logits_match_reference"]["ok"]
     assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, 4)
     assert run.phase("mllm_params_cpu_ready")["weights_source"] == "torch"
 
 
 def test_rounds_repeat_answers_without_leaking(checkpoint):
     folder = checkpoint(tied=False, num_kv_heads=2)
-    run = run_tool(*swap_args(folder, 4, "--rounds", "4"))
+    run = run_tool(*swap_args(folder, 4, "--rounds", "4", "--verify-weights"))
     assert run.returncode == 0, run.stderr[-3000:]
+    # the first swap and both A rounds against the loader (the perturbed B has no checkpoint to load)
+    assert run.summary["checks"]["weights_equal_loader"]["swaps_checked"] == 3
+    assert [r["swap"] for r in run.records if r["phase"] == "weights_verified"] == ["first swap", "round 2", "round 4"]
     rounds = [r for r in run.records if r["phase"] == "swap_round"]
     assert [r["weights"] for r in rounds] == ["B", "A", "B", "A"]
     reference = reference_output_ids(folder, 4)
@@ -99,8 +112,11 @@ def test_rounds_repeat_answers_without_leaking(checkpoint):
 def test_second_checkpoint_as_b(checkpoint, tmp_path):
     a = checkpoint(tied=True, num_kv_heads=2)
     b = checkpoint(tied=True, num_kv_heads=2, seed=7)
-    run = run_tool(*swap_args(a, 4, "--rounds", "2", "--model-id-b", b))
+    run = run_tool(*swap_args(a, 4, "--rounds", "2", "--model-id-b", b, "--verify-weights"))
     assert run.returncode == 0, run.stderr[-3000:]
+    verified = [r for r in run.records if r["phase"] == "weights_verified"]
+    assert [(r["swap"], r["model_path"], r["ok"]) for r in verified] == [("first swap", a, True), ("round 1", b, True),
+                                                                         ("round 2", a, True)]
     rounds = [r for r in run.records if r["phase"] == "swap_round"]
     assert rounds[0]["output_ids"] == reference_output_ids(b, 4)
     assert rounds[1]["output_ids"] == reference_output_ids(a, 4)
