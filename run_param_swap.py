@@ -1087,9 +1087,10 @@ class RequestRecorder:
     special tokens such as a generated EOS, and `meta_info.output_token_logprobs` holds 50 + N entries for N
     tokens. The scheduler's `Req` (`origin_input_ids`, `output_ids`, `output_token_logprobs_val`) is right.
     In single-process mode the scheduler runs in this process: wrap its `stream_output` (the one place every
-    finished request passes) and copy those lists before they are sent."""
+    finished request passes) and copy those lists before they are sent. Records nobody takes (requests sent
+    to the engine by others) are dropped oldest first past `keep`."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, keep: int = 1024):
         self.finished: dict[str, dict] = {}
         original = scheduler.stream_output
 
@@ -1101,6 +1102,8 @@ class RequestRecorder:
                         "output_ids": [int(t) for t in req.output_ids],
                         "output_logprobs": ([float(v) for v in req.output_token_logprobs_val]
                                             if req.output_token_logprobs_val is not None else None)}
+                    while len(self.finished) > keep:
+                        self.finished.pop(next(iter(self.finished)))
             return original(reqs, *args, **kwargs)
 
         scheduler.stream_output = stream_output

@@ -58,3 +58,29 @@ def test_generate_flags_an_inconsistent_answer():
     assert not short["consistent"] and "2 ids, completion_tokens 3" in short["consistency_problems"][0]
     wrong_text = rps.generate(Engine([0, 1, 2], 3, "ABD"), "p", 3)
     assert wrong_text["consistency_problems"] == ["the engine's text is not the decoding of the generated ids"]
+
+
+def test_recorder_keeps_the_scheduler_lists_and_drops_untaken_records_oldest_first():
+    class Req:
+        def __init__(self, rid):
+            self.rid, self.origin_input_ids, self.output_ids = rid, [1, 2], [3, 4, 5]
+            self.output_token_logprobs_val = None
+
+        def finished(self):
+            return True
+
+    sent = []
+    scheduler = type("Scheduler", (), {})()
+    scheduler.stream_output = lambda reqs, *a, **k: sent.append([r.rid for r in reqs])
+    recorder = rps.RequestRecorder(scheduler, keep=2)
+    scheduler.stream_output([Req("a"), Req("b")])
+    scheduler.stream_output([Req("c")])
+    assert sent == [["a", "b"], ["c"]]  # the scheduler's own output still goes out
+    assert list(recorder.finished) == ["b", "c"]
+    assert recorder.take("c") == {"prompt_ids": [1, 2], "output_ids": [3, 4, 5], "output_logprobs": None}
+    try:
+        recorder.take("a")
+    except rps.ToolError as e:
+        assert e.exit_code == rps.EXIT_ENGINE and "no record" in e.error
+    else:
+        raise AssertionError("a dropped record must not be returned")
