@@ -15,7 +15,7 @@ ORACLE_CHECKS = ("weights_equal_loader", "logits_match_reference")
 PLANTED = {
     "gate_up_swapped": {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"},
     "kv_heads_tiled": {f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in (0, 1) for p in "kv" for w in ("weight", "bias")},
-    "layers_swapped": None,  # every layer-0 and layer-1 Param whose values differ: checked by count below
+    "layers_swapped": None,  # all 24 Params of layers 0 and 1 (20 are listed): checked by count below
     "kernel_shifted": {"model.layers.0.mlp.down_proj.weight"},
     "norm_left_dummy": {"model.layers.0.post_attention_layernorm.scale"},
 }
@@ -34,7 +34,7 @@ def test_planted_layout_error_passes_structural_checks_and_fails_both_oracles(ch
     assert not checks["weights_equal_loader"]["ok"] and not checks["logits_match_reference"]["ok"]
     named = set(run.phase("weights_verified")["differing"])
     if PLANTED[mutation] is None:
-        assert run.phase("weights_verified")["num_differing"] >= 20
+        assert run.phase("weights_verified")["num_differing"] == 24  # 12 Params in each of the 2 layers
         assert all(".layers.0." in p or ".layers.1." in p for p in named)
     else:
         assert named == PLANTED[mutation]
@@ -43,6 +43,20 @@ def test_planted_layout_error_passes_structural_checks_and_fails_both_oracles(ch
         assert len(problems["first_differing_index"]) in (1, 2)
     logits = checks["logits_match_reference"]
     assert logits["max_abs_logprob_diff"] > logits["logprob_tolerance"] or logits["max_margin"] > logits["argmax_margin"]
+
+
+def test_weights_check_fails_every_mismatched_round_and_keeps_the_first_failure(checkpoint):
+    """With --rounds, weights_equal_loader runs after every swap to a checkpoint (A here; the perturbed B has
+    none): a defect in every swap fails each of them, and the check keeps the first failure's details."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("kernel_shifted", *swap_args(folder, 4, "--rounds", "2", "--verify-weights"), script=MUTATED)
+    assert run.returncode == 1, run.stderr[-3000:]
+    check = run.summary["checks"]["weights_equal_loader"]
+    assert not check["ok"] and check["swaps_checked"] == 2 and check["failed_swaps"] == ["first swap", "round 2"]
+    assert set(check["differing"]) == {"model.layers.0.mlp.down_proj.weight"}
+    assert [(r["swap"], r["ok"]) for r in run.records if r["phase"] == "weights_verified"] == [
+        ("first swap", False), ("round 2", False)]
+    assert run.summary["checks"]["rounds_consistent"]["ok"]  # the defect is the same every time: invisible there
 
 
 def test_eos_first_checkpoint_passes(checkpoint, tmp_path):
