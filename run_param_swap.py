@@ -55,6 +55,7 @@ DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
+TRAINER_SHARDINGS = ("fsdp", "replicated", "engine")  # --weights-source trainer: how the trainer holds the tree
 
 
 def log(msg: str) -> None:
@@ -93,9 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp-size", type=int, default=0, help="tensor parallel size; 0 = all devices")
     p.add_argument("--dp-size", type=int, default=1,
                    help="data parallel size; only 1 (sglang-jax's single-process engine, which the swap needs)")
-    p.add_argument("--weights-source", choices=["safetensors", "torch"], default="safetensors",
+    p.add_argument("--weights-source", choices=["safetensors", "torch", "trainer"], default="safetensors",
                    help="safetensors: read the shards lazily with numpy (no torch); torch: "
-                        "transformers.AutoModelForCausalLM(...).state_dict()")
+                        "transformers.AutoModelForCausalLM(...).state_dict(); trainer: read the safetensors, put "
+                        "the tree on the devices as a trainer holds it (--trainer-sharding), then swap device to "
+                        "device (no host round trip)")
+    p.add_argument("--trainer-sharding", choices=TRAINER_SHARDINGS, default=None,
+                   help="--weights-source trainer: fsdp (default; first axis split over all devices where it "
+                        "divides, else replicated, in --mllm-param-dtype), replicated, or engine (each target's "
+                        "shape, dtype and sharding where the layouts match)")
+    p.add_argument("--alias", action="store_true",
+                   help="--weights-source trainer: where a trainer array already is the target (shape, dtype, "
+                        "sharding), the engine's Param becomes that very array: no copy. A trainer that donates "
+                        "it to its next step deletes the engine's weight (caught before generation, exit 3)")
     p.add_argument("--mllm-param-dtype", choices=sorted(HOST_DTYPES), default="bfloat16",
                    help="dtype of the MLLM flax tree on the host (the trainer's); cast to the engine's dtype "
                         "on the host when placing")
@@ -103,9 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="streaming: place one tensor, assign it, free the dummy it replaces, go on (peak = one "
                         "set + one tensor); bulk: build every array, then assign all (the reference algorithm, "
                         "peak = two sets)")
-    p.add_argument("--no-rollback", dest="rollback", action="store_false",
+    p.add_argument("--no-rollback", dest="rollback", action="store_false", default=None,
                    help="streaming: keep no host copy of the replaced arrays (faster; a failure mid-swap then "
-                        "shuts the engine down, exit 3, instead of restoring the previous weights)")
+                        "shuts the engine down, exit 3, instead of restoring the previous weights). Default: "
+                        "rollback for host sources, none for --weights-source trainer (a backup would copy the "
+                        "whole set device->host)")
+    p.add_argument("--rollback", dest="rollback", action="store_true",
+                   help="keep the host copies also for --weights-source trainer (costs a device->host copy)")
     p.add_argument("--keep-param-dict", action="store_true",
                    help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's arrays)")
     p.add_argument("--verify-param-sharing", action="store_true",
@@ -289,6 +304,11 @@ def validate_args(args: argparse.Namespace) -> None:
                          "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
     if args.rounds < 0:
         problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
+    if args.weights_source == "trainer":
+        args.trainer_sharding = args.trainer_sharding or "fsdp"
+    elif args.alias or args.trainer_sharding:
+        problems.append(("--alias and --trainer-sharding need --weights-source trainer",
+                         "a host tree is always copied to the devices"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if args.verify_logits:
@@ -528,11 +548,12 @@ def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
     guard_engine_crashes(engine, log_, args)
-    state = EngineState(model_runner)
+    swapper = ParamSwapper(engine, info.num_kv_heads)
+    params = swapper.state.params
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
-               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(state.params),
-               param_bytes_sum=param_bytes_sum(p.get_value() for p in state.params.values()))
-    return engine, state
+               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(params),
+               param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()))
+    return engine, swapper
 
 
 def path_str(path) -> str:
@@ -719,9 +740,16 @@ def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
 def read_mllm_tree(args, info: CheckpointInfo) -> tuple[dict, float]:
     """The MLLM-JAX params tree of a checkpoint, and the seconds spent reading the files."""
     t = time.perf_counter()
-    tensors = read_safetensors(info) if args.weights_source == "safetensors" else read_torch_state_dict(info)
+    tensors = read_torch_state_dict(info) if args.weights_source == "torch" else read_safetensors(info)
     read_s = time.perf_counter() - t
     return nest(hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype)), read_s
+
+
+def load_mllm_params(path: str, dtype: str = "bfloat16", source: str = "safetensors") -> dict:
+    """API: the MLLM-JAX params tree (nested, numpy leaves) of a local HF checkpoint folder, validated."""
+    info = read_checkpoint_info(path)
+    validate_checkpoint(info)
+    return read_mllm_tree(argparse.Namespace(weights_source=source, mllm_param_dtype=dtype), info)[0]
 
 
 def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
@@ -848,25 +876,119 @@ def mirrored(sharding, ndim: int):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
 
 
-def place(item: SwapItem, src: np.ndarray, num_kv_heads: int, stats: SwapStats | None = None):
-    """One jax.device_put of the host array into the target sharding (no device-side dtype copy); a
-    transposed kernel goes in the mirrored sharding and one jitted transpose puts it in the target's."""
+def on_devices(x) -> bool:
+    """A trainer-resident source: a jax.Array (numpy arrays and torch tensors are host sources)."""
+    return hasattr(x, "sharding") and hasattr(x, "is_deleted")
+
+
+def can_alias(item: SwapItem, src) -> bool:
+    """The trainer's array is already exactly the target (shape, dtype, sharding): the engine can use it as is."""
+    return (item.op == "copy" or (item.op == "kv_heads" and item.replicas == 1)) and src.dtype == item.dtype \
+        and tuple(src.shape) == item.shape and src.sharding.is_equivalent_to(item.sharding, len(item.shape))
+
+
+def fitting(sharding, shape: tuple):
+    """`sharding`'s spec on its mesh, replicated along every axis of `shape` the mesh axes do not divide."""
+    import jax
+
+    mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+
+    def size(axes) -> int:
+        return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+    return jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*[a if a is not None and n % size(a) == 0 else None
+                                           for a, n in zip(spec, shape, strict=True)]))
+
+
+def source_sharding(item: SwapItem, shape: tuple):
+    """Where a source tensor of `shape` sits on the engine's mesh so that the item's transform needs no
+    communication: the target's sharding (mirrored for a transpose), replicated where it does not divide, and
+    along the heads axis of a KV projection whose heads are repeated (the repeat reshapes that axis)."""
+    import jax
+
+    sharding = fitting(mirrored(item.sharding, len(shape)) if item.op == "transpose" else item.sharding, shape)
+    if item.op == "kv_heads" and item.replicas > 1:
+        spec = (tuple(sharding.spec) + (None,) * len(shape))[:len(shape) - 1]
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec, None))
+    return sharding
+
+
+@functools.cache
+def device_transform(op: str, replicas: int, num_kv_heads: int, dtype, sharding):
+    """One jitted function, source -> target on the devices: dtype cast, transpose, KV-head repeat
+    ([h0, h0, h1, h1], as host_array does), output in the target sharding."""
+    import jax
+    import jax.numpy as jnp
+
+    def transform(a):
+        a = a.astype(dtype)
+        if op == "transpose":
+            a = a.T
+        if op == "kv_heads" and replicas > 1:
+            lead, last = a.shape[:-1], a.shape[-1]
+            heads = a.reshape(*lead, num_kv_heads, last // num_kv_heads)
+            a = jnp.repeat(heads, replicas, axis=-2).reshape(*lead, last * replicas)
+        return a
+
+    return jax.jit(transform, out_shardings=sharding)
+
+
+@functools.cache
+def reshard(sharding):
+    """A jitted identity into `sharding`: resharding on the devices (collectives, never the host)."""
+    import jax
+
+    return jax.jit(lambda a: a, out_shardings=sharding)
+
+
+def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None):
+    """A trainer-resident source (a jax.Array in any sharding) -> the target, device to device, in one jitted
+    transform. A KV projection split along the heads axis (which the repeat reshapes) is first resharded on
+    the devices (source_sharding). A source on another device ORDER than the engine's mesh cannot enter the
+    same jit; it goes through jax.device_put, which JAX may route through the host when the slices do not
+    line up (counted in device_put_reshards)."""
+    import jax
+
+    shape = tuple(src.shape)
+    if src.sharding._device_assignment != item.sharding._device_assignment:
+        src = jax.device_put(src, source_sharding(item, shape))
+        if stats is not None:
+            stats.device_put_reshards += 1
+    elif item.op == "kv_heads" and item.replicas > 1 and src.sharding.shard_shape(shape)[-1] != shape[-1]:
+        src = reshard(source_sharding(item, shape))(src)
+    return device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding)(src)
+
+
+def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None, alias: bool = False):
+    """The target array of one item. Host source: one jax.device_put of the host array into the target
+    sharding (no device-side dtype copy); a transposed kernel goes in the mirrored sharding and one jitted
+    transpose puts it in the target's. Device source: place_device, or with `alias` the source itself where
+    it already is the target (can_alias)."""
     import jax
 
     t0 = time.perf_counter()
-    host, transposed = host_array(item, src, num_kv_heads)
-    t1 = time.perf_counter()
-    if transposed:
-        arr = device_transpose(item.sharding)(jax.device_put(host, mirrored(item.sharding, host.ndim)))
+    if on_devices(src):
+        transposed = item.op == "transpose"
+        arr = src if alias and can_alias(item, src) else place_device(item, src, num_kv_heads, stats)
     else:
-        arr = jax.device_put(host, item.sharding)
+        host, transposed = host_array(item, src, num_kv_heads)
+        if stats is not None:
+            stats.host_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if transposed:
+            arr = device_transpose(item.sharding)(jax.device_put(host, mirrored(item.sharding, host.ndim)))
+        else:
+            arr = jax.device_put(host, item.sharding)
     arr.block_until_ready()
     if stats is not None:
-        stats.host_s += t1 - t0
-        stats.put_s += time.perf_counter() - t1
+        if arr is src:
+            stats.aliased_bytes_sum += item.nbytes_sum
+            return arr
+        stats.put_s += time.perf_counter() - t0
         stats.placed_bytes_sum += item.nbytes_sum
         if transposed:
-            stats.transposed_s += time.perf_counter() - t1
+            stats.transposed_s += time.perf_counter() - t0
             stats.transposed_bytes_sum += item.nbytes_sum
     return arr
 
@@ -882,13 +1004,16 @@ class SwapStats:
     replaced were released (nothing else may still hold them)."""
 
     mode: str
+    source: str = "host"  # host (numpy) or device (trainer-resident jax.Arrays)
     host_s: float = 0.0  # layout + dtype on the host
     put_s: float = 0.0  # jax.device_put into the target sharding, until ready
     assign_s: float = 0.0  # Param assignment + leaves rebind
     backup_s: float = 0.0  # streaming with rollback: host copies of the replaced arrays
     transposed_s: float = 0.0  # the part of put_s spent on kernels that are transposed on the device
     transposed_bytes_sum: int = 0
-    placed_bytes_sum: int = 0
+    placed_bytes_sum: int = 0  # device bytes of the arrays made for the engine (copied_bytes_sum in the JSON)
+    aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
+    device_put_reshards: int = 0  # device sources on another device order than the engine's mesh (place_device)
     peak_bytes_in_use_sum: int = 0
     rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
     peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every tensor
@@ -909,9 +1034,11 @@ class SwapStats:
             return round(self.placed_bytes_sum / seconds / 1e9, 3) if seconds else None
 
         place_s = self.host_s + self.put_s
-        return {"swap_mode": self.mode, "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
+        return {"swap_mode": self.mode, "source": self.source, "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
-                "placed_bytes_sum": self.placed_bytes_sum, "place_gb_per_s": gbps(place_s),
+                "placed_bytes_sum": self.placed_bytes_sum, "copied_bytes_sum": self.placed_bytes_sum,
+                "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
+                "place_gb_per_s": gbps(place_s),
                 "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
                 "transposed_bytes_sum": self.transposed_bytes_sum, "transposed_s": round(self.transposed_s, 4),
                 "direct_put_gb_per_s": round((self.placed_bytes_sum - self.transposed_bytes_sum)
@@ -922,28 +1049,28 @@ class SwapStats:
                 "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
 
 
-def place_all(plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int, stats: SwapStats) -> dict:
+def place_all(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int, stats: SwapStats,
+              alias: bool = False) -> dict:
     param_dict = {}
     for item in plan:
-        param_dict[item.target] = place(item, source[item.source], num_kv_heads, stats)
+        param_dict[item.target] = place(item, source[item.source], num_kv_heads, stats, alias=alias)
         stats.sample_peak()
     return param_dict
 
 
-def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, np.ndarray], num_kv_heads: int,
-         stats: SwapStats, param_dict: dict | None = None, rollback: bool = True) -> dict:
+def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
+         stats: SwapStats, rollback: bool = True, alias: bool = False) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
     streaming: place one tensor, assign it, let go of the array it replaced, go on (peak: one set + one
     tensor); with `rollback`, a host copy of each replaced array is kept until the swap is complete.
-    bulk: place every tensor (or take `param_dict`, already placed), then assign all (peak: two sets).
+    bulk: place every tensor, then assign all (peak: two sets).
     If anything fails, the previous arrays are put back (restore) and the error is raised as a ToolError.
     """
     previous: dict[str, Any] = {}  # path -> the replaced array (bulk) or its host copy (streaming)
     try:
         if stats.mode == "bulk":
-            if param_dict is None:
-                param_dict = place_all(plan, source, num_kv_heads, stats)
+            param_dict = place_all(plan, source, num_kv_heads, stats, alias)
             t = time.perf_counter()
             for item in plan:
                 previous[item.target] = state.assign(item.target, param_dict[item.target])
@@ -952,7 +1079,7 @@ def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, np.ndarr
         else:
             param_dict = {}
             for item in plan:
-                param_dict.update(place_all([item], source, num_kv_heads, stats))
+                param_dict.update(place_all([item], source, num_kv_heads, stats, alias))
                 t = time.perf_counter()
                 if rollback:
                     previous[item.target] = np.asarray(state.params[item.target].get_value())
@@ -968,8 +1095,8 @@ def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, np.ndarr
         raise ToolError("swap", f"the swap failed after {len(stats.replaced)} of {len(plan)} tensors: "
                         f"{type(e).__name__}: {e}",
                         "the previous weights were restored" if restored else
-                        "no rollback copy (--no-rollback): the engine is half-swapped and is shut down",
-                        EXIT_ENGINE, restored=restored) from e
+                        "no rollback copy (--no-rollback, or a device source): the engine is half-swapped and "
+                        "is shut down", EXIT_ENGINE, restored=restored) from e
     stats.sample_peak()
     return param_dict
 
@@ -988,38 +1115,175 @@ def restore(state: EngineState, plan: list[SwapItem], previous: Mapping[str, Any
     return True
 
 
-def sglang_param_dict_ready(log_: PhaseLog, args, state: EngineState, info: CheckpointInfo, tree: dict):
-    """Validate the whole plan against the engine. bulk: also place every array now (the reference
-    algorithm: the new set exists beside the dummy set). streaming: placement happens during the swap."""
-    flat = flatten(tree)
-    plan = plan_swap(flat, state.params, info.num_kv_heads)
-    stats = SwapStats(args.swap_mode)
-    param_dict = None
-    if args.swap_mode == "bulk":
-        try:
-            param_dict = place_all(plan, flat, info.num_kv_heads, stats)
-        except Exception as e:  # noqa: BLE001 - nothing was assigned yet: the engine keeps its weights
-            raise ToolError("swap", f"placing the new arrays failed: {type(e).__name__}: {e}",
-                            "no Param was assigned yet: the engine keeps its previous weights", EXIT_ENGINE,
-                            restored=True) from e
-    log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
-               param_bytes_sum=sum(i.nbytes_sum for i in plan), placed=param_dict is not None,
-               place_s=round(stats.host_s + stats.put_s, 4))
-    return plan, flat, stats, param_dict
+def as_flat(mllm_params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The MLLM-JAX tree, nested ({'model': {'layers_0': ...}}) or flat ('model.layers_0....'), as a flat
+    mapping. A flat mapping (also a lazy one, like PerturbedWeights) is used as it is."""
+    if any(isinstance(v, Mapping) for v in mllm_params.values()):
+        return flatten(mllm_params)
+    return mllm_params
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, args, engine, state: EngineState, plan, flat, info, stats, param_dict):
+def source_arrays(flat: Mapping[str, Any]) -> list:
+    """The arrays behind a flat source (a lazy view such as PerturbedWeights exposes its `base`)."""
+    return list(getattr(flat, "base", flat).values())
+
+
+class ParamSwapper:
+    """Swap MLLM-JAX param trees into a running sglang-jax Engine, in place. The API an RL loop imports; the
+    CLI runs on it too. docs/api.md has the contract and an example.
+
+        swapper = ParamSwapper(engine)
+        report = swapper.swap(mllm_params, mode="streaming", alias=False)   # the phase JSON's dict
+
+    Sources: numpy leaves (host: placed with device_put) or jax.Array leaves on the engine's devices in ANY
+    sharding (trainer-resident: cast, transposed, KV heads repeated and resharded on the devices, no host
+    round trip). The plan (target paths, shapes, dtypes, shardings: the engine's own Params) is made once per
+    tree layout and validated whole before anything touches the engine. `alias=True` lets a Param BE the
+    trainer's array where it already is the target (can_alias): no copy, but a trainer step that donates
+    that buffer deletes the engine's weight (check_live and generate() catch it).
+    """
+
+    def __init__(self, engine, num_kv_heads: int | None = None):
+        scheduler = engine.scheduler_info["scheduler"]
+        model_runner = scheduler.tp_worker.worker.model_runner
+        if "request_recorder" not in engine.scheduler_info:  # generate() reads the scheduler's own ids from it
+            engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
+        self.engine, self.state = engine, EngineState(model_runner)
+        self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
+        self.plans: dict[tuple, list[SwapItem]] = {}
+
+    def plan(self, mllm_params: Mapping[str, Any]) -> list[SwapItem]:
+        """The validated plan for this tree's layout (made once per set of names and shapes)."""
+        flat = as_flat(mllm_params)
+        base = getattr(flat, "base", flat)
+        key = tuple((k, tuple(base[k].shape)) for k in sorted(base))
+        if key not in self.plans:
+            self.plans[key] = plan_swap(flat, self.state.params, self.num_kv_heads)
+        return self.plans[key]
+
+    def swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
+             rollback: bool | None = None) -> dict:
+        """Swap the tree in; returns the report (seconds, bytes, peak, checks). Raises ToolError on bad input
+        (nothing touched) or a failed swap (restored says whether the previous weights are back)."""
+        return self.swap_arrays(mllm_params, mode, alias, rollback)[0]
+
+    def swap_arrays(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
+                    rollback: bool | None = None, plan: list[SwapItem] | None = None) -> tuple[dict, dict, dict]:
+        """swap(), also returning {nnx path: the engine's new array} and the leaves_unchanged details.
+        rollback None: on for host sources (a host copy of each replaced array), off for device sources
+        (a backup would be a device->host copy of the whole set; the swap then runs under JAX's
+        device-to-host transfer guard, which proves on TPU/GPU that nothing leaves the devices)."""
+        import contextlib
+
+        import jax
+
+        if mode not in ("streaming", "bulk"):
+            raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
+        flat = as_flat(mllm_params)
+        plan = plan or self.plan(flat)
+        arrays = source_arrays(flat)
+        device = bool(arrays) and all(on_devices(a) for a in arrays)
+        deleted = [k for k, a in getattr(flat, "base", flat).items() if on_devices(a) and a.is_deleted()]
+        if deleted:
+            raise ToolError("plan", f"{len(deleted)} source array(s) were deleted: {', '.join(deleted[:3])}",
+                            "the trainer donated or deleted them; swap a live tree")
+        if alias and not device:
+            raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
+                            "a host tree is always copied to the devices")
+        rollback = (not device) if rollback is None else rollback
+        stats = SwapStats(mode, source="device" if device else "host")
+        before = bytes_in_use_sum(device_memory())
+        guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
+        t = time.perf_counter()
+        with guard:
+            param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
+        self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
+        seconds = time.perf_counter() - t
+        ok, details = leaves_unchanged(self.state, param_dict, stats)
+        param_bytes = sum(i.nbytes_sum for i in plan)
+        report = {"seconds": round(seconds, 4), "num_swapped": len(param_dict), "param_bytes_sum": param_bytes,
+                  "alias": alias, "rollback": rollback, **stats.as_json(), "bytes_in_use_sum_before_swap": before,
+                  "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
+                  "leaves_unchanged": ok, **self.memory_split(flat)}
+        return report, param_dict, details
+
+    def memory_split(self, mllm_params: Mapping[str, Any] | None = None) -> dict:
+        """Device bytes in use, split: the trainer's arrays (a device source), the part of them the engine
+        does not share (trainer_only), and the rest (the engine: its weights, KV cache, everything else)."""
+        total = bytes_in_use_sum(device_memory())
+        engine_buffers = {(d.id, p) for v in self.state.params.values() for d, p, _ in device_buffers(v.get_value())}
+        trainer: dict[tuple[int, int], int] = {}
+        if mllm_params is not None:
+            for a in source_arrays(as_flat(mllm_params)):
+                if on_devices(a) and not a.is_deleted():
+                    trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
+        trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
+        return {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
+                "trainer_only_bytes_sum": trainer_only, "engine_bytes_sum": total - trainer_only}
+
+    def deleted_weights(self) -> list[str]:
+        leaves = self.state.model_runner.model_state_leaves
+        return [self.state.leaf_paths[i] for i, leaf in enumerate(leaves) if on_devices(leaf) and leaf.is_deleted()]
+
+    def check_live(self) -> None:
+        """Raise a clear ToolError if any engine weight buffer was deleted (a trainer donated an aliased array)."""
+        check_live(self.engine)
+
+    def generate(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+        """Greedy generation through the tool's path (checks the weights are live; the scheduler's own ids)."""
+        return generate(self.engine, prompt, max_new_tokens, logprobs)
+
+
+def trainer_sharding(item: SwapItem, shape: tuple, how: str):
+    """Where --weights-source trainer puts a source tensor. fsdp: first axis split over all devices where it
+    divides, else replicated; replicated; engine: exactly the target's sharding where the shapes match
+    (the source_sharding otherwise: a KV projection before its heads are repeated, an lm_head kernel)."""
+    import jax
+
+    if how == "engine":
+        return source_sharding(item, shape)
+    devices = item.sharding.mesh.devices.reshape(-1)
+    mesh = jax.sharding.Mesh(devices, ("fsdp",))
+    split = how == "fsdp" and len(shape) > 0 and shape[0] % len(devices) == 0
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if split else None))
+
+
+def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
+    """--weights-source trainer: put the host tree on the devices as a trainer holds it (--trainer-sharding;
+    engine: also in the engine's dtype), so that the swap runs device to device. Returns the nested tree."""
+    import jax
+
     t = time.perf_counter()
-    param_dict = swap(state, plan, flat, info.num_kv_heads, stats, param_dict, rollback=args.rollback)
-    engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
-    seconds = time.perf_counter() - t
-    ok, details = leaves_unchanged(state, param_dict, stats)
-    log_.check("leaves_unchanged", ok, **details)
-    base = log_.memory_of("engine_ready_dummy")
-    param_bytes = sum(i.nbytes_sum for i in plan)
-    log_.phase("weights_swapped_from_mllm", seconds=round(seconds, 4), num_swapped=len(param_dict),
-               param_bytes_sum=param_bytes, **stats.as_json(),
-               swap_peak_extra_ratio=round((stats.peak_bytes_in_use_sum - base) / param_bytes, 4))
+    flat = flatten(tree)
+    on_device, aliasable = {}, 0
+    for item in swapper.plan(flat):
+        src = flat[item.source]
+        dtype = item.dtype if args.trainer_sharding == "engine" else src.dtype
+        arr = jax.device_put(src.astype(dtype, copy=False), trainer_sharding(item, src.shape, args.trainer_sharding))
+        on_device[item.source] = arr.block_until_ready()
+        aliasable += item.nbytes_sum if can_alias(item, arr) else 0
+    split = swapper.memory_split(on_device)
+    log_.phase("mllm_params_device_ready", trainer_sharding=args.trainer_sharding,
+               dtypes=sorted({str(a.dtype) for a in on_device.values()}), num_tensors=len(on_device),
+               trainer_bytes_sum=split["trainer_bytes_sum"], aliasable_bytes_sum=aliasable,
+               seconds=round(time.perf_counter() - t, 4))
+    return nest(on_device)
+
+
+def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
+    """Validate the whole plan against the engine before anything touches it (placement happens in the swap,
+    in both modes: streaming one tensor at a time, bulk all of them first)."""
+    t = time.perf_counter()
+    plan = swapper.plan(tree)
+    log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
+               param_bytes_sum=sum(i.nbytes_sum for i in plan), seconds=round(time.perf_counter() - t, 4))
+    return plan
+
+
+def weights_swapped_from_mllm(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
+    report, param_dict, details = swapper.swap_arrays(tree, args.swap_mode, args.alias, args.rollback)
+    log_.check("leaves_unchanged", report["leaves_unchanged"], **details)
+    log_.phase("weights_swapped_from_mllm", **report)
     return param_dict
 
 
@@ -1116,11 +1380,25 @@ class RequestRecorder:
         return self.finished.pop(rid)
 
 
+def check_live(engine) -> None:
+    """Every weight the forward reads is a live buffer. An engine Param aliased to a trainer array (--alias)
+    dies when the trainer donates that buffer to its next step (jit donate_argnums); generating then would
+    crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent."""
+    leaves = engine.scheduler_info["scheduler"].tp_worker.worker.model_runner.model_state_leaves
+    deleted = sum(on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
+    if deleted:
+        raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
+                        "deleted before generation", "a trainer step donated arrays the engine aliases (alias=True "
+                        "/ --alias): swap again after the step, swap without alias, or do not donate them",
+                        EXIT_ENGINE)
+
+
 def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
     """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
     an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
     = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
     ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    check_live(engine)
     out = engine.generate(prompt=prompt, return_logprob=logprobs,
                           sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
     meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
@@ -1364,7 +1642,13 @@ class PerturbedWeights(Mapping):
 
     def __getitem__(self, key: str) -> np.ndarray:
         arr = self.base[key]
-        return np.roll(arr, 1, axis=-1) if arr.ndim >= 2 else arr
+        if arr.ndim < 2:
+            return arr
+        if on_devices(arr):  # a trainer-resident A: B stays on the devices too
+            import jax.numpy as jnp
+
+            return jnp.roll(arr, 1, axis=-1)
+        return np.roll(arr, 1, axis=-1)
 
     def __iter__(self):
         return iter(self.base)
@@ -1373,47 +1657,43 @@ class PerturbedWeights(Mapping):
         return len(self.base)
 
 
-def weights_b(args, state: EngineState, info: CheckpointInfo, flat_a, plan_a):
+def weights_b(args, swapper: ParamSwapper, flat_a):
     """B's tree, its plan, and its checkpoint folder (None for the perturbed copy of A)."""
     if not args.model_id_b:
-        return PerturbedWeights(flat_a), plan_a, None
+        return PerturbedWeights(flat_a), swapper.plan(flat_a), None
     info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
     flat_b = flatten(read_mllm_tree(args, info_b)[0])
-    return flat_b, plan_swap(flat_b, state.params, info.num_kv_heads), info_b.path
+    return flat_b, swapper.plan(flat_b), info_b.path
 
 
-def swap_rounds(log_: PhaseLog, args, engine, state: EngineState, info: CheckpointInfo, flat_a, plan_a,
+def swap_rounds(log_: PhaseLog, args, engine, swapper: ParamSwapper, info: CheckpointInfo, flat_a, plan_a,
                 first_output: dict) -> None:
-    flat_b, plan_b, path_b = weights_b(args, state, info, flat_a, plan_a)  # validated before round 1 touches anything
-    limit = int(log_.memory_of("weights_swapped_from_mllm") * args.single_copy_tolerance)
+    flat_b, plan_b, path_b = weights_b(args, swapper, flat_a)  # validated before round 1 touches anything
+    first = next(r for r in log_.records if r["phase"] == "weights_swapped_from_mllm")
+    limit = int(first["engine_bytes_sum"] * args.single_copy_tolerance)  # the engine's part (a trainer holds A)
     outputs: dict[str, list] = {"A": [], "B": []}
     leaks, last_output = [], first_output
     for r in range(1, args.rounds + 1):
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
-        stats = SwapStats(args.swap_mode)
-        t = time.perf_counter()
+        alias = args.alias and all(on_devices(a) for a in source_arrays(source))
         try:
-            param_dict = swap(state, plan, source, info.num_kv_heads, stats, rollback=args.rollback)
+            report, param_dict, _ = swapper.swap_arrays(source, args.swap_mode, alias, args.rollback, plan=plan)
         except ToolError as e:
             check_restored(e, engine, args, last_output)
             raise
-        engine.flush_cache()
-        swap_s = time.perf_counter() - t
-        ok_leaves, _ = leaves_unchanged(state, param_dict, stats)  # folded into rounds_no_leak below
         del param_dict
         checkpoint = info.path if which == "A" else path_b
         if args.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
-            weights_equal_loader(log_, state, checkpoint, swap=f"round {r}")
-        after_swap = bytes_in_use_sum(device_memory())
+            weights_equal_loader(log_, swapper.state, checkpoint, swap=f"round {r}")
         out = generate(engine, args.prompt, args.max_new_tokens)
         outputs[which].append(out["output_ids"])
         log_.answers.append((f"swap_round {r}", out))
         last_output = out
-        if after_swap > limit or not ok_leaves:
-            leaks.append({"round": r, "bytes_in_use_sum_after_swap": after_swap, "leaves_ok": ok_leaves})
-        log_.phase("swap_round", round=r, weights=which, swap_s=round(swap_s, 4),
-                   bytes_in_use_sum_after_swap=after_swap, **stats.as_json(),
+        if report["engine_bytes_sum"] > limit or not report["leaves_unchanged"]:
+            leaks.append({"round": r, "engine_bytes_sum": report["engine_bytes_sum"],
+                          "leaves_ok": report["leaves_unchanged"]})
+        log_.phase("swap_round", round=r, weights=which, swap_s=report["seconds"], **report,
                    output_ids=out["output_ids"], text=out["text"], finish_reason=out["finish_reason"])
     first_a = first_output["output_ids"]
     b_runs = outputs["B"]
@@ -1633,8 +1913,12 @@ def report(log_: PhaseLog, args) -> None:
 
 
 def check_single_copy(log_: PhaseLog, tolerance: float, phases: list[str]) -> bool:
+    """The engine never holds two sets: device bytes in use, less what only a trainer holds (its arrays the
+    engine does not share: trainer_only_bytes_sum, 0 without a trainer), stay within the dummy engine's."""
     base = log_.memory_of("engine_ready_dummy")
-    seen = {p: log_.memory_of(p) for p in phases if log_.memory_of(p) is not None}
+    records = {r["phase"]: r for r in log_.records if r["phase"] in phases and "memory" in r}
+    seen = {p: bytes_in_use_sum(records[p]["memory"]) - records[p].get("trainer_only_bytes_sum", 0)
+            for p in phases if p in records}
     limit = int(base * tolerance) if base else None
     ok = bool(base) and bool(seen) and all(v <= limit for v in seen.values())
     return log_.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen)
@@ -1661,13 +1945,17 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
                             "(the engine's model)", "B must be the same architecture and sizes as A")
     if args.chat:
         args.prompt = chat_prompt(info.path, args.prompt)
-    engine, state = engine_ready_dummy(log_, args, info, device)
+    engine, swapper = engine_ready_dummy(log_, args, info, device)
+    state = swapper.state
     try:
         before = generate_result(log_, args, engine, phase="generate_before_swap")
         tree = mllm_params_cpu_ready(log_, args, info)
+        trainer = None  # --weights-source trainer: the tree on the devices, held (as a trainer would) to the end
         try:
-            plan, flat, stats, param_dict = sglang_param_dict_ready(log_, args, state, info, tree)
-            param_dict = weights_swapped_from_mllm(log_, args, engine, state, plan, flat, info, stats, param_dict)
+            if args.weights_source == "trainer":
+                tree = trainer = mllm_params_device_ready(log_, args, swapper, tree)
+            plan = sglang_param_dict_ready(log_, args, swapper, tree)
+            param_dict = weights_swapped_from_mllm(log_, args, swapper, tree)
         except ToolError as e:
             check_restored(e, engine, args, before)
             raise
@@ -1676,7 +1964,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
         if args.verify_weights:
             weights_equal_loader(log_, state, info.path)
         if args.keep_param_dict:
-            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict))
+            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict), **swapper.memory_split(trainer))
         else:
             del param_dict
             log_.phase("after_cleanup")
@@ -1691,7 +1979,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
         check_single_copy(log_, args.single_copy_tolerance,
                           ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
         if args.rounds:
-            swap_rounds(log_, args, engine, state, info, flat, plan, out)
+            swap_rounds(log_, args, engine, swapper, info, as_flat(tree), plan, out)
     finally:
         engine.shutdown()
 

@@ -35,10 +35,8 @@ if mutation == "no_rebind":
 elif mutation == "skip_one_param":
     original_swap = rps.swap
 
-    def swap(state, plan, source, num_kv_heads, stats, param_dict=None, **kwargs):
-        if param_dict is not None:
-            param_dict.pop(plan[-1].target)
-        return original_swap(state, plan[:-1], source, num_kv_heads, stats, param_dict, **kwargs)
+    def swap(state, plan, source, num_kv_heads, stats, **kwargs):
+        return original_swap(state, plan[:-1], source, num_kv_heads, stats, **kwargs)
 
     rps.swap = swap
 elif mutation == "copy_in_dict":
@@ -131,12 +129,12 @@ elif mutation == "norm_left_dummy":
         engine_params.update(params)
         return original_plan_swap(flat, params, num_kv_heads)
 
-    def place(item, src, num_kv_heads, stats=None):
+    def place(item, src, num_kv_heads, stats=None, **kwargs):
         if item.target == "model.layers.0.post_attention_layernorm.scale":
             import jax
 
             return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
-        return original_place(item, src, num_kv_heads, stats)
+        return original_place(item, src, num_kv_heads, stats, **kwargs)
 
     rps.plan_swap, rps.place = plan_swap, place
 elif mutation == "no_torch":
