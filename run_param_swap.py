@@ -1152,6 +1152,12 @@ class ParamSwapper:
         self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
         self.plans: dict[tuple, list[SwapItem]] = {}
 
+    @property
+    def mesh(self):
+        """The engine's device mesh. A trainer mesh over mesh.devices (in that order) lets every tensor go
+        device to device in one jitted transform; another device order goes through jax.device_put."""
+        return next(iter(self.state.params.values())).get_value().sharding.mesh
+
     def plan(self, mllm_params: Mapping[str, Any]) -> list[SwapItem]:
         """The validated plan for this tree's layout (made once per set of names and shapes)."""
         flat = as_flat(mllm_params)

@@ -1,0 +1,70 @@
+"""Device-to-device placement against the host path, without an engine (tests/test_trainer.py runs it).
+
+On 4 virtual CPU devices and a mesh built like sglang-jax's (("data", "tensor"), explicit axes), every op
+(copy, transpose, KV-head repeat, bf16 and fp32 sources) from sources in many shardings (FSDP, the reverse
+device order, replicated, one device, split along the last axis) must give exactly the host path's array:
+same bits, shape, dtype and sharding. Prints one JSON line.
+"""
+
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import run_param_swap as rps  # noqa: E402
+
+devices = jax.devices()
+engine_mesh = Mesh(np.array(devices).reshape(1, 4), ("data", "tensor"),
+                   axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+KV_HEADS = 2  # head_dim 8: a [32, 16] k_proj kernel, repeated x2 to [32, 32] at tp 4
+
+
+def item(op, shape, spec, replicas=1):
+    sharding = NamedSharding(engine_mesh, spec)
+    value = jax.device_put(np.zeros(shape, BF16), sharding)
+    return rps.SwapItem("t", "s", op, replicas, tuple(shape), value.dtype, sharding, rps.param_bytes_sum([value]))
+
+
+ITEMS = {  # name: (item, MLLM source shape)
+    "copy_col": (item("copy", (32, 64), P(None, "tensor")), (32, 64)),
+    "copy_row": (item("copy", (64, 32), P("tensor", None)), (64, 32)),
+    "norm": (item("copy", (32,), P()), (32,)),
+    "lm_head": (item("transpose", (64, 32), P("tensor", None)), (32, 64)),
+    "kv_kernel_x2": (item("kv_heads", (32, 32), P(None, "tensor"), 2), (32, 16)),
+    "kv_bias_x2": (item("kv_heads", (32,), P("tensor"), 2), (16,)),
+    "kv_kernel_x1": (item("kv_heads", (32, 16), P(None, "tensor"), 1), (32, 16)),
+}
+SOURCES = {
+    "fsdp": lambda shape: NamedSharding(Mesh(np.array(devices), ("fsdp",)), P("fsdp")),
+    "fsdp_reversed_devices": lambda shape: NamedSharding(Mesh(np.array(devices[::-1]), ("fsdp",)), P("fsdp")),
+    "replicated": lambda shape: NamedSharding(Mesh(np.array(devices), ("fsdp",)), P()),
+    "one_device": lambda shape: jax.sharding.SingleDeviceSharding(devices[1]),
+    "last_axis_split": lambda shape: NamedSharding(Mesh(np.array(devices), ("m",)), P(*([None] * (len(shape) - 1)), "m")),
+}
+
+rng = np.random.default_rng(0)
+mismatches, cases = [], 0
+for name, (it, shape) in ITEMS.items():
+    for dtype in (BF16, np.dtype(np.float32)):
+        host = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+        want = rps.place(it, host, KV_HEADS)
+        for source, sharding in SOURCES.items():
+            cases += 1
+            src = jax.device_put(host, sharding(shape))
+            stats = rps.SwapStats("streaming", source="device")
+            got = rps.place(it, src, KV_HEADS, stats)
+            same = (got.shape == want.shape and got.dtype == want.dtype
+                    and got.sharding.is_equivalent_to(want.sharding, got.ndim)
+                    and np.asarray(got).tobytes() == np.asarray(want).tobytes())
+            if not same:
+                mismatches.append(f"{name} {dtype} from {source}")
+print(json.dumps({"cases": cases, "mismatches": mismatches}))
