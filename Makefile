@@ -31,6 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(PY) bench/bench_swap.py
 
 clean:

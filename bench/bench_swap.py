@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Benchmark: streaming vs bulk swap, safetensors vs torch source, on a Qwen2.5-3B-shaped checkpoint with few
-layers (vocab 151936, hidden 2048, 16 heads, 2 KV heads, head_dim 128, intermediate 11008, tied), 4 virtual
-CPU devices. Runs the tool once per combination, back to back, then prints a table (and --out JSON):
-peak extra ratio, seconds and GB/s per step, host RSS peak, and placement speed against a plain numpy copy
-of the same bytes measured in the same invocation (the CPU stand-in for the host -> device limit).
+"""Benchmark: streaming vs bulk swap, safetensors / torch / trainer-resident (fsdp, engine layout + alias)
+sources, on a Qwen2.5-3B-shaped checkpoint with few layers (vocab 151936, hidden 2048, 16 heads, 2 KV heads,
+head_dim 128, intermediate 11008, tied), 4 virtual CPU devices. Runs the tool once per combination, back to
+back, then prints a table (and --out JSON): peak extra ratio, seconds and GB/s per step, host RSS peak, and
+placement speed against a plain numpy copy of the same bytes (the CPU stand-in for the host -> device limit)
+and, for device sources, against a plain device-to-device copy of the same tensors, both measured in the
+same invocation.
 
   python bench/bench_swap.py                 # ~1.2 GB checkpoint, 4 layers
   python bench/bench_swap.py --layers 2 --out bench.json
@@ -25,7 +27,45 @@ import run_param_swap as rps  # noqa: E402
 
 QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
                        intermediate_size=11008, tied=True)
-COMBOS = [("streaming", "safetensors"), ("bulk", "safetensors"), ("streaming", "torch"), ("bulk", "torch")]
+COMBOS = [("streaming", "safetensors", ()), ("bulk", "safetensors", ()), ("streaming", "torch", ()),
+          ("bulk", "torch", ()), ("streaming", "trainer", ("--trainer-sharding", "fsdp")),
+          ("streaming", "trainer", ("--trainer-sharding", "engine", "--alias"))]
+D2D_COPY = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+import run_param_swap as rps
+info = rps.read_checkpoint_info({folder!r})
+tensors = rps.read_safetensors(info)  # memory-mapped: only shapes and dtypes are used
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
+def fsdp(shape):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if shape[0] % mesh.size == 0 else None))
+arrays = [jax.device_put(np.zeros(t.shape, t.dtype), fsdp(t.shape)) for t in tensors.values()]
+copies = [jax.jit(lambda a: a, out_shardings=a.sharding) for a in arrays]
+for c, a in zip(copies, arrays):
+    c(a).block_until_ready()  # compile
+best = float("inf")
+for _ in range(3):
+    t = time.perf_counter()
+    for c, a in zip(copies, arrays):
+        c(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+nbytes = sum(rps.param_bytes_sum([a]) for a in arrays)
+print(json.dumps({{"bytes": nbytes, "seconds": best, "gb_per_s": nbytes / best / 1e9}}))
+"""
+
+
+def device_copy_gbps(folder: str, tp: int) -> dict:
+    """A plain device-to-device copy of the same tensors on the same devices (tp virtual CPU devices: on CPU
+    a memcpy): a jitted identity per tensor, FSDP-sharded, compiled first, best of 3, tensor by tensor with
+    a wait after each, as the swap does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={tp}")
+    proc = subprocess.run([sys.executable, "-c", D2D_COPY.format(root=ROOT, folder=folder)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"device copy failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def numpy_copy_gbps(nbytes: int, repeats: int = 3) -> dict:
@@ -46,23 +86,67 @@ def numpy_copy_gbps(nbytes: int, repeats: int = 3) -> dict:
     return {k: nbytes / v / 1e9 for k, v in best.items()}
 
 
-def run_once(folder: str, mode: str, source: str, tp: int) -> dict:
+def direct_put_gbps(records: list[dict]) -> float | None:
+    """Bytes placed without a transpose over the seconds they took, over several swaps."""
+    nbytes = sum(r["placed_bytes_sum"] - r["transposed_bytes_sum"] for r in records)
+    seconds = sum(r["put_s"] - r["transposed_s"] for r in records)
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else None
+
+
+MAX_NEW = 8  # greedy tokens per run: compared with sglang-jax's own loader
+
+
+def run_json(*argv: str, tp: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tunix_rows(folder: str, tp: int, reference: list) -> list[dict]:
+    """tunix's sync (bench/tunix_sync.py) on the same engine and checkpoint, device and host sources."""
+    import importlib.util
+
+    if importlib.util.find_spec("tunix") is None:
+        print("google-tunix not installed (pip install --no-deps -r requirements-bench.txt): no tunix rows",
+              file=sys.stderr)
+        return []
+    rows = []
+    for source in ("device", "host"):
+        print(f"running tunix / {source} ...", file=sys.stderr, flush=True)
+        r = run_json(os.path.join(ROOT, "bench", "tunix_sync.py"), "--model-id", folder, "--tp-size", str(tp),
+                     "--source", source, "--max-new-tokens", str(MAX_NEW), tp=tp)
+        rows.append({"method": f"tunix transfer_state_with_mappings, {source} source", "first_swap_s": r["cold_s"],
+                     "later_swap_s": r["warm_s"], "swap_peak_extra_ratio": r["swap_peak_extra_ratio"],
+                     "tokens_equal_own_loader": r["output_ids"] == reference,
+                     "tokens_equal_own_loader_without_flush": r["output_ids_without_flush"] == reference})
+    return rows
+
+
+def run_once(folder: str, mode: str, source: str, tp: int, extra: tuple = ()) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as out:
         env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "run_param_swap.py"), "--model-id", folder,
                                "--device", "cpu", "--tp-size", str(tp), "--swap-mode", mode, "--weights-source",
-                               source, "--max-new-tokens", "1", "--rounds", "2", "--json-out", out.name],
+                               source, *extra, "--max-new-tokens", str(MAX_NEW), "--rounds", "2", "--json-out",
+                               out.name],
                               capture_output=True, text=True, env=env)
         lines = [json.loads(line) for line in open(out.name) if line.strip()]
         records = {r["phase"]: r for r in lines}
         rounds = [r for r in lines if r["phase"] == "swap_round"]
     if proc.returncode != 0:
-        raise SystemExit(f"{mode}/{source} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{mode}/{source} {extra} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     read, swapped = records["mllm_params_cpu_ready"], records["weights_swapped_from_mllm"]
     placed = swapped["placed_bytes_sum"]
-    seconds_to_device = read["seconds"] + swapped["place_s"]
+    seconds_to_device = read["seconds"] + swapped["place_s"] + records.get("mllm_params_device_ready", {}).get("seconds", 0)
     return {
-        "swap_mode": mode, "weights_source": source, "param_bytes_sum": swapped["param_bytes_sum"],
+        "swap_mode": mode, "weights_source": " ".join((source, *extra)).replace("--trainer-sharding ", ""),
+        "param_bytes_sum": swapped["param_bytes_sum"], "swap_s": swapped["seconds"],
+        "rounds_swap_s": round(sum(r["seconds"] for r in rounds) / len(rounds), 4),
+        "output_ids": records["generate_result"]["output_ids"],
+        "copied_bytes_sum": swapped["copied_bytes_sum"], "aliased_bytes_sum": swapped["aliased_bytes_sum"],
+        "rounds_direct_put_gb_per_s": direct_put_gbps(rounds),
         "swap_peak_extra_ratio": swapped["swap_peak_extra_ratio"],
         "read_s": read["read_s"], "convert_s": read["convert_s"], "host_s": swapped["host_s"],
         "put_s": swapped["put_s"], "assign_s": swapped["assign_s"], "backup_s": swapped["backup_s"],
@@ -73,9 +157,7 @@ def run_once(folder: str, mode: str, source: str, tp: int) -> dict:
         # later swaps reuse the compiled transposes: the steady state of an RL loop
         "rounds_place_gb_per_s": round(sum(r["placed_bytes_sum"] for r in rounds)
                                        / sum(r["place_s"] for r in rounds) / 1e9, 3),
-        "rounds_peak_extra_ratio": max(round((r["swap_peak_bytes_in_use_sum"]
-                                              - records["engine_ready_dummy"]["memory"]["jax_device_memory_summary"]
-                                              ["bytes_in_use_sum"]) / swapped["param_bytes_sum"], 4) for r in rounds),
+        "rounds_peak_extra_ratio": max(r["swap_peak_extra_ratio"] for r in rounds),
         "rss_peak_bytes": max(r["memory"]["process_rss_peak_bytes"] for r in lines if "memory" in r),
         "rss_after_read_bytes": read["memory"]["process_rss_bytes"],
         "rss_before_swap_bytes": swapped["rss_before_swap_bytes"],
@@ -100,19 +182,29 @@ def main() -> None:
         rps.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
         print(f"checkpoint written in {time.perf_counter() - t:.1f} s: {folder}", file=sys.stderr)
     rows = []
-    for mode, source in COMBOS:
-        print(f"running {mode} / {source} ...", file=sys.stderr, flush=True)
-        rows.append(run_once(folder, mode, source, args.tp_size))
+    for mode, source, extra in COMBOS:
+        print(f"running {mode} / {source} {' '.join(extra)} ...", file=sys.stderr, flush=True)
+        rows.append(run_once(folder, mode, source, args.tp_size, extra))
+    reference = run_json(os.path.join(ROOT, "tests", "reference_generate.py"), "--model-id", folder, "--device", "cpu",
+                         "--tp-size", str(args.tp_size), "--prompt", "The quick brown fox", "--max-new-tokens",
+                         str(MAX_NEW), tp=args.tp_size)["output_ids"]
+    tunix = tunix_rows(folder, args.tp_size, reference)
     copy = numpy_copy_gbps(rows[0]["param_bytes_sum"])
+    d2d = device_copy_gbps(folder, args.tp_size)
     for row in rows:
+        row["device_copy_gb_per_s"] = round(d2d["gb_per_s"], 3)
+        row["rounds_direct_put_vs_device_copy"] = (round(row["rounds_direct_put_gb_per_s"] / d2d["gb_per_s"], 3)
+                                                   if row["rounds_direct_put_gb_per_s"] else None)
         row["numpy_copy_gb_per_s"] = {k: round(v, 3) for k, v in copy.items()}
         row["read_convert_place_vs_numpy_copy"] = round(row["read_convert_place_gb_per_s"] / copy["alloc"], 3)
         row["read_convert_place_vs_warm_copy"] = round(row["read_convert_place_gb_per_s"] / copy["warm"], 3)
         row["rounds_place_vs_numpy_copy"] = round(row["rounds_place_gb_per_s"] / copy["alloc"], 3)
-    cols = ["swap_mode", "weights_source", "swap_peak_extra_ratio", "read_s", "convert_s", "host_s", "put_s",
+    cols = ["swap_mode", "weights_source", "swap_peak_extra_ratio", "swap_s", "copied_bytes_sum", "aliased_bytes_sum",
+            "read_s", "convert_s", "host_s", "put_s",
             "assign_s", "backup_s", "place_gb_per_s", "direct_put_gb_per_s", "transposed_put_gb_per_s",
             "read_convert_place_gb_per_s", "read_convert_place_vs_numpy_copy", "read_convert_place_vs_warm_copy",
             "rounds_place_gb_per_s", "rounds_place_vs_numpy_copy", "rounds_peak_extra_ratio",
+            "rounds_direct_put_gb_per_s", "rounds_direct_put_vs_device_copy",
             "rss_before_swap_bytes", "swap_peak_rss_bytes", "swap_host_extra_vs_tree", "rss_peak_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -122,10 +214,31 @@ def main() -> None:
           "swap_host_extra_vs_tree = (host RSS peak during the swap - RSS before it) / host tree bytes")
     print(f"\nparam bytes over devices: {rows[0]['param_bytes_sum']:,}; host tree: {rows[0]['host_tree_bytes']:,} "
           f"bytes; numpy copy of the same bytes: {copy['alloc']:.2f} GB/s into a new array, "
-          f"{copy['warm']:.2f} GB/s into a touched one")
+          f"{copy['warm']:.2f} GB/s into a touched one; device-to-device copy of the same tensors "
+          f"(jitted identity, FSDP-sharded, tensor by tensor): {d2d['gb_per_s']:.2f} GB/s")
+    side = [{"method": f"ours, {row['swap_mode']}, {row['weights_source']}", "first_swap_s": row["swap_s"],
+             "later_swap_s": row["rounds_swap_s"], "swap_peak_extra_ratio": row["swap_peak_extra_ratio"],
+             "tokens_equal_own_loader": row["output_ids"] == reference} for row in rows] + tunix
+    print("\nside by side (same engine arguments, same checkpoint, greedy ids of " + str(MAX_NEW) + " tokens vs "
+          "sglang-jax's own loader; tunix's peak is sampled every 2 ms, a lower bound):")
+    side_cols = ["method", "first_swap_s", "later_swap_s", "swap_peak_extra_ratio", "tokens_equal_own_loader",
+                 "tokens_equal_own_loader_without_flush"]
+    print("| " + " | ".join(side_cols) + " |")
+    print("|" + "---|" * len(side_cols))
+    for row in side:
+        print("| " + " | ".join(str(row.get(c, "")) for c in side_cols) + " |")
+    by = {r["method"]: r for r in side}
+    for ours, theirs in (("ours, streaming, trainer fsdp", "tunix transfer_state_with_mappings, device source"),
+                         ("ours, streaming, safetensors", "tunix transfer_state_with_mappings, host source")):
+        if ours in by and theirs in by:
+            o, t = by[ours], by[theirs]
+            print(f"{ours} / {theirs}: first swap seconds {o['first_swap_s'] / t['first_swap_s']:.2f}x, later swaps "
+                  f"{o['later_swap_s'] / t['later_swap_s']:.2f}x, peak extra ratio "
+                  f"{o['swap_peak_extra_ratio'] / max(t['swap_peak_extra_ratio'], 1e-9):.2f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"layers": args.layers, "tp_size": args.tp_size, "rows": rows}, f, indent=1)
+            json.dump({"layers": args.layers, "tp_size": args.tp_size, "rows": rows, "side_by_side": side,
+                       "reference_output_ids": reference}, f, indent=1)
     if tmp:
         import shutil
 
