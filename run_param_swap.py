@@ -1389,8 +1389,12 @@ class RequestRecorder:
 def check_live(engine) -> None:
     """Every weight the forward reads is a live buffer. An engine Param aliased to a trainer array (--alias)
     dies when the trainer donates that buffer to its next step (jit donate_argnums); generating then would
-    crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent."""
-    leaves = engine.scheduler_info["scheduler"].tp_worker.worker.model_runner.model_state_leaves
+    crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent. An engine
+    without an in-process scheduler (not enable_single_process) has no Params this tool could have swapped."""
+    scheduler = (engine.scheduler_info or {}).get("scheduler")
+    if scheduler is None:
+        return
+    leaves = scheduler.tp_worker.worker.model_runner.model_state_leaves
     deleted = sum(on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
     if deleted:
         raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
