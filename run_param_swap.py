@@ -22,7 +22,8 @@ Phases, in the order they run ([] only with their flag):
 
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
 usage (found before the engine is touched); 3 the engine failed (start,
-generate, swap or crash).
+generate, swap or crash); 130 / 143 stopped by SIGINT / SIGTERM (still with
+its error line and summary; a swap in progress completes first).
 
   python run_param_swap.py --demo                        # tiny random Qwen2, 4 virtual CPU devices
   python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 --chat \\
@@ -43,13 +44,17 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+if __name__ == "__main__":  # before numpy (OpenBLAS) or anything else starts a thread: see Stopper
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+import numpy as np  # noqa: E402
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
@@ -255,8 +260,21 @@ class PhaseLog:
         self.answers: list[tuple[str, dict]] = []  # (phase, generate()'s answer) of every generation
         self.file = open(json_out, "w") if json_out else None
         self.sinks: list = []  # e.g. WandbSink: each gets every record
+        self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
+        self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
+        self.closed = False  # set by the Stopper: the run is over, nothing more is written
+        self.stopper: Stopper | None = None
+
+    def begin(self, name: str) -> None:
+        self.doing = name
 
     def write(self, record: dict) -> dict:
+        with self.lock:
+            if not self.closed:
+                self.emit(record)
+        return record
+
+    def emit(self, record: dict) -> None:
         line = json.dumps(record, default=str)
         print(line, flush=True)
         if self.file:
@@ -265,7 +283,6 @@ class PhaseLog:
         self.records.append(record)
         for sink in self.sinks:
             sink.log(record)
-        return record
 
     def phase(self, name: str, memory: bool = True, **fields) -> dict:
         record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
@@ -340,6 +357,7 @@ def configure_platform(args: argparse.Namespace) -> str:
 
 
 def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
+    log_.begin("jax_ready")
     import jax
 
     device = args.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
@@ -531,8 +549,10 @@ def guard_engine_crashes(engine, log_: PhaseLog, args) -> None:
                           "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)",
                           "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
                           EXIT_ENGINE)
-        log_.write(error.record())
-        summary(log_, error)
+        with log_.lock:
+            log_.write(error.record())
+            summary(log_, error)
+            log_.closed = True
         report(log_, args)
         sys.stdout.flush()
         from sgl_jax.srt.utils.common_utils import kill_process_tree
@@ -545,10 +565,13 @@ def guard_engine_crashes(engine, log_: PhaseLog, args) -> None:
 
 
 def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
+    log_.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
     guard_engine_crashes(engine, log_, args)
     swapper = ParamSwapper(engine, info.num_kv_heads)
+    if log_.stopper is not None:
+        log_.stopper.swapper = swapper
     params = swapper.state.params
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
                load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(params),
@@ -753,6 +776,7 @@ def load_mllm_params(path: str, dtype: str = "bfloat16", source: str = "safetens
 
 
 def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
+    log_.begin("mllm_params_cpu_ready")
     t = time.perf_counter()
     tree, read_s = read_mllm_tree(args, info)
     flat = flatten(tree)
@@ -1151,6 +1175,10 @@ class ParamSwapper:
         self.engine, self.state = engine, EngineState(model_runner)
         self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
         self.plans: dict[tuple, list[SwapItem]] = {}
+        self.swaps = 0  # swaps completed
+        self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
+        self.idle.set()
+        self.last_swap_restored: bool | None = None  # a failed swap: were the previous weights put back
 
     @property
     def mesh(self):
@@ -1201,9 +1229,17 @@ class ParamSwapper:
         before = bytes_in_use_sum(device_memory())
         guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
         t = time.perf_counter()
-        with guard:
-            param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
-        self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
+        self.idle.clear()
+        try:
+            with guard:
+                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
+            self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
+            self.swaps += 1
+        except ToolError as e:
+            self.last_swap_restored = e.details.get("restored")
+            raise
+        finally:
+            self.idle.set()
         seconds = time.perf_counter() - t
         ok, details = leaves_unchanged(self.state, param_dict, stats)
         param_bytes = sum(i.nbytes_sum for i in plan)
@@ -1259,6 +1295,7 @@ def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: 
     engine: also in the engine's dtype), so that the swap runs device to device. Returns the nested tree."""
     import jax
 
+    log_.begin("mllm_params_device_ready")
     t = time.perf_counter()
     flat = flatten(tree)
     on_device, aliasable = {}, 0
@@ -1279,6 +1316,7 @@ def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: 
 def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
     """Validate the whole plan against the engine before anything touches it (placement happens in the swap,
     in both modes: streaming one tensor at a time, bulk all of them first)."""
+    log_.begin("sglang_param_dict_ready")
     t = time.perf_counter()
     plan = swapper.plan(tree)
     log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
@@ -1287,6 +1325,7 @@ def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: M
 
 
 def weights_swapped_from_mllm(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
+    log_.begin("weights_swapped_from_mllm")
     report, param_dict, details = swapper.swap_arrays(tree, args.swap_mode, args.alias, args.rollback)
     log_.check("leaves_unchanged", report["leaves_unchanged"], **details)
     log_.phase("weights_swapped_from_mllm", **report)
@@ -1433,6 +1472,7 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
 
 
 def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result", logprobs: bool = False) -> dict:
+    log_.begin(phase)
     t = time.perf_counter()
     out = generate(engine, args.prompt, args.max_new_tokens, logprobs)
     fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
@@ -1533,6 +1573,7 @@ def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, sw
     device memory is one loaded tensor, not a second set."""
     import copy
 
+    log_.begin("weights_verified")
     from sgl_jax.srt.configs.load_config import LoadConfig
     from sgl_jax.srt.model_loader.loader import JAXModelLoader
     from sgl_jax.srt.utils.weight_utils import WeightLoader
@@ -1613,6 +1654,7 @@ def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) 
     if not answer["consistent"]:
         return log_.check("logits_match_reference", False, error="the engine's answer is inconsistent: "
                           + "; ".join(answer["consistency_problems"]))
+    log_.begin("logits_verified")
     t = time.perf_counter()
     ref = reference_token_logprobs(model_path, answer["prompt_ids"], answer["output_ids"])
     tol, margin_tol = LOGITS_TOLERANCE.get(args.dtype, LOGITS_TOLERANCE["bfloat16"])
@@ -1684,6 +1726,7 @@ def swap_rounds(log_: PhaseLog, args, engine, swapper: ParamSwapper, info: Check
     outputs: dict[str, list] = {"A": [], "B": []}
     leaks, last_output = [], first_output
     for r in range(1, args.rounds + 1):
+        log_.begin(f"swap_round {r}")
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
         alias = args.alias and all(on_devices(a) for a in source_arrays(source))
@@ -1918,6 +1961,71 @@ def report(log_: PhaseLog, args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) and SIGTERM (`timeout`, schedulers) end the run with its verdict
+# ----------------------------------------------------------------------------------------------
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+SWAP_FINISH_WAIT_S = 120.0  # how long a stop waits for a swap in progress to complete or roll back
+
+
+class Stopper:
+    """SIGINT and SIGTERM are blocked in every thread (install() runs before JAX or the engine start a
+    thread, and threads inherit the mask) and taken by one watcher thread with sigwait. So a stop is seen
+    within moments whatever the main thread is doing (an XLA compile, a generation, a swap), and neither
+    Python's KeyboardInterrupt nor sglang-jax's handlers run half-way through something. The watcher lets a
+    swap in progress complete (or roll back) first, at most SWAP_FINISH_WAIT_S, then writes one error line
+    (stage `interrupted`: the signal, the phase it interrupted, what the engine holds), the summary and the
+    stderr table, kills the engine's child processes and exits 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, log_: PhaseLog, args):
+        self.log_, self.args = log_, args
+        self.swapper: ParamSwapper | None = None  # set once the engine runs
+        self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
+
+    def install(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+        threading.Thread(target=self.watch, name="param-swap-stopper", daemon=True).start()
+
+    def engine_holds(self, waited: float | None) -> str:
+        sw = self.swapper
+        if sw is None:
+            return "no engine was running" if self.log_.doing != "engine_ready_dummy" else "the engine was starting"
+        if not sw.idle.is_set():
+            return f"a swap was still running after {waited:.0f} s: the engine is half-swapped"
+        if sw.last_swap_restored is not None:
+            return ("the previous weights (a failed swap was rolled back)" if sw.last_swap_restored
+                    else "half-swapped weights (a failed swap without rollback)")
+        swapped = f"the weights of swap {sw.swaps}" if sw.swaps else "the dummy weights (no swap yet)"
+        return swapped + (f"; the swap in progress completed before stopping ({waited:.1f} s)" if waited else "")
+
+    def watch(self) -> None:
+        signum = signal.sigwait(set(STOP_SIGNALS))
+        name, doing = signal.Signals(signum).name, self.log_.doing
+        log(f"{name}: stopping (during {doing})")
+        waited = None
+        if self.swapper is not None and not self.swapper.idle.is_set():
+            t = time.perf_counter()
+            self.swapper.idle.wait(SWAP_FINISH_WAIT_S)
+            waited = time.perf_counter() - t
+        error = ToolError("interrupted", f"{name} during {doing}", "the run was stopped; rerun to get a verdict",
+                          STOP_SIGNALS[signum], signal=name, interrupted_phase=doing,
+                          engine_holds=self.engine_holds(waited))
+        with self.log_.lock:
+            self.log_.write(error.record())
+            summary(self.log_, error)
+            self.log_.closed = True
+        report(self.log_, self.args)
+        for f in self.cleanup:
+            f()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        from sgl_jax.srt.utils.common_utils import kill_process_tree
+
+        kill_process_tree(os.getpid(), include_parent=False)
+        os._exit(STOP_SIGNALS[signum])
+
+
+# ----------------------------------------------------------------------------------------------
 # Summary and main
 # ----------------------------------------------------------------------------------------------
 
@@ -2004,6 +2112,8 @@ def main(argv: list[str] | None = None) -> int:
                           "the folder must exist and be writable")
         log_.write(error.record())
         return summary(log_, error)
+    log_.stopper = Stopper(log_, args)
+    log_.stopper.install()
     demo_tmp = None
     try:
         validate_args(args)
@@ -2012,10 +2122,14 @@ def main(argv: list[str] | None = None) -> int:
             log_.sinks.append(WandbSink(args))
         if args.demo:
             folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
+            if demo_tmp:
+                log_.stopper.cleanup.append(functools.partial(shutil.rmtree, demo_tmp, ignore_errors=True))
             args.model_id = write_demo_checkpoint(folder)
             log(f"demo checkpoint in {folder}")
         run(log_, args)
-        code = summary(log_)
+        with log_.lock:  # a stop from now on finds the verdict written
+            code = summary(log_)
+            log_.closed = True
         report(log_, args)
         return code
     except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
@@ -2023,8 +2137,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ToolError):
             last = log_.records[-1]["phase"] if log_.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
-        log_.write(e.record())
-        code = summary(log_, e)
+        with log_.lock:
+            log_.write(e.record())
+            code = summary(log_, e)
+            log_.closed = True
         report(log_, args)
         return code
     finally:

@@ -7,6 +7,7 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   no_flush        the radix cache is not flushed after the swap
   fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
+  slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
@@ -17,8 +18,10 @@ Layout errors that every structural check passes (the oracles --verify-weights /
 """
 
 import os
+import signal
 import sys
 
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # as run_param_swap.py does as __main__
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
@@ -63,6 +66,16 @@ elif mutation.startswith("fail_swap_at_"):
         calls[0] += 1
         if calls[0] == fail_at:
             raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory while placing a tensor")
+        return original_place(*args, **kwargs)
+
+    rps.place = place
+elif mutation == "slow_place":  # every tensor placement takes 0.3 s more: a window to stop a run mid-swap
+    import time
+
+    original_place = rps.place
+
+    def place(*args, **kwargs):
+        time.sleep(0.3)
         return original_place(*args, **kwargs)
 
     rps.place = place

@@ -53,7 +53,7 @@ def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
     assert run.phase("mllm_params_device_ready")["aliasable_bytes_sum"] == aliased
 
 
-@pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2), (2, True, 4)])
+@pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2), (2, True, 4), (1, False, 4)])
 def test_fsdp_trainer_swaps_device_to_device(checkpoint, tp, tied, kv_heads):
     folder = checkpoint(tied=tied, num_kv_heads=kv_heads)
     run = run_tool(*swap_args(folder, tp, "--weights-source", "trainer", "--verify-weights", "--keep-param-dict"))
@@ -79,6 +79,8 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
     for s in steps:
         assert s["device_to_host_copies"] == 0 and s["device_put_reshards"] == 0 and s["source"] == "device"
         assert s["leaves_unchanged"] and s["replaced_still_alive"] == 0
+    for s in steps[1:]:  # host RSS during a swap (after the first's compiles): nowhere near a host copy of the set
+        assert s["swap_peak_rss_bytes"] - s["rss_before_swap_bytes"] < 0.5 * s["param_bytes_sum"]
     after = [s["bytes_in_use_sum_after_swap"] for s in steps]
     assert max(after) - min(after) <= 0.02 * steps[0]["param_bytes_sum"]  # flat across steps
     assert len({tuple(s["output_ids"]) for s in steps}) == 3  # every step's weights answer differently

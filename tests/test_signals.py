@@ -1,0 +1,87 @@
+"""Stopping a run: SIGINT (Ctrl-C) and SIGTERM (`timeout`) at engine start, during a generation and mid-swap end
+with one error line, the summary and 130 / 143, promptly, leaving no process of the run behind."""
+
+import glob
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+from conftest import MUTATED, ROOT, TOOL, clean_env
+
+CPU4 = ["--device", "cpu", "--tp-size", "4"]
+STOP_BOUND_S = 20  # seconds from the signal to the exit (a swap in progress may take ~8 s here: slow_place)
+
+
+def stop_run(argv: list, after_phase: str, sig: int, tmp_path, delay: float = 0.5) -> dict:
+    """Start the tool, wait for `after_phase`'s line (then `delay`), send `sig`; the lines, code, timing."""
+    json_out = tmp_path / "run.jsonl"
+    proc = subprocess.Popen([sys.executable, *argv, "--json-out", str(json_out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=clean_env(), cwd=ROOT)
+    lines, sent, family = [], None, []
+    try:
+        for line in proc.stdout:
+            lines.append(json.loads(line))
+            if lines[-1]["phase"] == after_phase:
+                time.sleep(delay)
+                family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+                sent = time.perf_counter()
+                proc.send_signal(sig)
+                break
+        lines += [json.loads(line) for line in proc.stdout]
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert sent is not None, f"no {after_phase} line: {[r['phase'] for r in lines]}"
+    return {"code": code, "seconds": time.perf_counter() - sent, "lines": lines, "family": family,
+            "json_out": json_out.read_text().splitlines()}
+
+
+def assert_stopped(run: dict, sig: int, code: int, interrupted: str) -> dict:
+    error, summary = run["lines"][-2], run["lines"][-1]
+    assert run["code"] == code, run["lines"][-3:]
+    assert error["phase"] == "error" and error["stage"] == "interrupted" and error["exit_code"] == code
+    assert error["signal"] == signal.Signals(sig).name and error["interrupted_phase"] == interrupted
+    assert summary["phase"] == "summary" and summary["ok"] is False
+    assert run["seconds"] < STOP_BOUND_S
+    assert not [pid for pid in run["family"] if psutil.pid_exists(pid)], "a process of the run survived"
+    assert [json.loads(line) for line in run["json_out"]] == run["lines"]
+    return error
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_while_the_engine_starts(checkpoint, tmp_path, sig, code):
+    run = stop_run([TOOL, "--model-id", checkpoint(), *CPU4], "jax_ready", sig, tmp_path, delay=0.2)
+    error = assert_stopped(run, sig, code, "engine_ready_dummy")
+    assert error["engine_holds"] in ("the engine was starting", "the dummy weights (no swap yet)")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_during_a_generation(checkpoint, tmp_path, sig, code):
+    run = stop_run([TOOL, "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "400"], "engine_ready_dummy",
+                   sig, tmp_path)
+    error = assert_stopped(run, sig, code, "generate_before_swap")
+    assert error["engine_holds"] == "the dummy weights (no swap yet)"
+
+
+def test_stop_mid_swap_lets_the_swap_complete(checkpoint, tmp_path):
+    run = stop_run([MUTATED, "slow_place", "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "4"],
+                   "sglang_param_dict_ready", signal.SIGTERM, tmp_path, delay=1.0)
+    error = assert_stopped(run, signal.SIGTERM, 143, "weights_swapped_from_mllm")
+    assert error["engine_holds"].startswith("the weights of swap 1; the swap in progress completed before stopping")
+
+
+def test_timeout_ends_the_demo_with_its_summary():
+    demos = set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*"))
+    proc = subprocess.run(["timeout", "8", sys.executable, TOOL, "--demo"], capture_output=True, text=True,
+                          env=clean_env(), cwd=ROOT, timeout=120)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 124  # timeout's own code; the tool exited 143
+    assert lines[-2]["stage"] == "interrupted" and lines[-2]["exit_code"] == 143
+    assert lines[-1]["phase"] == "summary" and lines[-1]["ok"] is False
+    assert "device bytes in use (sum)" in proc.stderr  # the table
+    assert set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*")) == demos  # its temp checkpoint removed
