@@ -1008,6 +1008,7 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
     if stats is not None:
         if arr is src:
             stats.aliased_bytes_sum += item.nbytes_sum
+            stats.aliased.add(id(arr))
             return arr
         stats.put_s += time.perf_counter() - t0
         stats.placed_bytes_sum += item.nbytes_sum
@@ -1042,13 +1043,19 @@ class SwapStats:
     rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
     peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every tensor
     replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
+    shared: set = dataclasses.field(default_factory=set)  # ids of engine arrays an earlier swap took from a trainer
+    aliased: set = dataclasses.field(default_factory=set)  # ids of the trainer arrays this swap took (alias)
+    replaced_shared: int = 0  # replaced arrays that were the trainer's (alias): the trainer owns them
 
     def sample_peak(self) -> None:
         self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
         self.peak_rss_bytes = max(self.peak_rss_bytes, process_rss_bytes())
 
     def release(self, old) -> None:
-        self.replaced.append(weakref.ref(old))
+        if id(old) in self.shared:  # still the trainer's array: not ours to free
+            self.replaced_shared += 1
+        else:
+            self.replaced.append(weakref.ref(old))
 
     def still_alive(self) -> int:
         return sum(r() is not None for r in self.replaced)
@@ -1070,7 +1077,8 @@ class SwapStats:
                 "transposed_put_gb_per_s": round(self.transposed_bytes_sum / max(self.transposed_s, 1e-9) / 1e9, 3),
                 "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
                 "rss_before_swap_bytes": self.rss_before_bytes, "swap_peak_rss_bytes": self.peak_rss_bytes,
-                "replaced_arrays": len(self.replaced), "replaced_still_alive": self.still_alive()}
+                "replaced_arrays": len(self.replaced) + self.replaced_shared,
+                "replaced_shared_with_trainer": self.replaced_shared, "replaced_still_alive": self.still_alive()}
 
 
 def place_all(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int, stats: SwapStats,
@@ -1141,8 +1149,8 @@ def restore(state: EngineState, plan: list[SwapItem], previous: Mapping[str, Any
 
 def as_flat(mllm_params: Mapping[str, Any]) -> Mapping[str, Any]:
     """The MLLM-JAX tree, nested ({'model': {'layers_0': ...}}) or flat ('model.layers_0....'), as a flat
-    mapping. A flat mapping (also a lazy one, like PerturbedWeights) is used as it is."""
-    if any(isinstance(v, Mapping) for v in mllm_params.values()):
+    mapping. A flat mapping (also a lazy one, like PerturbedWeights: its base is looked at) is used as it is."""
+    if any(isinstance(v, Mapping) for v in getattr(mllm_params, "base", mllm_params).values()):
         return flatten(mllm_params)
     return mllm_params
 
@@ -1176,6 +1184,7 @@ class ParamSwapper:
         self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
+        self.shared_ids: set[int] = set()  # ids of the engine's arrays taken from a trainer by the last swap
         self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
         self.idle.set()
         self.last_swap_restored: bool | None = None  # a failed swap: were the previous weights put back
@@ -1225,7 +1234,7 @@ class ParamSwapper:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
         rollback = (not device) if rollback is None else rollback
-        stats = SwapStats(mode, source="device" if device else "host")
+        stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids)
         before = bytes_in_use_sum(device_memory())
         guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
         t = time.perf_counter()
@@ -1235,6 +1244,7 @@ class ParamSwapper:
                 param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
             self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
             self.swaps += 1
+            self.shared_ids = stats.aliased
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
             raise
@@ -1686,21 +1696,18 @@ def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) 
 
 
 class PerturbedWeights(Mapping):
-    """Weight set B for --rounds: A with every matrix rolled by one along its last axis. Deterministic,
-    same shapes, clearly different answers, and no second host copy of the weights."""
+    """Weight set B for --rounds: every matrix w of A as 0.02 - w, made one tensor at a time as the swap reads
+    it. Deterministic, same shapes, clearly different answers, no second copy of the weights; elementwise, so
+    a trainer-resident A in any sharding gives B on the devices in the same sharding. (Plain negation would
+    not do: negating every matrix of a Qwen2 is an exact symmetry, RMSNorm and the q.k / gate.up products
+    cancel the signs, and the answers stay the same.)"""
 
     def __init__(self, base: Mapping[str, np.ndarray]):
         self.base = base
 
     def __getitem__(self, key: str) -> np.ndarray:
         arr = self.base[key]
-        if arr.ndim < 2:
-            return arr
-        if on_devices(arr):  # a trainer-resident A: B stays on the devices too
-            import jax.numpy as jnp
-
-            return jnp.roll(arr, 1, axis=-1)
-        return np.roll(arr, 1, axis=-1)
+        return 0.02 - arr if arr.ndim >= 2 else arr
 
     def __iter__(self):
         return iter(self.base)

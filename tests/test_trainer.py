@@ -36,7 +36,7 @@ ALIAS_MATRIX = [(1, True, 2), (2, False, 1), (4, True, 2), (4, False, 1)]
 def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
     folder = checkpoint(tied=tied, num_kv_heads=kv_heads)
     run = run_tool(*swap_args(folder, tp, "--weights-source", "trainer", "--trainer-sharding", "engine", "--alias",
-                              "--verify-weights", "--verify-param-sharing", "--keep-param-dict"))
+                              "--verify-weights", "--verify-param-sharing", "--keep-param-dict", "--rounds", "2"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.summary["ok"], run.summary
     assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, tp)
@@ -51,6 +51,10 @@ def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
     assert swapped["swap_peak_extra_ratio"] <= copied / param + 0.02
     assert swapped["source"] == "device" and swapped["rollback"] is False and swapped["device_put_reshards"] == 0
     assert run.phase("mllm_params_device_ready")["aliasable_bytes_sum"] == aliased
+    # rounds B (0.02 - A, on the devices), A again: the trainer's arrays the engine let go are the trainer's, not leaks
+    rounds = [r for r in run.records if r["phase"] == "swap_round"]
+    assert [r["weights"] for r in rounds] == ["B", "A"] and rounds[1]["output_ids"] == reference_output_ids(folder, tp)
+    assert rounds[0]["replaced_shared_with_trainer"] > 0 and all(r["replaced_still_alive"] == 0 for r in rounds)
 
 
 @pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2), (2, True, 4), (1, False, 4)])
