@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import gc
 import json
+import logging
 import os
 import re
 import resource
@@ -52,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 if __name__ == "__main__":  # before numpy (OpenBLAS) or anything else starts a thread: see Stopper
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
 
 import numpy as np  # noqa: E402
 
@@ -165,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CPU devices with --keep-param-dict --verify-param-sharing --verify-weights --verify-logits")
     p.add_argument("--demo-dir", default=None, help="where --demo writes its checkpoint (kept); default: a temp folder")
     eng = p.add_argument_group("engine arguments (defaults: the reference TPU run's)")
-    eng.add_argument("--dtype", default="bfloat16", help="engine dtype (default: %(default)s)")
+    eng.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
+                     help="engine dtype (default: %(default)s)")
     eng.add_argument("--mem-fraction-static", type=float, default=0.8)
     eng.add_argument("--max-prefill-tokens", type=int, default=1024)
     eng.add_argument("--max-total-tokens", type=int, default=4096)
@@ -326,6 +328,17 @@ def validate_args(args: argparse.Namespace) -> None:
     elif args.alias or args.trainer_sharding:
         problems.append(("--alias and --trainer-sharding need --weights-source trainer",
                          "a host tree is always copied to the devices"))
+    if args.max_running_requests < args.dp_size:
+        problems.append((f"--max-running-requests {args.max_running_requests} < --dp-size {args.dp_size}",
+                         "sglang-jax needs at least one running request per data-parallel rank"))
+    if not 0 < args.mem_fraction_static <= 1:
+        problems.append((f"--mem-fraction-static {args.mem_fraction_static} is not in (0, 1]",
+                         "the fraction of device memory for weights and KV cache, e.g. 0.8"))
+    for flag in ("max_prefill_tokens", "max_total_tokens"):
+        if getattr(args, flag) < 1:
+            problems.append((f"--{flag.replace('_', '-')} {getattr(args, flag)} < 1", "a token budget must be positive"))
+    if args.watchdog_timeout <= 0:
+        problems.append((f"--watchdog-timeout {args.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if args.verify_logits:
@@ -412,6 +425,7 @@ class CheckpointInfo:
     vocab_size: int
     tie_word_embeddings: bool
     files: tuple[str, ...]
+    context_len: int = 0  # max_position_embeddings: sglang-jax refuses prompt + new tokens beyond it
 
 
 def read_checkpoint_info(path: str) -> CheckpointInfo:
@@ -421,9 +435,12 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ToolError("checkpoint", f"cannot read {config_file}: {e}", "the folder needs a valid HF config.json") from e
-    archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    if not isinstance(cfg, dict):
+        raise ToolError("checkpoint", f"{config_file} is not a JSON object", "the folder needs a valid HF config.json")
+    archs = cfg.get("architectures")
+    archs = archs if isinstance(archs, list) and archs else [cfg.get("model_type", "?")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ToolError("checkpoint", f"architecture {archs[0]} is not supported",
+        raise ToolError("checkpoint", f"architecture {archs[0]!r} is not supported",
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 and Qwen2.5 models)")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -433,12 +450,47 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
         files = tuple(sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
     if not files:
         raise ToolError("checkpoint", f"no *.safetensors files in {path}", "the tool reads safetensors checkpoints")
-    heads = cfg["num_attention_heads"]
-    return CheckpointInfo(
-        path=path, architecture=archs[0], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), files=files)
+    return CheckpointInfo(path=path, architecture=archs[0], files=files, **engine_view_of_config(path, cfg))
+
+
+CONFIG_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
+                 "intermediate_size", "vocab_size", "max_position_embeddings")
+
+
+def engine_view_of_config(path: str, raw: dict) -> dict:
+    """The sizes as the ENGINE sees them: config.json through transformers' AutoConfig, as sglang-jax reads
+    it, with every default it fills in (a missing num_key_value_heads is 32 in Qwen2Config, not the number of
+    attention heads). Bad or inconsistent values are exit 2, naming the field, before anything starts."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers' own message names what is wrong
+        raise ToolError("checkpoint", f"transformers cannot read {path}/config.json: {type(e).__name__}: {e}",
+                        "fix config.json (sglang-jax reads it the same way)") from e
+    values = {f: getattr(cfg, f, None) for f in CONFIG_FIELDS}
+    head_dim = getattr(cfg, "head_dim", None)
+    problems = [f"{f} = {v!r} (from config.json)" if f in raw else f"{f} = {v!r} (absent from config.json: "
+                "the default transformers assumes)" for f, v in values.items()
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    problems += [] if head_dim is None or (isinstance(head_dim, int) and head_dim > 0) else [f"head_dim = {head_dim!r}"]
+    if not problems:
+        heads, kv = values["num_attention_heads"], values["num_key_value_heads"]
+        if heads % kv:
+            why = "" if "num_key_value_heads" in raw else \
+                " (config.json has no num_key_value_heads: transformers assumes " + str(kv) + ")"
+            problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}{why}")
+        if head_dim is None and values["hidden_size"] % heads:
+            problems.append(f"hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads} "
+                            "(and config.json gives no head_dim)")
+    if problems:
+        raise ToolError("checkpoint", f"config.json as the engine reads it: {'; '.join(problems)}",
+                        "fix config.json: sglang-jax would fail inside its scheduler on these values")
+    heads = values["num_attention_heads"]
+    return dict(num_layers=values["num_hidden_layers"], num_heads=heads, num_kv_heads=values["num_key_value_heads"],
+                head_dim=head_dim or values["hidden_size"] // heads, hidden_size=values["hidden_size"],
+                intermediate_size=values["intermediate_size"], vocab_size=values["vocab_size"],
+                tie_word_embeddings=bool(cfg.tie_word_embeddings), context_len=values["max_position_embeddings"])
 
 
 # The tensors a Qwen2 checkpoint must hold, with their HF shapes in config terms.
@@ -501,6 +553,27 @@ def chat_prompt(path: str, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
+def validate_token_budget(args, info: CheckpointInfo) -> None:
+    """sglang-jax refuses a request whose prompt and new tokens do not fit its token budget or the model's
+    context; count the prompt with the checkpoint's tokenizer and say so before anything starts."""
+    from transformers import AutoTokenizer
+
+    try:
+        prompt_tokens = len(AutoTokenizer.from_pretrained(info.path)(args.prompt)["input_ids"])
+    except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer cannot be served either
+        raise ToolError("checkpoint", f"cannot load the tokenizer of {info.path}: {type(e).__name__}: {e}",
+                        "the engine needs the checkpoint's tokenizer files") from e
+    total = prompt_tokens + args.max_new_tokens
+    problems = [(f"--max-total-tokens {args.max_total_tokens}", "raise --max-total-tokens")
+                for _ in [0] if total >= args.max_total_tokens]
+    problems += [(f"the model's context of {info.context_len} tokens (max_position_embeddings)",
+                  "shorten the prompt or --max-new-tokens") for _ in [0] if total >= info.context_len]
+    if problems:
+        raise ToolError("arguments", f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {args.max_new_tokens} "
+                        f"= {total} tokens do not fit " + " nor ".join(p for p, _ in problems),
+                        "; ".join(h for _, h in problems))
+
+
 def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
     if info.num_heads % tp:
         raise ToolError("arguments", f"--tp-size {tp} does not divide the {info.num_heads} attention heads",
@@ -527,48 +600,50 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_f
     )
 
 
+class EngineErrorLog(logging.Handler):
+    """The last error sglang-jax logged: its scheduler logs the exception (a traceback) and then SIGQUITs, so
+    this is the engine's own message for the error line."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
+
+    def text(self) -> str | None:
+        lines = [line.strip() for line in (self.last or "").splitlines() if line.strip()]
+        return lines[-1] if lines else None
+
+
+ENGINE_ERRORS = EngineErrorLog()
+
+
 def start_engine(kwargs: dict):
+    """An in-process sglang-jax Engine and its model runner. A failure inside Engine(...) (its scheduler's
+    start: a KV cache that does not fit, an engine argument it rejects, a model that cannot be built) is a
+    ToolError with the engine's own message, exit 3. When it arrives as SIGQUIT, the Stopper answers."""
     from sgl_jax.srt.entrypoints.engine import Engine
 
+    if ENGINE_ERRORS not in logging.getLogger().handlers:
+        logging.getLogger().addHandler(ENGINE_ERRORS)
     try:
         engine = Engine(**kwargs)
     except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
-        raise ToolError("engine_start", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE) from e
-    scheduler = engine.scheduler_info["scheduler"]
+        raise ToolError("engine_start", ENGINE_ERRORS.text() or f"{type(e).__name__}: {e}",
+                        "see the engine's traceback on stderr", EXIT_ENGINE) from e
+    scheduler = (engine.scheduler_info or {}).get("scheduler")
+    if scheduler is None:
+        raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
+                        "see the engine's traceback on stderr", EXIT_ENGINE)
     engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
     return engine, scheduler.tp_worker.worker.model_runner
-
-
-def guard_engine_crashes(engine, log_: PhaseLog, args) -> None:
-    """sglang-jax answers a scheduler error or a watchdog timeout with SIGQUIT and SIGKILLs the whole process
-    tree (exit 137, no message). Create its request loop now and put our handler in its place: one error
-    line, the summary, exit code 3."""
-
-    def on_sigquit():
-        error = ToolError("engine_crash",
-                          "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)",
-                          "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
-                          EXIT_ENGINE)
-        with log_.lock:
-            log_.write(error.record())
-            summary(log_, error)
-            log_.closed = True
-        report(log_, args)
-        sys.stdout.flush()
-        from sgl_jax.srt.utils.common_utils import kill_process_tree
-
-        kill_process_tree(os.getpid(), include_parent=False)
-        os._exit(EXIT_ENGINE)
-
-    engine.tokenizer_manager.auto_create_handle_loop()
-    engine.loop.add_signal_handler(signal.SIGQUIT, on_sigquit)
 
 
 def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     log_.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
-    guard_engine_crashes(engine, log_, args)
     swapper = ParamSwapper(engine, info.num_kv_heads)
     if log_.stopper is not None:
         log_.stopper.swapper = swapper
@@ -735,21 +810,39 @@ def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
                 if header_len > os.path.getsize(full) - 8:
                     raise ValueError(f"header length {header_len} exceeds the file: not a safetensors file")
                 header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
             data = np.memmap(full, dtype=np.uint8, mode="r")
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                if meta["dtype"] not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"{name}: dtype {meta['dtype']} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
-                start, end = (8 + header_len + o for o in meta["data_offsets"])
-                if end > data.size:
-                    raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
-                raw = np.asarray(data[start:end])
-                tensors[name] = raw.view(host_dtype(SAFETENSORS_DTYPES[meta["dtype"]])).reshape(meta["shape"])
+                tensors[name] = safetensors_entry(name, meta, data, 8 + header_len)
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
                             "the file is missing, truncated or corrupt, or not a float checkpoint") from e
     return tensors
+
+
+def safetensors_entry(name: str, meta, data: np.ndarray, data_start: int) -> np.ndarray:
+    """One header entry as a zero-copy view of the mapped file, after checking every field of it: a float
+    dtype, a shape of non-negative ints, offsets inside the file that span exactly shape x itemsize bytes."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: header entry {meta!r:.60} is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{name}: dtype {dtype!r:.20} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"{name}: shape {shape!r:.40} is not a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                     for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{name}: data_offsets {offsets!r:.40} are not [start, end] with 0 <= start <= end")
+    start, end = (data_start + o for o in offsets)
+    itemsize = host_dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if end - start != int(np.prod(shape)) * itemsize:
+        raise ValueError(f"{name}: {end - start} bytes for shape {shape} of {dtype}")
+    if end > data.size:
+        raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
+    return np.asarray(data[start:end]).view(host_dtype(SAFETENSORS_DTYPES[dtype])).reshape(shape)
 
 
 def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
@@ -1972,12 +2065,16 @@ def report(log_: PhaseLog, args) -> None:
 # ----------------------------------------------------------------------------------------------
 
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+# sglang-jax's scheduler answers its own failure (an exception, a watchdog timeout) with SIGQUIT, and its
+# handler SIGKILLs the whole process tree: exit 137, no message. The Stopper takes SIGQUIT too: exit 3.
+WATCHED_SIGNALS = {*STOP_SIGNALS, signal.SIGQUIT}
 SWAP_FINISH_WAIT_S = 120.0  # how long a stop waits for a swap in progress to complete or roll back
 
 
 class Stopper:
     """SIGINT and SIGTERM are blocked in every thread (install() runs before JAX or the engine start a
-    thread, and threads inherit the mask) and taken by one watcher thread with sigwait. So a stop is seen
+    thread, and threads inherit the mask) and taken by one watcher thread with sigwait, with SIGQUIT (the
+    engine's own failure signal: error line, exit 3, whenever it comes, also inside Engine()). So a stop is seen
     within moments whatever the main thread is doing (an XLA compile, a generation, a swap), and neither
     Python's KeyboardInterrupt nor sglang-jax's handlers run half-way through something. The watcher lets a
     swap in progress complete (or roll back) first, at most SWAP_FINISH_WAIT_S, then writes one error line
@@ -1990,7 +2087,7 @@ class Stopper:
         self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
 
     def install(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+        signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED_SIGNALS)
         threading.Thread(target=self.watch, name="param-swap-stopper", daemon=True).start()
 
     def engine_holds(self, waited: float | None) -> str:
@@ -2006,17 +2103,27 @@ class Stopper:
         return swapped + (f"; the swap in progress completed before stopping ({waited:.1f} s)" if waited else "")
 
     def watch(self) -> None:
-        signum = signal.sigwait(set(STOP_SIGNALS))
+        signum = signal.sigwait(WATCHED_SIGNALS)
         name, doing = signal.Signals(signum).name, self.log_.doing
         log(f"{name}: stopping (during {doing})")
+        if signum == signal.SIGQUIT:
+            self.stop(ToolError(
+                "engine_start" if doing == "engine_ready_dummy" else "engine_crash",
+                "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)"
+                + (f": {ENGINE_ERRORS.text()}" if ENGINE_ERRORS.text() else ""),
+                "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
+                EXIT_ENGINE, interrupted_phase=doing, signal=name))
         waited = None
         if self.swapper is not None and not self.swapper.idle.is_set():
             t = time.perf_counter()
             self.swapper.idle.wait(SWAP_FINISH_WAIT_S)
             waited = time.perf_counter() - t
-        error = ToolError("interrupted", f"{name} during {doing}", "the run was stopped; rerun to get a verdict",
-                          STOP_SIGNALS[signum], signal=name, interrupted_phase=doing,
-                          engine_holds=self.engine_holds(waited))
+        self.stop(ToolError("interrupted", f"{name} during {doing}", "the run was stopped; rerun to get a verdict",
+                            STOP_SIGNALS[signum], signal=name, interrupted_phase=doing,
+                            engine_holds=self.engine_holds(waited)))
+
+    def stop(self, error: ToolError) -> None:
+        """The error line, the summary and the table (unless the run already wrote its verdict), then exit."""
         with self.log_.lock:
             self.log_.write(error.record())
             summary(self.log_, error)
@@ -2029,7 +2136,7 @@ class Stopper:
         from sgl_jax.srt.utils.common_utils import kill_process_tree
 
         kill_process_tree(os.getpid(), include_parent=False)
-        os._exit(STOP_SIGNALS[signum])
+        os._exit(error.exit_code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2070,6 +2177,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
                             "(the engine's model)", "B must be the same architecture and sizes as A")
     if args.chat:
         args.prompt = chat_prompt(info.path, args.prompt)
+    validate_token_budget(args, info)
     engine, swapper = engine_ready_dummy(log_, args, info, device)
     state = swapper.state
     try:

@@ -7,6 +7,7 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   no_flush        the radix cache is not flushed after the swap
   fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
+  scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
@@ -21,7 +22,7 @@ import os
 import signal
 import sys
 
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # as run_param_swap.py does as __main__
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})  # as run_param_swap.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
@@ -92,6 +93,13 @@ elif mutation == "sigquit_in_generate":
         return original_generate(*args, **kwargs)
 
     rps.generate = generate
+elif mutation == "scheduler_start_fails":  # the engine's own start fails (as a KV cache that does not fit would)
+    from sgl_jax.srt.managers import scheduler
+
+    def failing_init(self, *args, **kwargs):
+        raise RuntimeError("injected scheduler start failure")
+
+    scheduler.Scheduler.__init__ = failing_init
 elif mutation == "gate_up_swapped":
     rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.gate_proj\.kernel", "model.layers.{0}.mlp.up_proj.weight", "copy"))
     rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.up_proj\.kernel", "model.layers.{0}.mlp.gate_proj.weight", "copy"))

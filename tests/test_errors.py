@@ -53,6 +53,9 @@ def rewrite_tensors(folder: str, change) -> None:
     (["--prompt", ""], ["--prompt", "empty"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens 0"]),
     (["--dp-size", "2"], ["--dp-size 2", "single-process"]),
+    (["--max-running-requests", "0"], ["--max-running-requests 0"]),
+    (["--mem-fraction-static", "1.5"], ["--mem-fraction-static 1.5"]),
+    (["--max-total-tokens", "0"], ["--max-total-tokens 0"]),
 ])
 def test_usage_errors(checkpoint, args, words):
     run = run_tool("--model-id", checkpoint(), *CPU4, *args)
@@ -108,6 +111,24 @@ def test_unsupported_architecture(ckpt_copy):
     json.dump(config, open(config_path, "w"))
     run = run_tool("--model-id", folder, *CPU4)
     assert_error(run, 2, "checkpoint", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def test_missing_kv_heads_is_what_transformers_assumes(ckpt_copy):
+    """config.json without num_key_value_heads: the engine (through transformers' Qwen2Config) sees 32 KV heads
+    for 4 attention heads and would die inside its scheduler; the tool names the field and HF's value."""
+    folder = ckpt_copy()
+    config = json.load(open(os.path.join(folder, "config.json")))
+    del config["num_key_value_heads"]
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    run = run_tool("--model-id", folder, *CPU4)
+    assert_error(run, 2, "checkpoint", "num_key_value_heads", "transformers assumes 32")
+    assert run.phases() == ["error", "summary"]
+
+
+def test_prompt_beyond_the_token_budget_is_named_before_the_engine(checkpoint):
+    run = run_tool("--model-id", checkpoint(), *CPU4, "--max-total-tokens", "8")
+    assert_error(run, 2, "arguments", "--max-total-tokens 8", "prompt")
+    assert "engine_ready_dummy" not in run.phases()
 
 
 def test_missing_tensor(ckpt_copy):
@@ -205,6 +226,14 @@ def test_failure_mid_swap_without_rollback_is_reported(checkpoint):
 def test_engine_crash_is_exit_3_not_137(checkpoint):
     run = run_tool("sigquit_in_generate", "--model-id", checkpoint(), *CPU4, script=MUTATED)
     assert_error(run, 3, "engine_crash", "SIGQUIT", "--watchdog-timeout")
+
+
+def test_scheduler_start_failure_is_exit_3_with_the_engines_message(checkpoint):
+    """A failure inside Engine(...) (sglang-jax SIGQUITs and SIGKILLs the process tree: 137) is one error line
+    naming the engine's own message, the summary and exit 3."""
+    run = run_tool("scheduler_start_fails", "--model-id", checkpoint(), *CPU4, script=MUTATED)
+    assert_error(run, 3, "engine_start", "RuntimeError: injected scheduler start failure")
+    assert "engine_ready_dummy" not in run.phases()
 
 
 def test_other_host_dtype_is_cast_and_still_shared(checkpoint):
