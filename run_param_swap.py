@@ -830,7 +830,7 @@ def safetensors_entry(name: str, meta, data: np.ndarray, data_start: int) -> np.
         raise ValueError(f"{name}: header entry {meta!r:.60} is not an object")
     dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
     if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{name}: dtype {dtype!r:.20} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
+        raise ValueError(f"{name}: dtype {str(dtype)[:20]} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ValueError(f"{name}: shape {shape!r:.40} is not a list of non-negative ints")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)

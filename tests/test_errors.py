@@ -122,7 +122,7 @@ def test_missing_kv_heads_is_what_transformers_assumes(ckpt_copy):
     json.dump(config, open(os.path.join(folder, "config.json"), "w"))
     run = run_tool("--model-id", folder, *CPU4)
     assert_error(run, 2, "checkpoint", "num_key_value_heads", "transformers assumes 32")
-    assert run.phases() == ["error", "summary"]
+    assert "engine_ready_dummy" not in run.phases()
 
 
 def test_prompt_beyond_the_token_budget_is_named_before_the_engine(checkpoint):
