@@ -2166,6 +2166,7 @@ def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
 
 def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     device = jax_ready(log_, args)
+    log_.begin("checkpoint")  # validation: config, tensors, parallelism, token budget
     info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
     validate_checkpoint(info)
     validate_parallelism(info, args.tp_size)
