@@ -83,8 +83,8 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
     for s in steps:
         assert s["device_to_host_copies"] == 0 and s["device_put_reshards"] == 0 and s["source"] == "device"
         assert s["leaves_unchanged"] and s["replaced_still_alive"] == 0
-    for s in steps[1:]:  # host RSS during a swap (after the first's compiles): nowhere near a host copy of the set
-        assert s["swap_peak_rss_bytes"] - s["rss_before_swap_bytes"] < 0.5 * s["param_bytes_sum"]
+    # (host RSS is no proof on CPU: the devices' buffers are host memory too, and it moved by 0.06-0.63 of a
+    # set between runs; the counted device->host copies above are the proof)
     after = [s["bytes_in_use_sum_after_swap"] for s in steps]
     assert max(after) - min(after) <= 0.02 * steps[0]["param_bytes_sum"]  # flat across steps
     assert len({tuple(s["output_ids"]) for s in steps}) == 3  # every step's weights answer differently
