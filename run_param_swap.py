@@ -1337,7 +1337,7 @@ class ParamSwapper:
                 param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
             self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
             self.swaps += 1
-            self.shared_ids = stats.aliased
+            self.shared_ids, self.last_swap_restored = stats.aliased, None
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
             raise
