@@ -8,6 +8,7 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
   scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
+  device_copy_kept  a device-to-device swap keeps an extra copy of every placed array (single_copy_memory)
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
@@ -70,6 +71,15 @@ elif mutation.startswith("fail_swap_at_"):
         return original_place(*args, **kwargs)
 
     rps.place = place
+elif mutation == "device_copy_kept":  # a device-to-device swap keeps a second copy of every array it places
+    kept, original_place_device = [], rps.place_device
+
+    def place_device(*args, **kwargs):
+        arr = original_place_device(*args, **kwargs)
+        kept.append(arr + 0)
+        return arr
+
+    rps.place_device = place_device
 elif mutation == "slow_place":  # every tensor placement takes 0.3 s more: a window to stop a run mid-swap
     import time
 

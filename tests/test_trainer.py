@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENGINE_TIMEOUT, ROOT, clean_env, reference_output_ids, run_tool
+from conftest import ENGINE_TIMEOUT, MUTATED, ROOT, clean_env, reference_output_ids, run_tool
 from test_end_to_end import swap_args
 
 GATE_BYTES = 512 * 1024 * 2  # the largest tensor of the test checkpoints: gate/up/down [512, 1024] bf16
@@ -71,6 +71,16 @@ def test_fsdp_trainer_swaps_device_to_device(checkpoint, tp, tied, kv_heads):
     # the engine's part is one set while the trainer holds its own
     single = run.summary["checks"]["single_copy_memory"]
     assert single["ok"] and single["weights_swapped_from_mllm"] == swapped["engine_bytes_sum"]
+
+
+def test_single_copy_fails_when_a_device_swap_keeps_a_second_set(checkpoint):
+    """With a trainer present, single_copy_memory subtracts only the trainer's own arrays: a second engine-side
+    copy made during a device-to-device swap must still fail it."""
+    run = run_tool("device_copy_kept", *swap_args(checkpoint(tied=True, num_kv_heads=2), 4,
+                                                  "--weights-source", "trainer", "--max-new-tokens", "2"),
+                   script=MUTATED)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert not run.summary["checks"]["single_copy_memory"]["ok"]
 
 
 def test_rl_loop_through_the_api(checkpoint, tmp_path):
