@@ -33,6 +33,7 @@ its error line and summary; a swap in progress completes first).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import functools
 import gc
@@ -151,6 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after the first swap, swap N more times alternating B (a deterministic perturbation, or "
                         "--model-id-b) and A, checking outputs repeat and memory does not grow")
     p.add_argument("--model-id-b", default=None, help="second checkpoint for --rounds (default: perturbed A)")
+    p.add_argument("--serve-load", type=int, default=0, metavar="N",
+                   help="keep N greedy requests in flight (clients sending one after another, prompts and lengths "
+                        "varied, some spanning a swap) across the first swap and every --rounds swap, and check "
+                        "serve_no_lost_requests, serve_no_mixed_forward and serve_fresh_after_swap; reports how "
+                        "long each swap stops serving and requests/s with and without swaps")
+    p.add_argument("--serve-seconds", type=float, default=10.0,
+                   help="--serve-load: length of each requests/s window, without and with swaps (default: %(default)s)")
     p.add_argument("--single-copy-tolerance", type=float, default=1.02,
                    help="bytes_in_use_sum after the swap may be at most engine_ready_dummy x this (default: %(default)s)")
     p.add_argument("--download-dir", default=None, help="HF cache folder for hub downloads")
@@ -288,7 +296,7 @@ class PhaseLog:
 
     def phase(self, name: str, memory: bool = True, **fields) -> dict:
         record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
-        if memory:
+        if memory and "memory" not in record:  # a swap's report carries its own sample (taken while paused)
             record["memory"] = device_memory()
         return self.write(record)
 
@@ -323,6 +331,10 @@ def validate_args(args: argparse.Namespace) -> None:
                          "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
     if args.rounds < 0:
         problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
+    if args.serve_load < 0:
+        problems.append((f"--serve-load {args.serve_load} < 0", "0 turns the load off"))
+    if not args.serve_seconds > 0:
+        problems.append((f"--serve-seconds {args.serve_seconds} <= 0", "seconds per requests/s window, e.g. 10"))
     if args.weights_source == "trainer":
         args.trainer_sharding = args.trainer_sharding or "fsdp"
     elif args.alias or args.trainer_sharding:
@@ -559,10 +571,21 @@ def validate_token_budget(args, info: CheckpointInfo) -> None:
     from transformers import AutoTokenizer
 
     try:
-        prompt_tokens = len(AutoTokenizer.from_pretrained(info.path)(args.prompt)["input_ids"])
+        tokenizer = AutoTokenizer.from_pretrained(info.path)
+        prompt_tokens = len(tokenizer(args.prompt)["input_ids"])
     except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer cannot be served either
         raise ToolError("checkpoint", f"cannot load the tokenizer of {info.path}: {type(e).__name__}: {e}",
                         "the engine needs the checkpoint's tokenizer files") from e
+    if args.serve_load:
+        prompts = load_prompts(tokenizer, args.prompt)
+        if not prompts:
+            raise ToolError("arguments", "--serve-load: every load prompt starts with the same token as --prompt",
+                            "start --prompt with another word")
+        longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + 2 * args.max_new_tokens
+        if longest >= min(args.max_total_tokens, info.context_len):
+            raise ToolError("arguments", f"--serve-load: its longest request ({longest} tokens: a load prompt + 2 x "
+                            f"--max-new-tokens) does not fit --max-total-tokens {args.max_total_tokens} or the "
+                            f"model's context of {info.context_len}", "lower --max-new-tokens")
     total = prompt_tokens + args.max_new_tokens
     problems = [(f"--max-total-tokens {args.max_total_tokens}", "raise --max-total-tokens")
                 for _ in [0] if total >= args.max_total_tokens]
@@ -1253,12 +1276,111 @@ def source_arrays(flat: Mapping[str, Any]) -> list:
     return list(getattr(flat, "base", flat).values())
 
 
+PAUSE_MODE = "retract"  # see ServeGuard and docs/phases.md ("Swapping while the engine serves")
+PAUSE_WAIT_S = 120.0  # how long a swap waits for the scheduler to confirm it paused
+
+
+class ServeGuard:
+    """Hooks on the in-process scheduler that make a swap atomic with respect to generation, and prove it.
+
+    The swap runs between `pause_generation("retract")` and `continue_generation()`. Retract (not in_place,
+    not abort): every running request goes back to the waiting queue with its KV freed (not cached) and keeps
+    its tokens so far; after the swap it is prefilled again (prompt + those tokens) with the NEW weights and
+    generates the rest with them. in_place would keep KV computed with the old weights under the new ones,
+    and abort loses the requests. sglang-jax's `flush_cache()` refuses while any request waits, so retracted
+    requests would keep the radix cache (prefix KV of the old weights) alive: `flush_cache` here holds the
+    waiting requests aside while the scheduler's own flush runs, on the scheduler's thread, only when every
+    held request owns no KV (a retracted or never-started request), and its answer is checked by the swap.
+
+    sglang-jax 0.0.3rc99's retract also misses the requests of a prefill batch that ran last and was not yet
+    merged into the running batch (the overlap scheduler merges it at its next step; the pause drops that
+    step): they would never finish (overlap) or keep their old-weight KV (no overlap). `pause_generation` here
+    retracts them too, as upstream SGLang merges them before retracting.
+
+    Every forward step records the weight set it ran on (`weights_id`, set by each completed swap) and whether
+    a swap was changing the Params (`changing`) when it started or ended: a step that saw a change is `mixed`.
+    The engine's failure signals (a forward-thread exception, the watchdog) go to this process, where the
+    Stopper turns them into one error line and exit 3; sglang-jax sends them to the parent process."""
+
+    def __init__(self, scheduler, model_runner):
+        import psutil
+
+        self.weights_id = 0  # 0: the dummy weights; each completed swap sets a new id (a rolled-back one not)
+        self.changing = False  # True while a swap changes Params (and after a failed swap that could not restore)
+        self.forwards = 0
+        self.by_weights: dict[int, int] = {}  # weights_id -> forward steps that ran on exactly that set
+        self.mixed: list[dict] = []  # forward steps that saw a change of weights
+        self.hold_waiting = False  # set by flush(): hold waiting requests aside while the scheduler flushes
+        self.held = 0
+        run_model = model_runner.jitted_run_model
+
+        def jitted_run_model(*args, **kwargs):
+            start = (self.weights_id, self.changing)
+            out = run_model(*args, **kwargs)
+            end = (self.weights_id, self.changing)
+            self.forwards += 1
+            if start[1] or end[1] or start[0] != end[0]:
+                if len(self.mixed) < 100:
+                    self.mixed.append({"forward": self.forwards, "weights_at_start": start[0],
+                                       "weights_at_end": end[0], "swap_running": start[1] or end[1]})
+            else:
+                self.by_weights[start[0]] = self.by_weights.get(start[0], 0) + 1
+            return out
+
+        model_runner.jitted_run_model = jitted_run_model
+        flush = scheduler.flush_cache
+
+        def flush_cache():
+            if not self.hold_waiting:
+                return flush()
+            held = scheduler.waiting_queue
+            owning = [r.rid for r in held if r.req_pool_idx is not None]
+            if owning:
+                return False, f"{len(owning)} waiting request(s) own KV cache", 0
+            scheduler.waiting_queue = []
+            try:
+                return flush()
+            finally:
+                scheduler.waiting_queue = held + scheduler.waiting_queue
+                self.held = len(held)
+
+        scheduler.flush_cache = flush_cache
+        mapping = scheduler._request_dispatcher._mapping
+        index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
+        pause = mapping[index][1]
+
+        def pause_generation(recv_req):
+            last = scheduler.last_batch
+            out = pause(recv_req)
+            self.retracted_prefills = 0
+            if recv_req.mode == "retract" and last is not None and last is not scheduler.running_batch \
+                    and last.forward_mode.is_extend():
+                last.filter_batch()  # finished requests are already released
+                if not last.is_empty():
+                    for req in last.retract_all(scheduler.server_args):
+                        scheduler._add_request_to_queue(req)
+                        self.retracted_prefills += 1
+                scheduler.last_batch = scheduler.cur_batch = None
+            return out
+
+        mapping[index] = (mapping[index][0], pause_generation)
+        self.retracted_prefills = 0
+        for owner in (scheduler, scheduler.tp_worker):
+            if hasattr(owner, "parent_process"):
+                owner.parent_process = psutil.Process()
+
+    def forward_counts(self) -> dict:
+        return {"forwards": self.forwards, "forwards_mixed": len(self.mixed),
+                "forwards_by_weights": {str(k): v for k, v in sorted(self.by_weights.items())}}
+
+
 class ParamSwapper:
     """Swap MLLM-JAX param trees into a running sglang-jax Engine, in place. The API an RL loop imports; the
     CLI runs on it too. docs/api.md has the contract and an example.
 
         swapper = ParamSwapper(engine)
         report = swapper.swap(mllm_params, mode="streaming", alias=False)   # the phase JSON's dict
+        report = await swapper.swap_async(mllm_params)   # from a coroutine on engine.loop (while serving)
 
     Sources: numpy leaves (host: placed with device_put) or jax.Array leaves on the engine's devices in ANY
     sharding (trainer-resident: cast, transposed, KV heads repeated and resharded on the devices, no host
@@ -1266,6 +1388,9 @@ class ParamSwapper:
     tree layout and validated whole before anything touches the engine. `alias=True` lets a Param BE the
     trainer's array where it already is the target (can_alias): no copy, but a trainer step that donates
     that buffer deletes the engine's weight (check_live and generate() catch it).
+
+    Every swap pauses generation (retract), swaps, flushes the radix cache (a refused flush is an error) and
+    continues: requests in flight keep their tokens so far and finish on the new weights (ServeGuard).
     """
 
     def __init__(self, engine, num_kv_heads: int | None = None):
@@ -1273,7 +1398,10 @@ class ParamSwapper:
         model_runner = scheduler.tp_worker.worker.model_runner
         if "request_recorder" not in engine.scheduler_info:  # generate() reads the scheduler's own ids from it
             engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
+        if "serve_guard" not in engine.scheduler_info:
+            engine.scheduler_info["serve_guard"] = ServeGuard(scheduler, model_runner)
         self.engine, self.state = engine, EngineState(model_runner)
+        self.guard: ServeGuard = engine.scheduler_info["serve_guard"]
         self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
@@ -1297,22 +1425,114 @@ class ParamSwapper:
             self.plans[key] = plan_swap(flat, self.state.params, self.num_kv_heads)
         return self.plans[key]
 
+    def run_on_loop(self, coro):
+        """Run a coroutine of this swapper on the engine's event loop from synchronous code (the loop must
+        not be running: sglang-jax's own sync calls have the same rule)."""
+        if self.engine.loop.is_running():
+            coro.close()
+            raise ToolError("arguments", "the engine's event loop is running (a generation or a swap is in "
+                            "progress on it)", "from a coroutine on engine.loop, await swapper.swap_async(...); "
+                            "from synchronous code, call swap() while no engine call runs")
+        return self.engine.loop.run_until_complete(coro)
+
     def swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
              rollback: bool | None = None) -> dict:
-        """Swap the tree in; returns the report (seconds, bytes, peak, checks). Raises ToolError on bad input
-        (nothing touched) or a failed swap (restored says whether the previous weights are back)."""
-        return self.swap_arrays(mllm_params, mode, alias, rollback)[0]
+        """Swap the tree in; returns the report (seconds, bytes, peak, serving stop, checks). Raises ToolError
+        on bad input (nothing touched) or a failed swap (restored says whether the previous weights are back)."""
+        return self.run_on_loop(self.swap_arrays_async(mllm_params, mode, alias, rollback))[0]
+
+    async def swap_async(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
+                         rollback: bool | None = None) -> dict:
+        """swap() for a coroutine on engine.loop, e.g. while async_generate requests are in flight."""
+        return (await self.swap_arrays_async(mllm_params, mode, alias, rollback))[0]
 
     def swap_arrays(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
                     rollback: bool | None = None, plan: list[SwapItem] | None = None) -> tuple[dict, dict, dict]:
-        """swap(), also returning {nnx path: the engine's new array} and the leaves_unchanged details.
+        """swap(), also returning {nnx path: the engine's new array} and the leaves_unchanged details."""
+        return self.run_on_loop(self.swap_arrays_async(mllm_params, mode, alias, rollback, plan))
+
+    async def swap_arrays_async(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
+                                rollback: bool | None = None, plan: list[SwapItem] | None = None
+                                ) -> tuple[dict, dict, dict]:
+        """Validate, then pause generation, swap, flush the radix cache, continue. A failed swap that was
+        rolled back flushes and continues too (requests finish on the previous weights); one that could not
+        be rolled back leaves generation paused (the engine is half-swapped) and says so."""
+        flat, plan, device, rollback = self.prepare(mllm_params, mode, alias, rollback, plan)
+        t0 = time.perf_counter()
+        paused = await self.pause()
+        t1 = time.perf_counter()
+        try:
+            param_dict, stats, before, seconds = self.swap_now(flat, plan, device, mode, alias, rollback)
+        except ToolError as e:
+            if e.details.get("restored"):
+                await self.flush()
+                await self.resume()
+                e.details["generation"] = "continued on the previous weights"
+            else:
+                e.details["generation"] = "paused: the engine is half-swapped"
+            raise
+        memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
+        t2 = time.perf_counter()
+        held = await self.flush()
+        t3 = time.perf_counter()
+        await self.resume()
+        stopped = time.perf_counter() - t0
+        ok, details = leaves_unchanged(self.state, param_dict, stats)  # read-only: after serving goes on
+        param_bytes = sum(i.nbytes_sum for i in plan)
+        report = {"seconds": round(seconds, 4), "num_swapped": len(param_dict), "param_bytes_sum": param_bytes,
+                  "alias": alias, "rollback": rollback, **stats.as_json(), "bytes_in_use_sum_before_swap": before,
+                  "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
+                  "leaves_unchanged": ok, **self.memory_split(flat, memory), "memory": memory}
+        report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4), flush_s=round(t3 - t2, 4),
+                      serving_stopped_s=round(stopped, 4),
+                      serving_stopped_ratio=round(stopped / max(report["seconds"], 1e-9), 3),
+                      requests_paused=paused, requests_held_in_flush=held)
+        return report, param_dict, details
+
+    async def pause(self) -> int:
+        """pause_generation(retract), then wait until the scheduler itself says it is paused with nothing
+        running (the tokenizer manager's pause only sends the request). Returns the requests it holds."""
+        from sgl_jax.srt.managers.io_struct import PauseGenerationReqInput
+
+        tm = self.engine.tokenizer_manager
+        await tm.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
+        deadline = time.perf_counter() + PAUSE_WAIT_S
+        while True:
+            state = (await tm.get_internal_state())[0]
+            if state.get("engine_paused") and state.get("running_batch_size") == 0:
+                return int(state.get("waiting_queue_size", 0))
+            if time.perf_counter() > deadline:
+                await self.resume()
+                raise ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} "
+                                f"s (engine_paused {state.get('engine_paused')}, running "
+                                f"{state.get('running_batch_size')})", "nothing was swapped; generation continues",
+                                EXIT_ENGINE)
+            await asyncio.sleep(0.005)
+
+    async def flush(self) -> int:
+        """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
+        (stale prefix KV of the old weights would survive). Returns how many requests were held aside."""
+        self.guard.hold_waiting = True
+        try:
+            answer = await self.engine.tokenizer_manager.flush_cache()
+        finally:
+            self.guard.hold_waiting = False
+        if not answer.success:
+            raise ToolError("swap_flush", f"the radix cache flush was refused: {answer.error_msg}",
+                            "generation stays paused: the cache may hold prefix KV of the previous weights",
+                            EXIT_ENGINE, generation="paused")
+        return self.guard.held
+
+    async def resume(self) -> None:
+        from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
+
+        await self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput())
+
+    def prepare(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
+        """Everything checked before the engine is touched: mode, plan, live sources, alias, rollback.
         rollback None: on for host sources (a host copy of each replaced array), off for device sources
         (a backup would be a device->host copy of the whole set; the swap then runs under JAX's
         device-to-host transfer guard, which proves on TPU/GPU that nothing leaves the devices)."""
-        import contextlib
-
-        import jax
-
         if mode not in ("streaming", "bulk"):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = as_flat(mllm_params)
@@ -1326,36 +1546,42 @@ class ParamSwapper:
         if alias and not device:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
-        rollback = (not device) if rollback is None else rollback
+        return flat, plan, device, (not device) if rollback is None else rollback
+
+    def swap_now(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
+                 rollback: bool) -> tuple[dict, SwapStats, int, float]:
+        """The swap itself, with generation paused: place, assign, rebind, release (swap()). Returns the new
+        arrays, the stats, the bytes in use before and the seconds it took."""
+        import contextlib
+
+        import jax
+
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids)
         before = bytes_in_use_sum(device_memory())
         guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
         t = time.perf_counter()
         self.idle.clear()
+        self.guard.changing = True
         try:
             with guard:
                 param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
-            self.engine.flush_cache()  # the radix cache holds prefix KV computed with the old weights
             self.swaps += 1
+            self.guard.weights_id = self.swaps
+            self.guard.changing = False
             self.shared_ids, self.last_swap_restored = stats.aliased, None
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
+            self.guard.changing = not self.last_swap_restored  # restored: the previous set, whole again
             raise
         finally:
             self.idle.set()
-        seconds = time.perf_counter() - t
-        ok, details = leaves_unchanged(self.state, param_dict, stats)
-        param_bytes = sum(i.nbytes_sum for i in plan)
-        report = {"seconds": round(seconds, 4), "num_swapped": len(param_dict), "param_bytes_sum": param_bytes,
-                  "alias": alias, "rollback": rollback, **stats.as_json(), "bytes_in_use_sum_before_swap": before,
-                  "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
-                  "leaves_unchanged": ok, **self.memory_split(flat)}
-        return report, param_dict, details
+        return param_dict, stats, before, time.perf_counter() - t
 
-    def memory_split(self, mllm_params: Mapping[str, Any] | None = None) -> dict:
-        """Device bytes in use, split: the trainer's arrays (a device source), the part of them the engine
-        does not share (trainer_only), and the rest (the engine: its weights, KV cache, everything else)."""
-        total = bytes_in_use_sum(device_memory())
+    def memory_split(self, mllm_params: Mapping[str, Any] | None = None, memory: dict | None = None) -> dict:
+        """Device bytes in use (now, or in the `memory` sample), split: the trainer's arrays (a device source),
+        the part of them the engine does not share (trainer_only), and the rest (the engine: its weights, KV
+        cache, everything else)."""
+        total = bytes_in_use_sum(memory or device_memory())
         engine_buffers = {(d.id, p) for v in self.state.params.values() for d, p, _ in device_buffers(v.get_value())}
         trainer: dict[tuple[int, int], int] = {}
         if mllm_params is not None:
@@ -1427,9 +1653,9 @@ def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: M
     return plan
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
+def weights_swapped_from_mllm(log_: PhaseLog, args, serve: ServeLoad, tree: Mapping[str, Any], plan):
     log_.begin("weights_swapped_from_mllm")
-    report, param_dict, details = swapper.swap_arrays(tree, args.swap_mode, args.alias, args.rollback)
+    report, param_dict, details = serve.swap(tree, plan, args.alias, "first swap", "A")
     log_.check("leaves_unchanged", report["leaves_unchanged"], **details)
     log_.phase("weights_swapped_from_mllm", **report)
     return param_dict
@@ -1550,9 +1776,14 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
     an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
     = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
     ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    return engine.loop.run_until_complete(agenerate(engine, prompt, max_new_tokens, logprobs))
+
+
+async def agenerate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+    """generate() for a coroutine on engine.loop (while other requests are in flight)."""
     check_live(engine)
-    out = engine.generate(prompt=prompt, return_logprob=logprobs,
-                          sampling_params={"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    out = await engine.async_generate(prompt=prompt, return_logprob=logprobs, sampling_params={
+        "temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
     meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
     record = engine.scheduler_info["request_recorder"].take(meta["id"])
     ids = record["output_ids"]
@@ -1574,10 +1805,11 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
     return result
 
 
-def generate_result(log_: PhaseLog, args, engine, phase: str = "generate_result", logprobs: bool = False) -> dict:
+def generate_result(log_: PhaseLog, args, serve: ServeLoad, phase: str = "generate_result",
+                    logprobs: bool = False) -> dict:
     log_.begin(phase)
     t = time.perf_counter()
-    out = generate(engine, args.prompt, args.max_new_tokens, logprobs)
+    out = serve.generate(args.prompt, args.max_new_tokens, logprobs)
     fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
     log_.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=args.prompt, **fields)
     log_.answers.append((phase, out))
@@ -1818,8 +2050,10 @@ def weights_b(args, swapper: ParamSwapper, flat_a):
     return flat_b, swapper.plan(flat_b), info_b.path
 
 
-def swap_rounds(log_: PhaseLog, args, engine, swapper: ParamSwapper, info: CheckpointInfo, flat_a, plan_a,
-                first_output: dict) -> None:
+def swap_rounds(log_: PhaseLog, args, engine, serve: ServeLoad, info: CheckpointInfo, flat_a, plan_a,
+                first_output: dict) -> tuple:
+    """--rounds: swap B, A, B, ... (each under the load with --serve-load); returns B's (tree, plan)."""
+    swapper = serve.swapper
     flat_b, plan_b, path_b = weights_b(args, swapper, flat_a)  # validated before round 1 touches anything
     first = next(r for r in log_.records if r["phase"] == "weights_swapped_from_mllm")
     limit = int(first["engine_bytes_sum"] * args.single_copy_tolerance)  # the engine's part (a trainer holds A)
@@ -1831,15 +2065,16 @@ def swap_rounds(log_: PhaseLog, args, engine, swapper: ParamSwapper, info: Check
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
         alias = args.alias and all(on_devices(a) for a in source_arrays(source))
         try:
-            report, param_dict, _ = swapper.swap_arrays(source, args.swap_mode, alias, args.rollback, plan=plan)
+            report, param_dict, _ = serve.swap(source, plan, alias, f"round {r}", which)
         except ToolError as e:
+            serve.after_failure(log_, e)
             check_restored(e, engine, args, last_output)
             raise
         del param_dict
         checkpoint = info.path if which == "A" else path_b
         if args.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
             weights_equal_loader(log_, swapper.state, checkpoint, swap=f"round {r}")
-        out = generate(engine, args.prompt, args.max_new_tokens)
+        out = serve.generate(args.prompt, args.max_new_tokens)
         outputs[which].append(out["output_ids"])
         log_.answers.append((f"swap_round {r}", out))
         last_output = out
@@ -1857,6 +2092,261 @@ def swap_rounds(log_: PhaseLog, args, engine, swapper: ParamSwapper, info: Check
                b_rounds_equal=sum(o == b_runs[0] for o in b_runs), b_rounds=len(b_runs))
     log_.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
     check_generate(log_)
+    return flat_b, plan_b
+
+
+# ----------------------------------------------------------------------------------------------
+# --serve-load: requests in flight across every swap, and the three checks on them
+# ----------------------------------------------------------------------------------------------
+
+LOAD_PROMPTS = [  # --serve-load: the clients' prompts (those sharing a first token with --prompt are left out)
+    "Write a short poem about sharded arrays.",
+    "List three reasons to pause generation before changing weights.",
+    "Summarize the story of the lazy dog in two sentences.",
+    "What does a radix cache store?",
+    "Count from one to twenty in words.",
+    "Describe a tensor parallel mesh of four devices.",
+    "Why do rollout engines keep many requests in flight?",
+    "Translate 'the weights were swapped' into French.",
+]
+SERVE_WAIT_S = 300.0  # longest wait for load requests to reach the scheduler or to finish
+
+
+def load_prompts(tokenizer, prompt: str) -> list[str]:
+    """The load prompts whose first token differs from the checked prompt's: then no load request shares a
+    cached prefix with it, and its answer after a swap is computed from scratch, like its reference."""
+    first = tokenizer(prompt)["input_ids"][:1]
+    return [p for p in LOAD_PROMPTS if tokenizer(p)["input_ids"][:1] != first]
+
+
+class ServeLoad:
+    """--serve-load N: N clients on the engine's event loop, each sending greedy requests one after another
+    (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens; every request in flight at a pause spans that swap), kept in flight
+    across the first swap and every --rounds swap. The checked prompt runs `quiet()`: the clients hold and
+    the requests in flight finish first, so its answer is computed alone, like its reference (batched bf16
+    answers differ from solo ones at near-ties). With N = 0 every method calls straight through."""
+
+    def __init__(self, engine, swapper: ParamSwapper, args):
+        self.engine, self.swapper, self.args, self.clients = engine, swapper, args, args.serve_load
+        m = args.max_new_tokens
+        self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
+        self.prompts = load_prompts(engine.tokenizer_manager.tokenizer, args.prompt) if self.clients else []
+        self.requests: list[dict] = []  # every finished load request
+        self.in_flight = 0
+        self.tasks: list = []
+        self.go = None  # asyncio.Event: clients may send (cleared by quiet())
+        self.stopping = False
+        self.t0 = time.perf_counter()
+        self.forwards_at_start = 0
+        self.swaps: list[dict] = []  # every swap made while the load ran
+        self.fresh: list[dict] = []  # the checked prompt's answer right after each swap: {swap, weights, answer}
+        self.pending: tuple | None = None  # (swap label, weights) whose answer has not been taken yet
+        self.unfinished = 0
+
+    def now(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+    async def client(self, i: int) -> None:
+        recorder, k = self.engine.scheduler_info["request_recorder"], 0
+        while True:
+            await self.go.wait()
+            if self.stopping:
+                return
+            j, n = (i + k) % len(self.prompts), self.lengths[(i + k) % len(self.lengths)]
+            k += 1
+            rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
+            self.in_flight += 1
+            try:
+                out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params={
+                    "temperature": 0.0, "max_new_tokens": n, "ignore_eos": True})
+                meta = out["meta_info"]
+                rec.update(finish=(meta.get("finish_reason") or {}).get("type"), completion_tokens=meta.get(
+                    "completion_tokens"), tokens=len(recorder.take(meta["id"])["output_ids"]))
+            except Exception as e:  # noqa: BLE001 - a request that errors is what serve_no_lost_requests counts
+                rec["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                self.in_flight -= 1
+                rec["done_s"] = self.now()
+                self.requests.append(rec)
+
+    async def wait_for(self, what: str, ready) -> None:
+        deadline = time.perf_counter() + SERVE_WAIT_S
+        while not ready():
+            if time.perf_counter() > deadline:
+                raise ToolError("serve_load", f"{what} did not happen within {SERVE_WAIT_S:.0f} s",
+                                "the engine stopped serving the load", EXIT_ENGINE)
+            await asyncio.sleep(0.01)
+
+    async def busy(self) -> None:
+        """Every client has a request in flight and the engine ran forward steps since."""
+        self.go.set()
+        await self.wait_for("every client sending a request", lambda: self.in_flight >= self.clients)
+        start = self.swapper.guard.forwards
+        await self.wait_for("forward steps with the load", lambda: self.swapper.guard.forwards >= start + 2)
+
+    def start(self, log_: PhaseLog) -> None:
+        if not self.clients:
+            return
+
+        async def start():
+            self.go = asyncio.Event()
+            self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients)]
+            await self.busy()
+
+        log_.begin("serve_load_started")
+        self.forwards_at_start = self.swapper.guard.forwards
+        self.swapper.run_on_loop(start())
+        log_.phase("serve_load_started", clients=self.clients, prompts=self.prompts, max_new_tokens=self.lengths,
+                   in_flight=self.in_flight, pause_mode=PAUSE_MODE)
+
+    async def swap_async(self, source, plan, alias: bool, label: str, weights: str, fresh: bool = True):
+        await self.busy()
+        entry = {"swap": label, "weights": weights, "start_s": self.now()}
+        self.swaps.append(entry)
+        try:
+            result = await self.swapper.swap_arrays_async(source, self.args.swap_mode, alias, self.args.rollback, plan)
+        except ToolError as e:
+            g = self.swapper.guard
+            entry.update(failed=e.error, restored=e.details.get("restored"), end_s=self.now(),
+                         forwards_at_failure=g.forwards, on_previous_at_failure=g.by_weights.get(g.weights_id, 0))
+            raise
+        report = result[0]
+        entry.update(end_s=self.now(), swap_s=report["seconds"], serving_stopped_s=report["serving_stopped_s"],
+                     serving_stopped_ratio=report["serving_stopped_ratio"], requests_paused=report["requests_paused"])
+        self.pending = (label, weights) if fresh else None
+        return result
+
+    def swap(self, source, plan, alias: bool, label: str, weights: str):
+        """One swap through the API (pause, swap, flush, continue), with the load in flight when there is one."""
+        if not self.tasks:
+            return self.swapper.swap_arrays(source, self.args.swap_mode, alias, self.args.rollback, plan)
+        return self.swapper.run_on_loop(self.swap_async(source, plan, alias, label, weights))
+
+    def hold(self) -> None:
+        """Hold the clients and let the requests in flight finish (the next generate() lets them go)."""
+        if self.tasks and not self.stopping:
+            self.swapper.run_on_loop(self.drain())
+
+    async def drain(self) -> None:
+        self.go.clear()
+        await self.wait_for("the load's requests in flight finishing", lambda: self.in_flight == 0)
+
+    def generate(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+        """generate(), alone: with the load held and its requests in flight finished first."""
+        if not self.tasks or self.stopping:
+            return generate(self.engine, prompt, max_new_tokens, logprobs)
+        self.swapper.run_on_loop(self.drain())
+        try:
+            out = generate(self.engine, prompt, max_new_tokens, logprobs)
+        finally:
+            self.go.set()
+        if self.pending:
+            self.fresh.append({"swap": self.pending[0], "weights": self.pending[1], "answer": out})
+            self.pending = None
+        return out
+
+    def finish(self) -> None:
+        """Stop the clients and let every request in flight complete."""
+        if not self.tasks or self.stopping:
+            return
+
+        async def finish():
+            self.stopping = True
+            self.go.set()
+            done, pending = await asyncio.wait(self.tasks, timeout=SERVE_WAIT_S)
+            self.unfinished = len(pending)
+
+        self.swapper.run_on_loop(finish())
+
+    def throughput(self, seconds: float, swaps: list[tuple]) -> dict:
+        """Requests completed per second in a window of `seconds` without a swap, then in one as long with
+        `swaps` ((source, plan, alias, weights), evenly spaced) made while serving."""
+        async def window(with_swaps: list) -> tuple[float, int, int]:
+            await self.busy()
+            t, n, f = time.perf_counter(), len(self.requests), self.swapper.guard.forwards
+            for k, (source, plan, alias, weights) in enumerate(with_swaps):
+                await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
+                await self.swap_async(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
+            await asyncio.sleep(max(0.0, t + seconds - time.perf_counter()))
+            return time.perf_counter() - t, len(self.requests) - n, self.swapper.guard.forwards - f
+
+        s0, n0, f0 = self.swapper.run_on_loop(window([]))
+        s1, n1, f1 = self.swapper.run_on_loop(window(swaps))
+        return {"window_s": seconds, "requests_without_swaps": n0, "requests_per_s_without_swaps": round(n0 / s0, 3),
+                "requests_with_swaps": n1, "swaps_in_window": len(swaps), "window_with_swaps_s": round(s1, 3),
+                "requests_per_s_with_swaps": round(n1 / s1, 3),
+                "requests_per_s_ratio": round((n1 / s1) / (n0 / s0), 3) if n0 else None,
+                "forward_steps_per_s_without_swaps": round(f0 / s0, 3), "forward_steps_per_s_with_swaps":
+                round(f1 / s1, 3), "forward_steps_per_s_ratio": round((f1 / s1) / (f0 / s0), 3) if f0 else None}
+
+    def references(self, log_: PhaseLog, sources: dict[str, tuple]) -> dict[str, dict]:
+        """The checked prompt's answer for each weight set, on the idle engine: swapped in, then sglang-jax's
+        own flush_cache (its answer must be success: nothing runs), then generated from an empty cache."""
+        log_.begin("serve_reference")
+        refs = {}
+        for weights, (source, plan, alias) in sources.items():
+            self.swapper.swap_arrays(source, self.args.swap_mode, alias, self.args.rollback, plan)
+            flushed = self.engine.flush_cache()
+            if not flushed.success:
+                raise ToolError("serve_reference", f"flush_cache refused on the idle engine: {flushed.error_msg}",
+                                "no request should be running once the load has finished", EXIT_ENGINE)
+            refs[weights] = generate(self.engine, self.args.prompt, self.args.max_new_tokens)
+        log_.phase("serve_reference", weights=sorted(refs), output_ids={w: r["output_ids"] for w, r in refs.items()})
+        return refs
+
+    def check_requests(self, log_: PhaseLog) -> None:
+        """serve_no_lost_requests: every load request returned all its tokens, none errored or was aborted,
+        and every swap had requests in flight (else the load proved nothing)."""
+        lost = [r for r in self.requests if r.get("error") or r.get("finish") != "length"
+                or not r.get("tokens") == r.get("completion_tokens") == r["max_new_tokens"]]
+        idle_swaps = [s["swap"] for s in self.swaps if not s.get("requests_paused") and "failed" not in s]
+        log_.check("serve_no_lost_requests", bool(self.requests) and not lost and not self.unfinished and not idle_swaps,
+                   requests=len(self.requests), lost=len(lost), lost_examples=lost[:5], unfinished=self.unfinished,
+                   swaps_with_no_request_in_flight=idle_swaps,
+                   requests_paused_per_swap={s["swap"]: s.get("requests_paused") for s in self.swaps})
+
+    def check_forwards(self, log_: PhaseLog) -> None:
+        """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights."""
+        g = self.swapper.guard
+        log_.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
+                   forwards_while_serving=g.forwards - self.forwards_at_start, **g.forward_counts(),
+                   mixed_examples=g.mixed[:5])
+
+    def check_fresh(self, log_: PhaseLog, refs: dict[str, dict]) -> None:
+        """serve_fresh_after_swap: the checked prompt, sent after each swap, answers exactly as its reference
+        for that weight set (computed from an empty cache on the idle engine)."""
+        rows = []
+        for f in self.fresh:
+            ids, ref = f["answer"]["output_ids"], refs[f["weights"]]["output_ids"]
+            rows.append({"swap": f["swap"], "weights": f["weights"], "equal": ids == ref,
+                         "first_difference": next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b),
+                                                  None),
+                         "cached_tokens": f["answer"]["meta_info"].get("cached_tokens")})
+        log_.check("serve_fresh_after_swap", bool(rows) and all(r["equal"] for r in rows), swaps=rows)
+
+    def report(self, log_: PhaseLog, throughput: dict | None) -> None:
+        done = [r for r in self.requests if "error" not in r]
+        log_.phase("serve_load", clients=self.clients, requests_completed=len(done), **(throughput or {}),
+                   swaps=self.swaps, **self.swapper.guard.forward_counts())
+
+    def after_failure(self, log_: PhaseLog, error: ToolError) -> None:
+        """A swap failed while serving. Rolled back: generation went on with the previous weights; every
+        request in flight must complete on them (forward steps after the failure: that weight set only)."""
+        if not self.tasks:
+            return
+        self.check_forwards(log_)
+        if not error.details.get("restored"):
+            return  # generation stays paused: the requests in flight cannot finish
+        g, failed = self.swapper.guard, self.swaps[-1]
+        in_flight = self.in_flight
+        self.finish()
+        self.check_requests(log_)
+        error.details["serving"] = {
+            "requests_in_flight_at_failure": in_flight, "requests_completed": len(self.requests),
+            "requests_lost": log_.checks["serve_no_lost_requests"]["lost"] + self.unfinished,
+            "forwards_after_failure": g.forwards - failed["forwards_at_failure"],
+            "forwards_after_failure_on_previous_weights":
+                g.by_weights.get(g.weights_id, 0) - failed["on_previous_at_failure"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2181,28 +2671,32 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     validate_token_budget(args, info)
     engine, swapper = engine_ready_dummy(log_, args, info, device)
     state = swapper.state
+    serve = ServeLoad(engine, swapper, args)  # --serve-load 0: every swap and generation calls straight through
     try:
-        before = generate_result(log_, args, engine, phase="generate_before_swap")
+        before = generate_result(log_, args, serve, phase="generate_before_swap")
         tree = mllm_params_cpu_ready(log_, args, info)
         trainer = None  # --weights-source trainer: the tree on the devices, held (as a trainer would) to the end
         try:
             if args.weights_source == "trainer":
                 tree = trainer = mllm_params_device_ready(log_, args, swapper, tree)
             plan = sglang_param_dict_ready(log_, args, swapper, tree)
-            param_dict = weights_swapped_from_mllm(log_, args, swapper, tree)
+            serve.start(log_)
+            param_dict = weights_swapped_from_mllm(log_, args, serve, tree, plan)
         except ToolError as e:
+            serve.after_failure(log_, e)
             check_restored(e, engine, args, before)
             raise
         if args.verify_param_sharing:
             param_sharing_check(log_, state, param_dict)
         if args.verify_weights:
             weights_equal_loader(log_, state, info.path)
+        serve.hold()  # the memory phases below are sampled with no forward in flight
         if args.keep_param_dict:
             log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict), **swapper.memory_split(trainer))
         else:
             del param_dict
             log_.phase("after_cleanup")
-        out = generate_result(log_, args, engine, logprobs=args.verify_logits)
+        out = generate_result(log_, args, serve, logprobs=args.verify_logits)
         check_generate(log_)
         check_swap_effective(log_, before, out)
         if args.verify_logits:
@@ -2212,10 +2706,34 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
             log_.phase("after_drop_param_dict")
         check_single_copy(log_, args.single_copy_tolerance,
                           ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
+        flat_b = plan_b = None
         if args.rounds:
-            swap_rounds(log_, args, engine, swapper, info, as_flat(tree), plan, out)
+            flat_b, plan_b = swap_rounds(log_, args, engine, serve, info, as_flat(tree), plan, out)
+        if args.serve_load:
+            serve_results(log_, args, serve, as_flat(tree), plan, flat_b, plan_b)
     finally:
         engine.shutdown()
+
+
+def serve_results(log_: PhaseLog, args, serve: ServeLoad, flat_a, plan_a, flat_b, plan_b) -> None:
+    """--serve-load: throughput without and with swaps (B then A, while serving), then the load stops; the
+    references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
+    def alias(source) -> bool:
+        return args.alias and all(on_devices(a) for a in source_arrays(source))
+
+    log_.begin("serve_load")
+    b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
+    swaps = [(b[0], b[1], alias(b[0]), "B"), (flat_a, plan_a, alias(flat_a), "A")]
+    throughput = serve.throughput(args.serve_seconds, swaps)
+    serve.finish()
+    sources = {"A": (flat_a, plan_a, alias(flat_a))}
+    if any(f["weights"] == "B" for f in serve.fresh):
+        sources["B"] = (b[0], b[1], alias(b[0]))
+    refs = serve.references(log_, sources)
+    serve.check_requests(log_)
+    serve.check_forwards(log_)
+    serve.check_fresh(log_, refs)
+    serve.report(log_, throughput)
 
 
 def main(argv: list[str] | None = None) -> int:

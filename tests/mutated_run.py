@@ -5,6 +5,10 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   skip_one_param  the swap leaves the last planned Param dummy
   copy_in_dict    after the swap, one dict entry is a copy of the engine's array, not the array itself
   no_flush        the radix cache is not flushed after the swap
+  no_pause        generation is not paused around the swap (forward steps run on half-swapped weights)
+  flush_ignored   the flush is sent without holding the retracted requests aside and its answer is ignored
+                  (sglang-jax refuses it while requests wait: the cache keeps the old weights' prefix KV)
+  crash_while_serving  the scheduler thread raises once the --serve-load clients run (exit 3, one error line)
   fail_swap_at_N  the N-th tensor placement raises (a device out of memory, say): the swap must roll back
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
   scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
@@ -57,9 +61,38 @@ elif mutation == "copy_in_dict":
 
     rps.weights_swapped_from_mllm = weights_swapped_from_mllm
 elif mutation == "no_flush":
-    from sgl_jax.srt.entrypoints.engine import Engine
+    async def flush(self):
+        return 0
 
-    Engine.flush_cache = lambda self: None
+    rps.ParamSwapper.flush = flush
+elif mutation == "no_pause":
+    async def pause(self):
+        return 0
+
+    rps.ParamSwapper.pause = pause
+elif mutation == "flush_ignored":
+    async def flush(self):
+        await self.engine.tokenizer_manager.flush_cache()
+        return 0
+
+    rps.ParamSwapper.flush = flush
+elif mutation == "crash_while_serving":
+    original_start = rps.ServeLoad.start
+
+    def start(self, log_):
+        original_start(self, log_)
+        scheduler, calls = self.engine.scheduler_info["scheduler"], [0]
+        process_batch_result = scheduler.process_batch_result
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise RuntimeError("injected scheduler crash while serving")
+            return process_batch_result(*args, **kwargs)
+
+        scheduler.process_batch_result = failing
+
+    rps.ServeLoad.start = start
 elif mutation.startswith("fail_swap_at_"):
     fail_at, calls = int(mutation.rsplit("_", 1)[1]), [0]
     original_place = rps.place

@@ -1,0 +1,82 @@
+"""Swapping while the engine serves (--serve-load): pause (retract), swap, flush, continue. The three serve
+checks pass on a correct swap under load, and each fails on its planted defect; a failure mid-swap rolls
+back while the requests in flight finish on the previous weights; a scheduler crash is exit 3."""
+
+import pytest
+from conftest import MUTATED, PROMPT, run_tool
+
+import run_param_swap as rps
+
+SERVE = ["--device", "cpu", "--tp-size", "4", "--prompt", PROMPT, "--max-new-tokens", "6", "--serve-load", "4",
+         "--serve-seconds", "1"]
+SERVE_CHECKS = ("serve_no_lost_requests", "serve_no_mixed_forward", "serve_fresh_after_swap")
+
+
+def test_swaps_under_load_pass_the_serve_checks(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("--model-id", folder, *SERVE, "--rounds", "2")
+    checks = run.summary["checks"]
+    assert run.returncode == 0, (checks, run.stderr[-3000:])
+    assert all(checks[c]["ok"] for c in SERVE_CHECKS)
+    fresh = checks["serve_fresh_after_swap"]["swaps"]
+    assert [(f["swap"], f["weights"]) for f in fresh] == [("first swap", "A"), ("round 1", "B"), ("round 2", "A")]
+    assert all(f["cached_tokens"] == 0 for f in fresh)  # computed from an empty cache, like the reference
+    load = run.phase("serve_load")
+    # every swap (3 checked + 2 in the requests/s window) had requests in flight, held while it ran
+    assert len(load["swaps"]) == 5 and all(s["requests_paused"] > 0 for s in load["swaps"])
+    assert checks["serve_no_mixed_forward"]["forwards_while_serving"] > 0
+    assert load["requests_completed"] == checks["serve_no_lost_requests"]["requests"] > 0
+    assert load["requests_per_s_without_swaps"] >= 0 and load["requests_per_s_with_swaps"] >= 0
+    for name in ("weights_swapped_from_mllm", "swap_round"):
+        r = run.phase(name)
+        assert r["pause_mode"] == "retract" and r["requests_paused"] > 0
+        assert r["requests_held_in_flush"] == r["requests_paused"]  # the retracted requests, held aside
+        assert r["serving_stopped_s"] >= r["seconds"] and r["serving_stopped_ratio"] >= 1
+    assert checks["single_copy_memory"]["ok"] and checks["rounds_no_leak"]["ok"]
+
+
+@pytest.mark.parametrize("mutation, code, failing", [
+    ("no_pause", 3, "serve_no_mixed_forward"),        # forward steps ran on half-swapped weights
+    ("no_flush", 1, "serve_fresh_after_swap"),        # the prompt's prefix KV of the dummy weights is reused
+    ("flush_ignored", 1, "serve_fresh_after_swap"),   # refused while the retracted requests wait; ignored
+])
+def test_each_serve_check_fails_on_its_defect(checkpoint, mutation, code, failing):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool(mutation, "--model-id", folder, *SERVE, script=MUTATED)
+    checks = run.summary["checks"]
+    assert run.returncode == code, (checks, run.stderr[-3000:])
+    assert not checks[failing]["ok"]
+    if mutation == "no_pause":
+        assert checks[failing]["forwards_mixed"] > 0
+        error = run.phase("error")  # and the flush is refused: requests were running
+        assert error["stage"] == "swap_flush" and "running=" in error["error"]
+    else:
+        first = checks[failing]["swaps"][0]
+        assert first["swap"] == "first swap" and not first["equal"] and first["cached_tokens"] > 0
+        assert checks["serve_no_lost_requests"]["ok"] and checks["serve_no_mixed_forward"]["ok"]
+
+
+def test_failure_mid_swap_while_serving_rolls_back_and_serving_goes_on(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    tensors = len(rps.expected_tensors(rps.read_checkpoint_info(folder)))
+    run = run_tool(f"fail_swap_at_{tensors + 3}", "--model-id", folder, *SERVE, "--rounds", "1", script=MUTATED)
+    assert run.returncode == 3, run.stderr[-3000:]
+    error = run.phase("error")
+    assert error["stage"] == "swap" and error["restored"] and error["generation"] == "continued on the previous weights"
+    assert error["previous_weights_answer_matches"]
+    serving = error["serving"]
+    assert serving["requests_in_flight_at_failure"] > 0 and serving["requests_lost"] == 0
+    # every forward step after the failure ran on the previous weight set, whole
+    assert serving["forwards_after_failure"] == serving["forwards_after_failure_on_previous_weights"] > 0
+    checks = run.summary["checks"]
+    assert checks["serve_no_lost_requests"]["ok"] and checks["serve_no_mixed_forward"]["ok"]
+
+
+def test_scheduler_crash_while_serving_is_one_error_line_and_exit_3(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool("crash_while_serving", "--model-id", folder, *SERVE, script=MUTATED)
+    assert run.returncode == 3, run.stderr[-3000:]
+    errors = [r for r in run.records if r["phase"] == "error"]
+    assert len(errors) == 1 and errors[0]["stage"] == "engine_crash"
+    assert "injected scheduler crash while serving" in errors[0]["error"]
+    assert run.records[-1]["phase"] == "summary" and not run.records[-1]["ok"]
