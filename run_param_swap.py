@@ -16,9 +16,14 @@ is greedy with ignore_eos; the ids are the scheduler's own record of each reques
 
 Phases, in the order they run ([] only with their flag):
   jax_ready -> engine_ready_dummy -> generate_before_swap -> mllm_params_cpu_ready
-  -> sglang_param_dict_ready -> weights_swapped_from_mllm -> [param_sharing_check] -> [weights_verified]
-  -> before_generate_param_dict_kept | after_cleanup -> generate_result -> [logits_verified]
-  -> [after_drop_param_dict] -> [swap_round (-> weights_verified) ...] -> summary   (docs/phases.md)
+  -> sglang_param_dict_ready -> [serve_load_started] -> weights_swapped_from_mllm -> [param_sharing_check]
+  -> [weights_verified] -> before_generate_param_dict_kept | after_cleanup -> generate_result
+  -> [logits_verified] -> [after_drop_param_dict] -> [swap_round (-> weights_verified) ...]
+  -> [serve_reference -> serve_load] -> summary   (docs/phases.md)
+
+Every swap pauses generation (retract), swaps, flushes the radix cache (a refused flush is an error) and
+continues; --serve-load N keeps N requests in flight across the swaps and checks that none is lost, that no
+forward step ran on a mix of weights, and that no stale cache survives.
 
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
 usage (found before the engine is touched); 3 the engine failed (start,
@@ -1557,7 +1562,7 @@ class ParamSwapper:
         import jax
 
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids)
-        before = bytes_in_use_sum(device_memory())
+        before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
         guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
         t = time.perf_counter()
         self.idle.clear()

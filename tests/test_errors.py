@@ -56,6 +56,9 @@ def rewrite_tensors(folder: str, change) -> None:
     (["--max-running-requests", "0"], ["--max-running-requests 0"]),
     (["--mem-fraction-static", "1.5"], ["--mem-fraction-static 1.5"]),
     (["--max-total-tokens", "0"], ["--max-total-tokens 0"]),
+    (["--serve-load", "-1"], ["--serve-load -1"]),
+    (["--serve-load", "2", "--serve-seconds", "0"], ["--serve-seconds 0"]),
+    (["--serve-load", "2", "--max-new-tokens", "2100"], ["--serve-load", "longest request", "--max-new-tokens"]),
 ])
 def test_usage_errors(checkpoint, args, words):
     run = run_tool("--model-id", checkpoint(), *CPU4, *args)
