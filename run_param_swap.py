@@ -1358,6 +1358,7 @@ class ServeGuard:
             last = scheduler.last_batch
             out = pause(recv_req)
             self.retracted_prefills = 0
+            self.paused_requests = None
             if recv_req.mode == "retract" and last is not None and last is not scheduler.running_batch \
                     and last.forward_mode.is_extend():
                 last.filter_batch()  # finished requests are already released
@@ -1366,10 +1367,15 @@ class ServeGuard:
                         scheduler._add_request_to_queue(req)
                         self.retracted_prefills += 1
                 scheduler.last_batch = scheduler.cur_batch = None
+            running = 0 if scheduler.running_batch.is_empty() else scheduler.running_batch.batch_size()
+            self.paused_requests = len(scheduler.waiting_queue) if running == 0 else None  # None: not paused
+            self.pauses += 1
             return out
 
         mapping[index] = (mapping[index][0], pause_generation)
         self.retracted_prefills = 0
+        self.pauses = 0  # pause requests the scheduler has handled (its own thread)
+        self.paused_requests: int | None = None  # requests it held at the last pause (None: still running some)
         for owner in (scheduler, scheduler.tp_worker):
             if hasattr(owner, "parent_process"):
                 owner.parent_process = psutil.Process()
@@ -1495,24 +1501,22 @@ class ParamSwapper:
         return report, param_dict, details
 
     async def pause(self) -> int:
-        """pause_generation(retract), then wait until the scheduler itself says it is paused with nothing
-        running (the tokenizer manager's pause only sends the request). Returns the requests it holds."""
+        """pause_generation(retract), then wait until the scheduler's own thread has handled it with nothing
+        left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the
+        scheduler records when it is done). Returns the requests the scheduler holds."""
         from sgl_jax.srt.managers.io_struct import PauseGenerationReqInput
 
-        tm = self.engine.tokenizer_manager
-        await tm.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
+        pauses = self.guard.pauses
+        await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
         deadline = time.perf_counter() + PAUSE_WAIT_S
-        while True:
-            state = (await tm.get_internal_state())[0]
-            if state.get("engine_paused") and state.get("running_batch_size") == 0:
-                return int(state.get("waiting_queue_size", 0))
+        while self.guard.pauses == pauses or self.guard.paused_requests is None:
             if time.perf_counter() > deadline:
                 await self.resume()
-                raise ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} "
-                                f"s (engine_paused {state.get('engine_paused')}, running "
-                                f"{state.get('running_batch_size')})", "nothing was swapped; generation continues",
-                                EXIT_ENGINE)
-            await asyncio.sleep(0.005)
+                raise ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
+                                + ("" if self.guard.pauses == pauses else " (requests were still running)"),
+                                "nothing was swapped; generation continues", EXIT_ENGINE)
+            await asyncio.sleep(0.002)
+        return self.guard.paused_requests
 
     async def flush(self) -> int:
         """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
@@ -1781,14 +1785,25 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
     an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
     = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
     ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
-    return engine.loop.run_until_complete(agenerate(engine, prompt, max_new_tokens, logprobs))
+    check_live(engine)
+    return answer_of(engine, engine.generate(prompt=prompt, return_logprob=logprobs, sampling_params=greedy(
+        max_new_tokens)), max_new_tokens, logprobs)
 
 
 async def agenerate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
     """generate() for a coroutine on engine.loop (while other requests are in flight)."""
     check_live(engine)
-    out = await engine.async_generate(prompt=prompt, return_logprob=logprobs, sampling_params={
-        "temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+    return answer_of(engine, await engine.async_generate(prompt=prompt, return_logprob=logprobs,
+                                                         sampling_params=greedy(max_new_tokens)),
+                     max_new_tokens, logprobs)
+
+
+def greedy(max_new_tokens: int) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+
+
+def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
+    """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate())."""
     meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
     record = engine.scheduler_info["request_recorder"].take(meta["id"])
     ids = record["output_ids"]

@@ -4,7 +4,9 @@
 
 1. A trainer tree on the devices (FSDP over all devices, bf16), K steps of a jitted deterministic update,
    a device-to-device swap after each step (streaming, no alias) and a generation after each swap.
-   Device->host copies during every swap are counted (ArrayImpl._value: what np.asarray and rollback use).
+   Device->host copies the swap makes are counted (ArrayImpl._value, what np.asarray and rollback use, in
+   the swapping thread; the scheduler's own threads fetch generated token ids when the swap pauses them:
+   counted apart).
    The final tree is saved as an HF checkpoint in OUT_DIR/final (an inverse mapping written here, sharing
    no code with the tool's) for the test to load with sglang-jax's own loader.
 2. The donation hazard: the final tree in the engine's own layout, swapped with alias=True; a donating step
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
@@ -68,11 +71,14 @@ def main() -> None:
         def train_step(p):
             return jax.tree.map(lambda w: (w * 0.98 + 0.02 * jnp.roll(w, 1, axis=-1)).astype(w.dtype), p)
 
-        d2h = [0]
+        d2h, scheduler_d2h, swapping = [0], [0], threading.get_ident()
         value = ArrayImpl._value
 
         def counted(self):
-            d2h[0] += 1
+            if threading.get_ident() == swapping:
+                d2h[0] += 1
+            else:
+                scheduler_d2h[0] += 1
             return value.fget(self)
 
         for step in range(steps):
@@ -83,7 +89,8 @@ def main() -> None:
             finally:
                 ArrayImpl._value = value
             out = swapper.generate(PROMPT, MAX_NEW)
-            result["steps"].append({"step": step, "device_to_host_copies": d2h[0], **report,
+            result["steps"].append({"step": step, "device_to_host_copies": d2h[0],
+                                    "scheduler_device_to_host_copies": scheduler_d2h[0], **report,
                                     "output_ids": out["output_ids"]})
         save_hf(params, ckpt, os.path.join(out_dir, "final"))
         result["final_output_ids"] = out["output_ids"]
