@@ -1,11 +1,14 @@
 """Shared fixtures: tiny Qwen2 checkpoints built on the spot, and runners for the tool and for sglang-jax's
 own loader, each in its own process (sglang-jax kills its whole process on a scheduler error)."""
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -21,9 +24,20 @@ MAX_NEW = 12
 ENGINE_TIMEOUT = 600
 
 
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+# JAX's persistent compilation cache, shared by every process this test session starts: the same tiny models
+# compile the same programs in most runs (measured: a tool run 25.9 s -> 17.6 s). Fresh per session.
+COMPILE_CACHE = tempfile.mkdtemp(prefix="param_swap_jax_cache_")
+atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+
+
+def clean_env(compile_cache: bool = True) -> dict:
+    """The environment of a tool process: no inherited JAX platform or XLA flags (the tool sets them);
+    the session's compilation cache unless a test times phases (test_signals)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith(
+        "JAX_COMPILATION_CACHE")}
     env["PYTHONUNBUFFERED"] = "1"
+    if compile_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     return env
 
 

@@ -21,7 +21,7 @@ def stop_run(argv: list, after_phase: str, sig: int, tmp_path, delay: float = 0.
     """Start the tool, wait for `after_phase`'s line (then `delay`), send `sig`; the lines, code, timing."""
     json_out = tmp_path / "run.jsonl"
     proc = subprocess.Popen([sys.executable, *argv, "--json-out", str(json_out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=clean_env(), cwd=ROOT)
+                            stderr=subprocess.DEVNULL, text=True, env=clean_env(compile_cache=False), cwd=ROOT)
     lines, sent, family = [], None, []
     try:
         for line in proc.stdout:
@@ -81,7 +81,7 @@ def test_stop_mid_swap_lets_the_swap_complete(checkpoint, tmp_path):
 def test_timeout_ends_the_demo_with_its_summary():
     demos = set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*"))
     proc = subprocess.run(["timeout", "8", sys.executable, TOOL, "--demo"], capture_output=True, text=True,
-                          env=clean_env(), cwd=ROOT, timeout=120)
+                          env=clean_env(compile_cache=False), cwd=ROOT, timeout=120)
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 124  # timeout's own code; the tool exited 143
     assert lines[-2]["stage"] == "interrupted" and lines[-2]["exit_code"] == 143
