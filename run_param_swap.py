@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Hot-swap an RL trainer's Qwen2 weights into a running sglang-jax Engine, in place.
+"""Hot-swap an RL trainer's Qwen2/Qwen3/Llama/Qwen3-MoE weights into a running sglang-jax Engine, in place.
 
-Reads a Hugging Face Qwen2/Qwen2.5 checkpoint, converts it on the host to the
+Reads a Hugging Face Qwen2/Qwen2.5, Qwen3, Llama or Qwen3-MoE checkpoint, converts it on the host to the
 MLLM-JAX flax params tree, places every tensor as a sharded jax.Array in the
 engine's own dtype and sharding, swaps the engine's nnx Params in place and
 rebinds `model_runner.model_state_leaves`, then generates. Prints one JSON line
@@ -31,6 +31,7 @@ generate, swap or crash); 130 / 143 stopped by SIGINT / SIGTERM (still with
 its error line and summary; a swap in progress completes first).
 
   python run_param_swap.py --demo                        # tiny random Qwen2, 4 virtual CPU devices
+  python run_param_swap.py --demo --arch qwen3_moe       # ... of another family: qwen3, llama, qwen3_moe
   python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 --chat \\
       --keep-param-dict --verify-param-sharing --verify-weights --verify-logits | tee swap.log   # TPU VM
 """
@@ -64,7 +65,25 @@ if __name__ == "__main__":  # before numpy (OpenBLAS) or anything else starts a 
 import numpy as np  # noqa: E402
 
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family the tool swaps: one row each. The paths, shapes, dtypes and shardings of the targets
+    come from the engine's own Params; a row says only what differs between families' checkpoints."""
+    arch: str  # --demo --arch
+    model_type: str
+    biases: str  # "qkv": q/k/v biases always (Qwen2); "attention_bias": q/k/v/o biases when config says so
+    qk_norm: bool  # per-head RMSNorm of q and k (Qwen3)
+    moe: bool = False  # sparse MLP layers: a router and stacked experts (all but config's mlp_only_layers)
+
+
+FAMILIES = {  # HF architectures[0] -> Family
+    "Qwen2ForCausalLM": Family("qwen2", "qwen2", "qkv", qk_norm=False),
+    "Qwen3ForCausalLM": Family("qwen3", "qwen3", "attention_bias", qk_norm=True),
+    "LlamaForCausalLM": Family("llama", "llama", "attention_bias", qk_norm=False),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", "qwen3_moe", "attention_bias", qk_norm=True, moe=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
 TRAINER_SHARDINGS = ("fsdp", "replicated", "engine")  # --weights-source trainer: how the trainer holds the tree
@@ -175,9 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "failure is a warning, never a failed run)")
     p.add_argument("--wandb-project", default="param-swap")
     p.add_argument("--demo", action="store_true",
-                   help="build a tiny random-weight Qwen2 checkpoint and run the whole verification on 4 virtual "
+                   help="build a tiny random-weight checkpoint (--arch) and run the whole verification on 4 virtual "
                         "CPU devices with --keep-param-dict --verify-param-sharing --verify-weights --verify-logits")
     p.add_argument("--demo-dir", default=None, help="where --demo writes its checkpoint (kept); default: a temp folder")
+    p.add_argument("--arch", choices=[f.arch for f in FAMILIES.values()], default="qwen2",
+                   help="--demo: the model family of the tiny checkpoint (default: %(default)s)")
     eng = p.add_argument_group("engine arguments (defaults: the reference TPU run's)")
     eng.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
                      help="engine dtype (default: %(default)s)")
@@ -190,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="seconds sglang-jax's watchdog waits on a forward before killing the run (slow CPU "
                           "compiles need more than its 300 s default)")
     eng.add_argument("--random-seed", type=int, default=0)
+    eng.add_argument("--moe-backend", choices=["epmoe", "fused", "auto"], default="epmoe",
+                     help="Qwen3-MoE: sglang-jax's expert layout (default: %(default)s, sglang-jax's own; fused "
+                          "is a TPU kernel); the swap maps to whichever the engine uses")
     args = p.parse_args(argv)
     if args.demo:
         args.device, args.keep_param_dict, args.verify_param_sharing = "cpu", True, True
@@ -336,6 +360,9 @@ def validate_args(args: argparse.Namespace) -> None:
                          "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
     if args.rounds < 0:
         problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
+    if args.arch != "qwen2" and not args.demo:
+        problems.append((f"--arch {args.arch} without --demo", "--arch picks the family of the demo checkpoint; "
+                         "a real checkpoint's config.json names its own"))
     if args.serve_load < 0:
         problems.append((f"--serve-load {args.serve_load} < 0", "0 turns the load off"))
     if not args.serve_seconds > 0:
@@ -404,7 +431,7 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The checkpoint: where it is, and whether it is a Qwen2 this tool can swap
+# The checkpoint: where it is, and whether it is a model family this tool can swap
 # ----------------------------------------------------------------------------------------------
 
 
@@ -443,6 +470,11 @@ class CheckpointInfo:
     tie_word_embeddings: bool
     files: tuple[str, ...]
     context_len: int = 0  # max_position_embeddings: sglang-jax refuses prompt + new tokens beyond it
+    biases: tuple[str, ...] = ("q", "k", "v")  # projections with a bias
+    qk_norm: bool = False
+    moe_layers: tuple[int, ...] = ()  # layers whose MLP is a router + experts (Qwen3-MoE)
+    num_experts: int = 0
+    moe_intermediate_size: int = 0
 
 
 def read_checkpoint_info(path: str) -> CheckpointInfo:
@@ -458,7 +490,7 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
     archs = archs if isinstance(archs, list) and archs else [cfg.get("model_type", "?")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ToolError("checkpoint", f"architecture {archs[0]!r} is not supported",
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 and Qwen2.5 models)")
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3)")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -467,14 +499,15 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
         files = tuple(sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
     if not files:
         raise ToolError("checkpoint", f"no *.safetensors files in {path}", "the tool reads safetensors checkpoints")
-    return CheckpointInfo(path=path, architecture=archs[0], files=files, **engine_view_of_config(path, cfg))
+    return CheckpointInfo(path=path, architecture=archs[0], files=files,
+                          **engine_view_of_config(path, cfg, FAMILIES[archs[0]]))
 
 
 CONFIG_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
                  "intermediate_size", "vocab_size", "max_position_embeddings")
 
 
-def engine_view_of_config(path: str, raw: dict) -> dict:
+def engine_view_of_config(path: str, raw: dict, family: Family) -> dict:
     """The sizes as the ENGINE sees them: config.json through transformers' AutoConfig, as sglang-jax reads
     it, with every default it fills in (a missing num_key_value_heads is 32 in Qwen2Config, not the number of
     attention heads). Bad or inconsistent values are exit 2, naming the field, before anything starts."""
@@ -500,45 +533,71 @@ def engine_view_of_config(path: str, raw: dict) -> dict:
         if head_dim is None and values["hidden_size"] % heads:
             problems.append(f"hidden_size {values['hidden_size']} is not a multiple of num_attention_heads {heads} "
                             "(and config.json gives no head_dim)")
+        if getattr(cfg, "mlp_bias", False):
+            problems.append("mlp_bias is true: sglang-jax's model has no MLP biases")
     if problems:
         raise ToolError("checkpoint", f"config.json as the engine reads it: {'; '.join(problems)}",
                         "fix config.json: sglang-jax would fail inside its scheduler on these values")
     heads = values["num_attention_heads"]
-    return dict(num_layers=values["num_hidden_layers"], num_heads=heads, num_kv_heads=values["num_key_value_heads"],
+    biases = ("q", "k", "v") if family.biases == "qkv" else ("q", "k", "v", "o") if getattr(
+        cfg, "attention_bias", False) else ()
+    moe = {}
+    if family.moe:  # sglang-jax makes every layer sparse but config's mlp_only_layers (decoder_sparse_step unused)
+        dense = set(getattr(cfg, "mlp_only_layers", None) or [])
+        moe = dict(moe_layers=tuple(i for i in range(values["num_hidden_layers"]) if i not in dense),
+                   num_experts=int(getattr(cfg, "num_experts", 0)),
+                   moe_intermediate_size=int(getattr(cfg, "moe_intermediate_size", 0)))
+        if moe["num_experts"] < 1 or moe["moe_intermediate_size"] < 1:
+            raise ToolError("checkpoint", f"config.json: num_experts {moe['num_experts']}, moe_intermediate_size "
+                            f"{moe['moe_intermediate_size']}", "a Qwen3-MoE config needs both positive")
+    return dict(biases=biases, qk_norm=family.qk_norm, **moe,
+                num_layers=values["num_hidden_layers"], num_heads=heads, num_kv_heads=values["num_key_value_heads"],
                 head_dim=head_dim or values["hidden_size"] // heads, hidden_size=values["hidden_size"],
                 intermediate_size=values["intermediate_size"], vocab_size=values["vocab_size"],
                 tie_word_embeddings=bool(cfg.tie_word_embeddings), context_len=values["max_position_embeddings"])
 
 
-# The tensors a Qwen2 checkpoint must hold, with their HF shapes in config terms.
-QWEN2_TENSORS = {  # name (layer i as {i}): shape
-    "model.embed_tokens.weight": ("vocab", "hidden"),
-    "model.norm.weight": ("hidden",),
-    "lm_head.weight": ("vocab", "hidden"),  # untied only
-    "model.layers.{i}.input_layernorm.weight": ("hidden",),
-    "model.layers.{i}.post_attention_layernorm.weight": ("hidden",),
-    "model.layers.{i}.self_attn.q_proj.weight": ("q", "hidden"),
-    "model.layers.{i}.self_attn.q_proj.bias": ("q",),
-    "model.layers.{i}.self_attn.k_proj.weight": ("kv", "hidden"),
-    "model.layers.{i}.self_attn.k_proj.bias": ("kv",),
-    "model.layers.{i}.self_attn.v_proj.weight": ("kv", "hidden"),
-    "model.layers.{i}.self_attn.v_proj.bias": ("kv",),
-    "model.layers.{i}.self_attn.o_proj.weight": ("hidden", "q"),
-    "model.layers.{i}.mlp.gate_proj.weight": ("intermediate", "hidden"),
-    "model.layers.{i}.mlp.up_proj.weight": ("intermediate", "hidden"),
-    "model.layers.{i}.mlp.down_proj.weight": ("hidden", "intermediate"),
-}
+# The tensors a checkpoint must hold, with their HF shapes in config terms, and when (None: always).
+CHECKPOINT_TENSORS = [  # (name (layer i as {i}), shape, when)
+    ("model.embed_tokens.weight", ("vocab", "hidden"), None),
+    ("model.norm.weight", ("hidden",), None),
+    ("lm_head.weight", ("vocab", "hidden"), "untied"),
+    ("model.layers.{i}.input_layernorm.weight", ("hidden",), None),
+    ("model.layers.{i}.post_attention_layernorm.weight", ("hidden",), None),
+    ("model.layers.{i}.self_attn.q_proj.weight", ("q", "hidden"), None),
+    ("model.layers.{i}.self_attn.q_proj.bias", ("q",), "q_bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", ("kv", "hidden"), None),
+    ("model.layers.{i}.self_attn.k_proj.bias", ("kv",), "k_bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", ("kv", "hidden"), None),
+    ("model.layers.{i}.self_attn.v_proj.bias", ("kv",), "v_bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", ("hidden", "q"), None),
+    ("model.layers.{i}.self_attn.o_proj.bias", ("hidden",), "o_bias"),
+    ("model.layers.{i}.self_attn.q_norm.weight", ("head_dim",), "qk_norm"),
+    ("model.layers.{i}.self_attn.k_norm.weight", ("head_dim",), "qk_norm"),
+    ("model.layers.{i}.mlp.gate_proj.weight", ("intermediate", "hidden"), "dense"),
+    ("model.layers.{i}.mlp.up_proj.weight", ("intermediate", "hidden"), "dense"),
+    ("model.layers.{i}.mlp.down_proj.weight", ("hidden", "intermediate"), "dense"),
+    ("model.layers.{i}.mlp.gate.weight", ("experts", "hidden"), "moe"),  # the router
+    ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", ("moe_intermediate", "hidden"), "moe"),
+    ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", ("moe_intermediate", "hidden"), "moe"),
+    ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", ("hidden", "moe_intermediate"), "moe"),
+]
 
 
 def expected_tensors(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
     dims = {"vocab": info.vocab_size, "hidden": info.hidden_size, "intermediate": info.intermediate_size,
-            "q": info.num_heads * info.head_dim, "kv": info.num_kv_heads * info.head_dim}
+            "q": info.num_heads * info.head_dim, "kv": info.num_kv_heads * info.head_dim, "head_dim": info.head_dim,
+            "experts": info.num_experts, "moe_intermediate": info.moe_intermediate_size}
+    holds = {"untied": not info.tie_word_embeddings, "qk_norm": info.qk_norm,
+             **{f"{p}_bias": p in info.biases for p in "qkvo"}}
     out = {}
-    for name, shape in QWEN2_TENSORS.items():
-        if name == "lm_head.weight" and info.tie_word_embeddings:
-            continue
+    for name, shape, when in CHECKPOINT_TENSORS:
         for i in range(info.num_layers) if "{i}" in name else [None]:
-            out[name.format(i=i)] = tuple(dims[d] for d in shape)
+            moe_layer = i in info.moe_layers
+            if when == "dense" and moe_layer or when == "moe" and not moe_layer or holds.get(when, True) is False:
+                continue
+            for e in range(info.num_experts) if "{e}" in name else [None]:
+                out[name.format(i=i, e=e)] = tuple(dims[d] for d in shape)
     return out
 
 
@@ -624,7 +683,7 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_f
         mem_fraction_static=args.mem_fraction_static, max_prefill_tokens=args.max_prefill_tokens,
         max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
         disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
-        random_seed=args.random_seed, log_level="warning",
+        random_seed=args.random_seed, moe_backend=args.moe_backend, log_level="warning",
     )
 
 
@@ -758,7 +817,12 @@ HF_TO_MLLM = [  # (HF regex, MLLM template, transpose)
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", "model.layers_{0}.self_attn.{1}_proj.kernel", True),
     (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias", "model.layers_{0}.self_attn.{1}_proj.bias", False),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", "model.layers_{0}.mlp.{1}_proj.kernel", True),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", "model.layers_{0}.self_attn.{1}_norm.scale", False),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "model.layers_{0}.mlp.gate.kernel", True),  # MoE router
 ]
+# MoE experts: HF keeps one tensor per expert; the MLLM tree stacks a layer's experts, [expert, in, out]
+HF_EXPERT = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight"
+MLLM_EXPERTS = "model.layers_{0}.mlp.experts.{1}_proj.kernel"
 HF_IGNORED = (r".*rotary_emb\.inv_freq",)  # buffers some exports carry; not parameters
 
 
@@ -790,8 +854,13 @@ def hf_to_mllm(tensors: Mapping[str, Any], tie_word_embeddings: bool, dtype: str
     """
     want = host_dtype(dtype)
     flat: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[int, np.ndarray]] = {}
     for name, tensor in tensors.items():
         if any(re.fullmatch(rx, name) for rx in HF_IGNORED) or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        m = re.fullmatch(HF_EXPERT, name)
+        if m:
+            experts.setdefault(MLLM_EXPERTS.format(m[1], m[3]), {})[int(m[2])] = to_numpy(tensor).T
             continue
         for rx, template, transpose in HF_TO_MLLM:
             m = re.fullmatch(rx, name)
@@ -802,7 +871,14 @@ def hf_to_mllm(tensors: Mapping[str, Any], tie_word_embeddings: bool, dtype: str
                 break
         else:
             raise ToolError("checkpoint", f"unexpected tensor {name!r} in the checkpoint",
-                            "this tool converts Qwen2 checkpoints (embed, layers, norm, lm_head)")
+                            "this tool converts Qwen2, Qwen3, Qwen3-MoE and Llama checkpoints (embed, layers, "
+                            "norm, lm_head)")
+    for key, by_expert in experts.items():  # one host copy per layer and projection: the stacked experts
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise ToolError("checkpoint", f"{key}: experts {sorted(by_expert)} are not 0..{len(by_expert) - 1}",
+                            "every expert of a layer must be in the checkpoint")
+        stacked = np.stack([by_expert[e] for e in range(len(by_expert))])
+        flat[key] = stacked if stacked.dtype == want else stacked.astype(want)
     return flat
 
 
@@ -923,7 +999,21 @@ MLLM_TO_SGLANG = [  # (MLLM regex, sglang template, op)
     (r"model\.layers_(\d+)\.self_attn\.([qo])_proj\.(kernel|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}", "copy"),
     (r"model\.layers_(\d+)\.self_attn\.([kv])_proj\.(kernel|bias)", "model.layers.{0}.self_attn.{1}_proj.{2}", "kv_heads"),
     (r"model\.layers_(\d+)\.mlp\.(gate|up|down)_proj\.kernel", "model.layers.{0}.mlp.{1}_proj.weight", "copy"),
+    (r"model\.layers_(\d+)\.self_attn\.([qk])_norm\.scale", "model.layers.{0}.self_attn.{1}_norm.scale", "copy"),
+    (r"model\.layers_(\d+)\.mlp\.gate\.kernel", "model.layers.{0}.moe_gate.kernel", "copy"),  # MoE router
 ]
+FAMILY_ROWS = {  # rows for one architecture, or one MoE backend of the engine (tried before MLLM_TO_SGLANG)
+    "Qwen3MoeForCausalLM": [
+        (r"model\.layers_(\d+)\.self_attn\.o_proj\.(kernel|bias)", "model.layers.{0}.self_attn.c_proj.{1}", "copy")],
+    "moe:epmoe": [  # stacked experts [E, in, out], sharded (expert, ., tensor)
+        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy"),
+        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
+        (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.wo", "copy")],
+    "moe:fused": [  # the same stacks under other names, experts split over every device
+        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.w1", "copy"),
+        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.w3", "copy"),
+        (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.w2", "copy")],
+}
 
 
 @dataclasses.dataclass
@@ -938,14 +1028,14 @@ class SwapItem:
     nbytes_sum: int  # device bytes of the target over all devices
 
 
-def target_name(mllm_key: str) -> tuple[str, str]:
-    for rx, template, op in MLLM_TO_SGLANG:
+def target_name(mllm_key: str, arch: str | None = None, moe_backend: str | None = None) -> tuple[str, str]:
+    for rx, template, op in FAMILY_ROWS.get(arch, []) + FAMILY_ROWS.get(f"moe:{moe_backend}", []) + MLLM_TO_SGLANG:
         m = re.fullmatch(rx, mllm_key)
         if m:
             groups = [("weight" if g == "kernel" else g) for g in m.groups()]
             return template.format(*groups), op
     raise ToolError("plan", f"no sglang-jax target for MLLM key {mllm_key!r}",
-                    "the tree has a tensor this Qwen2 mapping does not know")
+                    "the tree has a tensor the mapping does not know (Qwen2, Qwen3, Llama)")
 
 
 def source_shape_after(op: str, shape: tuple, replicas: int) -> tuple:
@@ -956,12 +1046,14 @@ def source_shape_after(op: str, shape: tuple, replicas: int) -> tuple:
     return tuple(shape)
 
 
-def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_heads: int) -> list[SwapItem]:
+def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_heads: int,
+              arch: str | None = None, moe_backend: str | None = None) -> list[SwapItem]:
     """Check the WHOLE swap before anything touches the engine: every target covered once, every source
-    used, every shape right. Target shape, dtype and sharding come from the engine's own Params."""
+    used, every shape right. Target shape, dtype and sharding come from the engine's own Params; `arch`
+    (the engine's HF architecture) and `moe_backend` (epmoe or fused) pick their FAMILY_ROWS."""
     plan, problems, seen = [], [], set()
     for key in sorted(flat):
-        target, op = target_name(key)
+        target, op = target_name(key, arch, moe_backend)
         seen.add(target)
         if target not in params:
             problems.append(f"{key} -> {target}: the engine has no such Param")
@@ -1414,6 +1506,8 @@ class ParamSwapper:
         self.engine, self.state = engine, EngineState(model_runner)
         self.guard: ServeGuard = engine.scheduler_info["serve_guard"]
         self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
+        self.arch = (getattr(model_runner.model_config.hf_config, "architectures", None) or [None])[0]
+        self.moe_backend = getattr(model_runner.model_config.hf_config, "moe_backend", None)
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
         self.shared_ids: set[int] = set()  # ids of the engine's arrays taken from a trainer by the last swap
@@ -1433,7 +1527,7 @@ class ParamSwapper:
         base = getattr(flat, "base", flat)
         key = tuple((k, tuple(base[k].shape)) for k in sorted(base))
         if key not in self.plans:
-            self.plans[key] = plan_swap(flat, self.state.params, self.num_kv_heads)
+            self.plans[key] = plan_swap(flat, self.state.params, self.num_kv_heads, self.arch, self.moe_backend)
         return self.plans[key]
 
     def run_on_loop(self, coro):
@@ -2370,7 +2464,7 @@ class ServeLoad:
 
 
 # ----------------------------------------------------------------------------------------------
-# The demo checkpoint: a tiny random Qwen2 with a tokenizer trained on the spot
+# The demo checkpoint: a tiny random model of one family, with a tokenizer trained on the spot
 # ----------------------------------------------------------------------------------------------
 
 DEMO_CORPUS = [
@@ -2409,21 +2503,34 @@ def write_tokenizer(folder: str, vocab_size: int, chat_template: bool = True) ->
 def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int = 2, num_heads: int = 4,
                           head_dim: int = 128, hidden_size: int = 512, intermediate_size: int = 1024,
                           num_layers: int = 2, vocab_size: int = 512, dtype: str = "bfloat16",
-                          num_shards: int = 1, seed: int = 0, chat_template: bool = True) -> str:
-    """A random-weight Qwen2ForCausalLM in HF layout (config, tokenizer, safetensors). head_dim 128: the CPU
-    attention path needs it. Returns the folder."""
+                          num_shards: int = 1, seed: int = 0, chat_template: bool = True, arch: str = "qwen2",
+                          attention_bias: bool = False) -> str:
+    """A random-weight checkpoint of the family `arch` (FAMILIES: qwen2, qwen3, llama) in HF layout (config,
+    tokenizer, safetensors). head_dim 128: the CPU attention path needs it. Llama gets llama3 rope scaling.
+    Returns the folder."""
     from safetensors.numpy import save_file
 
     os.makedirs(folder, exist_ok=True)
     eos = write_tokenizer(folder, vocab_size, chat_template)
+    architecture, family = next((a, f) for a, f in FAMILIES.items() if f.arch == arch)
     config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": vocab_size,
+        "architectures": [architecture], "model_type": family.model_type, "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "tie_word_embeddings": tied, "torch_dtype": dtype, "bos_token_id": eos, "eos_token_id": eos,
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers,
     }
+    if family.biases == "attention_bias":
+        config["attention_bias"] = attention_bias
+    if family.moe:  # 4 experts, 2 per token; layer 0 dense (mlp_only_layers), the others sparse
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2,
+                      mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)
+    if arch == "llama":
+        config.update(rope_theta=500000.0, mlp_bias=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024})
+    biases = ("q", "k", "v") if family.biases == "qkv" else ("q", "k", "v", "o") if attention_bias else ()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     rng = np.random.default_rng(seed)
@@ -2439,17 +2546,27 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
         tensors["lm_head.weight"] = rand(vocab_size, hidden_size)
     for i in range(num_layers):
         p = f"model.layers.{i}."
-        tensors.update({
-            p + "input_layernorm.weight": rand(hidden_size, mean=1.0),
-            p + "post_attention_layernorm.weight": rand(hidden_size, mean=1.0),
-            p + "self_attn.q_proj.weight": rand(q, hidden_size), p + "self_attn.q_proj.bias": rand(q),
-            p + "self_attn.k_proj.weight": rand(kv, hidden_size), p + "self_attn.k_proj.bias": rand(kv),
-            p + "self_attn.v_proj.weight": rand(kv, hidden_size), p + "self_attn.v_proj.bias": rand(kv),
-            p + "self_attn.o_proj.weight": rand(hidden_size, q),
-            p + "mlp.gate_proj.weight": rand(intermediate_size, hidden_size),
-            p + "mlp.up_proj.weight": rand(intermediate_size, hidden_size),
-            p + "mlp.down_proj.weight": rand(hidden_size, intermediate_size),
-        })
+        tensors.update({p + "input_layernorm.weight": rand(hidden_size, mean=1.0),
+                        p + "post_attention_layernorm.weight": rand(hidden_size, mean=1.0)})
+        for b, (out, inp) in {"q": (q, hidden_size), "k": (kv, hidden_size), "v": (kv, hidden_size),
+                              "o": (hidden_size, q)}.items():
+            tensors[p + f"self_attn.{b}_proj.weight"] = rand(out, inp)
+            if b in biases:
+                tensors[p + f"self_attn.{b}_proj.bias"] = rand(out)
+        if family.moe and i not in config["mlp_only_layers"]:
+            moe = config["moe_intermediate_size"]
+            tensors[p + "mlp.gate.weight"] = rand(config["num_experts"], hidden_size, std=0.5)
+            for e in range(config["num_experts"]):
+                tensors.update({p + f"mlp.experts.{e}.gate_proj.weight": rand(moe, hidden_size),
+                                p + f"mlp.experts.{e}.up_proj.weight": rand(moe, hidden_size),
+                                p + f"mlp.experts.{e}.down_proj.weight": rand(hidden_size, moe)})
+        else:
+            tensors.update({p + "mlp.gate_proj.weight": rand(intermediate_size, hidden_size),
+                            p + "mlp.up_proj.weight": rand(intermediate_size, hidden_size),
+                            p + "mlp.down_proj.weight": rand(hidden_size, intermediate_size)})
+        if family.qk_norm:
+            tensors.update({p + "self_attn.q_norm.weight": rand(head_dim, mean=1.0),
+                            p + "self_attn.k_norm.weight": rand(head_dim, mean=1.0)})
     names = list(tensors)
     if num_shards == 1:
         save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
@@ -2778,7 +2895,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
             if demo_tmp:
                 log_.stopper.cleanup.append(functools.partial(shutil.rmtree, demo_tmp, ignore_errors=True))
-            args.model_id = write_demo_checkpoint(folder)
+            args.model_id = write_demo_checkpoint(folder, arch=args.arch)
             log(f"demo checkpoint in {folder}")
         run(log_, args)
         with log_.lock:  # a stop from now on finds the verdict written

@@ -57,6 +57,7 @@ def rewrite_tensors(folder: str, change) -> None:
     (["--mem-fraction-static", "1.5"], ["--mem-fraction-static 1.5"]),
     (["--max-total-tokens", "0"], ["--max-total-tokens 0"]),
     (["--serve-load", "-1"], ["--serve-load -1"]),
+    (["--arch", "qwen3"], ["--arch qwen3", "--demo"]),
     (["--serve-load", "2", "--serve-seconds", "0"], ["--serve-seconds 0"]),
     (["--serve-load", "2", "--max-new-tokens", "2100"], ["--serve-load", "longest request", "--max-new-tokens"]),
 ])
@@ -110,10 +111,10 @@ def test_unsupported_architecture(ckpt_copy):
     folder = ckpt_copy()
     config_path = os.path.join(folder, "config.json")
     config = json.load(open(config_path))
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = ["MistralForCausalLM"]
     json.dump(config, open(config_path, "w"))
     run = run_tool("--model-id", folder, *CPU4)
-    assert_error(run, 2, "checkpoint", "LlamaForCausalLM", "Qwen2ForCausalLM")
+    assert_error(run, 2, "checkpoint", "MistralForCausalLM", *rps.SUPPORTED_ARCHITECTURES)
 
 
 def test_missing_kv_heads_is_what_transformers_assumes(ckpt_copy):

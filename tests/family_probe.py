@@ -1,0 +1,92 @@
+"""Phase 4 against sglang-jax's own loader, for many checkpoints in ONE process and without an Engine:
+for each (arch, tp, tied, KV heads), sglang-jax's JAXModelLoader builds the model from the checkpoint
+(load_format auto) on a tp-device mesh made as the scheduler makes it; the tool plans against that model's
+Params and places every tensor; each placed array is compared with the loader's (bits, shape, dtype,
+sharding). Prints one JSON line per case.
+Usage: python tests/family_probe.py ARCH:TP:TIED:KV[:BIAS[:MOE_BACKEND]] ... (4 virtual CPU devices; TIED,
+BIAS: 0 or 1; MOE_BACKEND: epmoe or fused)"""
+
+import json
+import os
+import sys
+import tempfile
+import types
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np  # noqa: E402
+
+import run_param_swap as rps  # noqa: E402
+
+
+def loader_params(folder: str, tp: int, moe_backend: str):
+    import jax
+    from sgl_jax.srt.configs.load_config import LoadConfig
+    from sgl_jax.srt.configs.model_config import ModelConfig
+    from sgl_jax.srt.model_loader.loader import JAXModelLoader
+    from sgl_jax.srt.utils.mesh_utils import create_device_mesh
+
+    mesh = create_device_mesh(ici_parallelism=[1, tp], dcn_parallelism=[1, 1], devices=jax.devices()[:tp])
+    model_config = ModelConfig(model_path=folder, dtype="bfloat16", moe_backend=moe_backend)
+    model_config.configure_for_tensor_parallel(tp)  # as ModelRunner.load_model does
+    model_config.hf_config.ep_size, model_config.hf_config.ep_num_redundant_experts = 1, 0
+    model_config.hf_config.moe_backend = model_config.moe_backend.value
+    with jax.set_mesh(mesh):
+        model = JAXModelLoader(LoadConfig(load_format="auto"), mesh).load_model(model_config=model_config)
+    return rps.engine_params(types.SimpleNamespace(model=model)), model_config.moe_backend.value
+
+
+def case(spec: str, root: str) -> dict:
+    arch, tp, tied, kv, *rest = spec.split(":")
+    tp, tied, kv, bias = int(tp), tied == "1", int(kv), bool(rest and rest[0] == "1")
+    backend = rest[1] if len(rest) > 1 else "epmoe"
+    folder = rps.write_demo_checkpoint(os.path.join(root, spec.replace(":", "_")), arch=arch, tied=tied,
+                                       num_kv_heads=kv, attention_bias=bias)
+    info = rps.read_checkpoint_info(folder)
+    rps.validate_checkpoint(info)
+    params, backend = loader_params(folder, tp, backend)
+    flat = rps.hf_to_mllm(rps.read_safetensors(info), info.tie_word_embeddings)
+    plan = rps.plan_swap(flat, params, info.num_kv_heads, info.architecture, backend)
+    result = {"case": spec, "num_params": len(params), "num_planned": len(plan), "mismatched": [],
+              "sharding_differs": [], "replicas": sorted({i.replicas for i in plan if i.op == "kv_heads"}),
+              "moe_backend": backend, "largest_tensor_ratio": round(max(i.nbytes_sum for i in plan)
+                                                                     / sum(i.nbytes_sum for i in plan), 4),
+              "targets": sorted(i.target for i in plan if ".layers.1." in i.target)}
+    for item in plan:
+        ours = rps.place(item, flat[item.source], info.num_kv_heads)
+        theirs = params[item.target].get_value()
+        if ours.sharding != theirs.sharding or ours.dtype != theirs.dtype:
+            result["sharding_differs"].append(item.target)
+        a, b = np.asarray(ours), np.asarray(theirs)
+        if a.shape != b.shape or a.view(np.uint16).tobytes() != b.view(np.uint16).tobytes():
+            result["mismatched"].append(item.target)
+    return result
+
+
+def plant_qk_norm_swapped() -> None:  # layer 0's q_norm and k_norm scales exchanged
+    rps.MLLM_TO_SGLANG[:0] = [
+        (r"model\.layers_(0)\.self_attn\.q_norm\.scale", "model.layers.{0}.self_attn.k_norm.scale", "copy"),
+        (r"model\.layers_(0)\.self_attn\.k_norm\.scale", "model.layers.{0}.self_attn.q_norm.scale", "copy")]
+
+
+def plant_experts_gate_up_swapped() -> None:  # every MoE layer's stacked gate and up experts exchanged (epmoe)
+    rps.FAMILY_ROWS["moe:epmoe"][:2] = [
+        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
+        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy")]
+
+
+PLANTS = {"qk_norm_swapped": plant_qk_norm_swapped, "experts_gate_up_swapped": plant_experts_gate_up_swapped}
+
+
+def main() -> None:
+    if os.environ.get("PLANT"):
+        PLANTS[os.environ["PLANT"]]()
+    with tempfile.TemporaryDirectory() as root:
+        for spec in sys.argv[1:]:
+            print(json.dumps(case(spec, root)), flush=True)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
