@@ -56,15 +56,13 @@ def test_demo(tmp_path):
     assert run.phase("generate_result")["output_ids"] != run.phase("generate_before_swap")["output_ids"]
 
 
-# (tp, tied, num_kv_heads, num_shards, file dtype): each value of each axis appears at least once
+# (tp, tied, num_kv_heads, num_shards, file dtype): each value of each axis appears at least once. The placed
+# arrays of many more (family, tp, tied, KV) combinations are compared with the loader's, without an engine, in
+# tests/test_families.py; these run the whole tool and a second engine (sglang-jax's own loader) each.
 MATRIX = [
     (1, True, 2, 1, "bfloat16"),
     (2, False, 1, 3, "float32"),
-    (4, True, 1, 2, "bfloat16"),
-    (4, False, 2, 1, "bfloat16"),
-    (4, True, 4, 1, "float32"),
-    (2, True, 4, 2, "bfloat16"),
-    (1, False, 4, 2, "bfloat16"),
+    (4, True, 4, 2, "bfloat16"),
     (4, False, 1, 1, "float32"),
 ]
 
@@ -87,6 +85,7 @@ def test_torch_source_bulk_mode_and_fp32_host_tree_match_too(checkpoint):
     assert run.summary["checks"]["weights_equal_loader"]["ok"] and run.summary["checks"]["logits_match_reference"]["ok"]
     assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, 4)
     assert run.phase("mllm_params_cpu_ready")["weights_source"] == "torch"
+    assert 0.95 <= run.phase("weights_swapped_from_mllm")["swap_peak_extra_ratio"] <= 1.05  # bulk: two sets
 
 
 def test_rounds_repeat_answers_without_leaking(checkpoint):
@@ -107,6 +106,8 @@ def test_rounds_repeat_answers_without_leaking(checkpoint):
     first = run.phase("weights_swapped_from_mllm")["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
     assert all(r["bytes_in_use_sum_after_swap"] <= first * 1.02 for r in rounds)
     assert all(r["replaced_still_alive"] == 0 for r in rounds)
+    swapped = run.phase("weights_swapped_from_mllm")  # streaming: one set + the largest tensor
+    assert swapped["swap_peak_extra_ratio"] <= 512 * 1024 * 2 / swapped["param_bytes_sum"] + 0.02
 
 
 def test_second_checkpoint_as_b(checkpoint, tmp_path):
@@ -120,18 +121,6 @@ def test_second_checkpoint_as_b(checkpoint, tmp_path):
     rounds = [r for r in run.records if r["phase"] == "swap_round"]
     assert rounds[0]["output_ids"] == reference_output_ids(b, 4)
     assert rounds[1]["output_ids"] == reference_output_ids(a, 4)
-
-
-def test_streaming_peak_is_one_set_plus_one_tensor_and_bulk_is_two(checkpoint):
-    folder = checkpoint(tied=True, num_kv_heads=2)
-    ratios = {}
-    for mode in ("streaming", "bulk"):
-        run = run_tool(*swap_args(folder, 4, "--swap-mode", mode, "--max-new-tokens", "2"))
-        assert run.returncode == 0, run.stderr[-3000:]
-        ratios[mode] = run.phase("weights_swapped_from_mllm")["swap_peak_extra_ratio"]
-    largest = 512 * 1024 * 2 / 11055104  # gate/up/down [512, 1024] bf16 over the 4-device param bytes
-    assert ratios["streaming"] <= largest + 0.02
-    assert 0.95 <= ratios["bulk"] <= 1.05
 
 
 # --- the checks themselves must be able to fail -------------------------------------------------------------

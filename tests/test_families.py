@@ -1,4 +1,4 @@
-"""Qwen3, Llama and Qwen3-MoE: the same proofs as Qwen2. Every placed array bit-identical (and in the same
+"""Qwen2, Qwen3, Llama and Qwen3-MoE: the same proofs for every family. Every placed array bit-identical (and in the same
 sharding) to sglang-jax's own loader over tp, tied/untied, KV heads, attention biases and both MoE backends
 (one process, no Engine: tests/family_probe.py); each family's demo swaps, generates the own loader's greedy
 tokens, and passes both oracles and --rounds; planted family-specific layout errors are named."""
@@ -14,6 +14,7 @@ from conftest import ROOT, clean_env, reference_output_ids, run_tool
 import run_param_swap as rps
 
 MATRIX = [  # arch:tp:tied:kv[:attention_bias[:moe_backend]]
+    "qwen2:4:1:2", "qwen2:4:0:1", "qwen2:2:0:4", "qwen2:4:1:1", "qwen2:2:1:4", "qwen2:1:0:4", "qwen2:4:0:2",
     "qwen3:1:1:1", "qwen3:2:0:2", "qwen3:4:1:4", "qwen3:4:0:1", "qwen3:2:1:1:1",
     "llama:1:0:1", "llama:2:1:2", "llama:4:0:4", "llama:4:1:1", "llama:2:0:2:1",
     "qwen3_moe:1:0:1:0:epmoe", "qwen3_moe:2:1:2:0:epmoe", "qwen3_moe:4:0:4:1:epmoe",
@@ -40,6 +41,7 @@ def test_every_family_places_arrays_equal_to_sglang_loader():
         names = " ".join(r["targets"])  # layer 1's targets
         assert ("q_norm" in names) == arch.startswith("qwen3")
         assert ("o_proj.bias" in names or "c_proj.bias" in names) == (rest[:1] == ["1"])
+        assert ("q_proj.bias" in names) == (arch == "qwen2" or rest[:1] == ["1"])
         if arch == "qwen3_moe":  # layer 0 dense (mlp_only_layers), layer 1 sparse: router + stacked experts
             experts = ("wi_0", "wi_1", "wo") if rest[1] == "epmoe" else ("w1", "w3", "w2")
             assert all(f"mlp.{e}" in names for e in experts) and "moe_gate.kernel" in names
