@@ -164,8 +164,8 @@ elif mutation == "kv_heads_tiled":
 elif mutation == "layers_swapped":
     original_target_name = rps.target_name
 
-    def target_name(mllm_key, arch=None):
-        target, op = original_target_name(mllm_key, arch)
+    def target_name(mllm_key, *args):
+        target, op = original_target_name(mllm_key, *args)
         for a, b in ((".layers.0.", ".layers.1."), (".layers.1.", ".layers.0.")):
             if a in target:
                 return target.replace(a, b), op
@@ -189,9 +189,9 @@ elif mutation == "norm_left_dummy":
 
     original_plan_swap, original_place, engine_params = rps.plan_swap, rps.place, {}
 
-    def plan_swap(flat, params, num_kv_heads, arch=None):
+    def plan_swap(flat, params, *args):
         engine_params.update(params)
-        return original_plan_swap(flat, params, num_kv_heads, arch)
+        return original_plan_swap(flat, params, *args)
 
     def place(item, src, num_kv_heads, stats=None, **kwargs):
         if item.target == "model.layers.0.post_attention_layernorm.scale":
