@@ -241,7 +241,13 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     for arr in jax.live_arrays():
         if arr.is_deleted():
             continue
-        for device, ptr, nbytes in device_buffers(arr):
+        try:
+            buffers = device_buffers(arr)
+        except RuntimeError:  # deleted since: a forward running in the scheduler's thread donated it (KV cache)
+            if arr.is_deleted():
+                continue
+            raise
+        for device, ptr, nbytes in buffers:
             if (device.id, ptr) not in seen:
                 seen.add((device.id, ptr))
                 per_device[device] = per_device.get(device, 0) + nbytes
