@@ -496,7 +496,7 @@ def read_checkpoint_info(path: str) -> CheckpointInfo:
     archs = archs if isinstance(archs, list) and archs else [cfg.get("model_type", "?")]
     if archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ToolError("checkpoint", f"architecture {archs[0]!r} is not supported",
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3)")
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3, Qwen3-MoE)")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -1041,7 +1041,7 @@ def target_name(mllm_key: str, arch: str | None = None, moe_backend: str | None 
             groups = [("weight" if g == "kernel" else g) for g in m.groups()]
             return template.format(*groups), op
     raise ToolError("plan", f"no sglang-jax target for MLLM key {mllm_key!r}",
-                    "the tree has a tensor the mapping does not know (Qwen2, Qwen3, Llama)")
+                    "the tree has a tensor the mapping does not know (Qwen2, Qwen3, Llama, Qwen3-MoE)")
 
 
 def source_shape_after(op: str, shape: tuple, replicas: int) -> tuple:
@@ -1597,7 +1597,8 @@ class ParamSwapper:
         report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4), flush_s=round(t3 - t2, 4),
                       serving_stopped_s=round(stopped, 4),
                       serving_stopped_ratio=round(stopped / max(report["seconds"], 1e-9), 3),
-                      requests_paused=paused, requests_held_in_flush=held)
+                      requests_paused=paused, requests_held_in_flush=held,
+                      prefill_requests_retracted=self.guard.retracted_prefills)
         return report, param_dict, details
 
     async def pause(self) -> int:
@@ -2241,10 +2242,11 @@ def load_prompts(tokenizer, prompt: str) -> list[str]:
 
 class ServeLoad:
     """--serve-load N: N clients on the engine's event loop, each sending greedy requests one after another
-    (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens; every request in flight at a pause spans that swap), kept in flight
-    across the first swap and every --rounds swap. The checked prompt runs `quiet()`: the clients hold and
-    the requests in flight finish first, so its answer is computed alone, like its reference (batched bf16
-    answers differ from solo ones at near-ties). With N = 0 every method calls straight through."""
+    (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens), kept in flight across the first swap and
+    every --rounds swap (each request in flight at a pause spans that swap). The checked prompt runs through
+    generate(): the clients hold and the requests in flight finish first, so its answer is computed alone,
+    like its reference (batched bf16 answers differ from solo ones at near-ties). With N = 0 every method
+    calls straight through."""
 
     def __init__(self, engine, swapper: ParamSwapper, args):
         self.engine, self.swapper, self.args, self.clients = engine, swapper, args, args.serve_load
@@ -2254,7 +2256,7 @@ class ServeLoad:
         self.requests: list[dict] = []  # every finished load request
         self.in_flight = 0
         self.tasks: list = []
-        self.go = None  # asyncio.Event: clients may send (cleared by quiet())
+        self.go = None  # asyncio.Event: clients may send (cleared by drain())
         self.stopping = False
         self.t0 = time.perf_counter()
         self.forwards_at_start = 0
@@ -2277,8 +2279,7 @@ class ServeLoad:
             rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
             self.in_flight += 1
             try:
-                out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params={
-                    "temperature": 0.0, "max_new_tokens": n, "ignore_eos": True})
+                out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params=greedy(n))
                 meta = out["meta_info"]
                 rec.update(finish=(meta.get("finish_reason") or {}).get("type"), completion_tokens=meta.get(
                     "completion_tokens"), tokens=len(recorder.take(meta["id"])["output_ids"]))
@@ -2511,7 +2512,7 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
                           num_layers: int = 2, vocab_size: int = 512, dtype: str = "bfloat16",
                           num_shards: int = 1, seed: int = 0, chat_template: bool = True, arch: str = "qwen2",
                           attention_bias: bool = False) -> str:
-    """A random-weight checkpoint of the family `arch` (FAMILIES: qwen2, qwen3, llama) in HF layout (config,
+    """A random-weight checkpoint of the family `arch` (FAMILIES: qwen2, qwen3, llama, qwen3_moe) in HF layout (config,
     tokenizer, safetensors). head_dim 128: the CPU attention path needs it. Llama gets llama3 rope scaling.
     Returns the folder."""
     from safetensors.numpy import save_file
