@@ -86,6 +86,8 @@ FAMILIES = {  # HF architectures[0] -> Family
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_BUCKET_MB = 256.0  # --bucket-mb: docs/benchmarks.md ("Buckets")
+TRANSPOSE_ON = {"cpu": "host", "gpu": "device", "tpu": "device"}  # --transpose auto, per platform
 TRAINER_SHARDINGS = ("fsdp", "replicated", "engine")  # --weights-source trainer: how the trainer holds the tree
 
 
@@ -142,16 +144,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dtype of the MLLM flax tree on the host (the trainer's); cast to the engine's dtype "
                         "on the host when placing")
     p.add_argument("--swap-mode", choices=["streaming", "bulk"], default="streaming",
-                   help="streaming: place one tensor, assign it, free the dummy it replaces, go on (peak = one "
-                        "set + one tensor); bulk: build every array, then assign all (the reference algorithm, "
-                        "peak = two sets)")
+                   help="streaming: place a bucket of tensors (--bucket-mb), assign them, free the arrays they "
+                        "replace, go on (peak = one set + one bucket or the largest tensor); bulk: build every "
+                        "array, then assign all (the reference algorithm, peak = two sets)")
+    p.add_argument("--bucket-mb", type=float, default=None,
+                   help="streaming: device MB (summed over devices) placed before they are assigned; 0 = one "
+                        f"tensor at a time (default: {DEFAULT_BUCKET_MB:g}, chosen in docs/benchmarks.md; --demo: 1, "
+                        "a bucket its 11 MB of params do not fill)")
+    p.add_argument("--transpose", choices=["auto", "host", "device"], default="auto",
+                   help="where kernels stored [out, in] become [in, out]: host (the strided view handed to "
+                        "jax.device_put), device (placed as stored, one jitted transpose on the devices); auto: "
+                        + ", ".join(f"{k} {v}" for k, v in TRANSPOSE_ON.items()) + " (docs/benchmarks.md)")
     p.add_argument("--no-rollback", dest="rollback", action="store_false", default=None,
-                   help="streaming: keep no host copy of the replaced arrays (faster; a failure mid-swap then "
-                        "shuts the engine down, exit 3, instead of restoring the previous weights). Default: "
-                        "rollback for host sources, none for --weights-source trainer (a backup would copy the "
-                        "whole set device->host)")
+                   help="no rollback: a failure mid-swap then shuts the engine down (exit 3) instead of "
+                        "restoring the previous weights. Default: rollback whenever it is free (the previous "
+                        "weights came from a read-only host tree or from the dummy initialiser: placed again on "
+                        "failure), else a host copy of each replaced array for host sources and none for "
+                        "--weights-source trainer (a copy would go device->host)")
     p.add_argument("--rollback", dest="rollback", action="store_true",
-                   help="keep the host copies also for --weights-source trainer (costs a device->host copy)")
+                   help="rollback also where it costs a host copy of each replaced array (--weights-source trainer)")
     p.add_argument("--keep-param-dict", action="store_true",
                    help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's arrays)")
     p.add_argument("--verify-param-sharing", action="store_true",
@@ -219,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device, args.keep_param_dict, args.verify_param_sharing = "cpu", True, True
         args.verify_weights = args.verify_logits = True
         args.tp_size = args.tp_size or 4
+        args.bucket_mb = 1.0 if args.bucket_mb is None else args.bucket_mb
+    args.bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
     return args
 
 
@@ -389,6 +402,8 @@ def validate_args(args: argparse.Namespace) -> None:
             problems.append((f"--{flag.replace('_', '-')} {getattr(args, flag)} < 1", "a token budget must be positive"))
     if args.watchdog_timeout <= 0:
         problems.append((f"--watchdog-timeout {args.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
+    if not args.bucket_mb >= 0:
+        problems.append((f"--bucket-mb {args.bucket_mb} < 0", "0 places one tensor at a time"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if args.verify_logits:
@@ -737,7 +752,7 @@ def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     log_.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
-    swapper = ParamSwapper(engine, info.num_kv_heads)
+    swapper = ParamSwapper(engine, info.num_kv_heads, args.bucket_mb, args.transpose)
     if log_.stopper is not None:
         log_.stopper.swapper = swapper
     params = swapper.state.params
@@ -760,9 +775,14 @@ def path_str(path) -> str:
 
 def engine_params(model_runner) -> dict[str, Any]:
     """{nnx path: nnx.Param} of the engine's model."""
+    return model_params(model_runner.model)
+
+
+def model_params(model) -> dict[str, Any]:
+    """{nnx path: nnx.Param} of an nnx model."""
     from flax import nnx
 
-    return {path_str(p): node for p, node in nnx.iter_graph(model_runner.model) if isinstance(node, nnx.Param)}
+    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
 def engine_leaf_paths(model_runner):
@@ -968,7 +988,10 @@ def read_mllm_tree(args, info: CheckpointInfo) -> tuple[dict, float]:
     t = time.perf_counter()
     tensors = read_torch_state_dict(info) if args.weights_source == "torch" else read_safetensors(info)
     read_s = time.perf_counter() - t
-    return nest(hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype)), read_s
+    flat = hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype)
+    for arr in flat.values():  # nobody changes it in place: the swapper may keep it as a free rollback (read_only)
+        arr.flags.writeable = False
+    return nest(flat), read_s
 
 
 def load_mllm_params(path: str, dtype: str = "bfloat16", source: str = "safetensors") -> dict:
@@ -1085,14 +1108,16 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
     return plan
 
 
-def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> tuple[np.ndarray, bool]:
-    """(C-contiguous host array in the engine dtype, transposed). transposed=True means the array is the
-    target's transpose: the MLLM kernel was a transposed view of the checkpoint's [out, in] tensor, and
-    numpy's strided transpose copy runs at a few % of memcpy speed, so place() transposes on the device."""
+def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: str = "device") -> tuple[np.ndarray, bool]:
+    """(host array in the engine dtype, transposed). The MLLM kernel is a transposed view of the checkpoint's
+    [out, in] tensor. transpose "host": the array is the target's layout, possibly that strided view (jax.device_put
+    copies it strided: the fastest on CPU). "device": C-contiguous; transposed=True means it is the target's
+    transpose and place() transposes it on the devices (numpy's strided transpose copy runs at a few % of
+    memcpy speed; a TPU transposes at HBM speed)."""
     arr = src if src.dtype == item.dtype else src.astype(item.dtype)  # keeps the memory layout
     if item.op == "transpose":
         arr = arr.T
-    transposed = arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+    transposed = transpose == "device" and arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
     if transposed:
         arr = arr.T
     if item.op == "kv_heads" and item.replicas > 1:  # repeat each head contiguously: [h0, h0, h1, h1]
@@ -1100,7 +1125,7 @@ def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int) -> tuple[np.n
         shape = arr.shape
         heads = arr.reshape(*shape[:axis], num_kv_heads, shape[axis] // num_kv_heads, *shape[axis + 1:])
         arr = np.repeat(heads, item.replicas, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
-    return np.ascontiguousarray(arr), transposed
+    return (arr if transpose == "host" else np.ascontiguousarray(arr)), transposed
 
 
 @functools.cache
@@ -1203,42 +1228,40 @@ def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None
     return device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding)(src)
 
 
-def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None, alias: bool = False):
-    """The target array of one item. Host source: one jax.device_put of the host array into the target
-    sharding (no device-side dtype copy); a transposed kernel goes in the mirrored sharding and one jitted
-    transpose puts it in the target's. Device source: place_device, or with `alias` the source itself where
-    it already is the target (can_alias)."""
+def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None, alias: bool = False,
+          transpose: str = "device"):
+    """The target array of one item, dispatched and not waited on (the swap waits once per bucket). Host
+    source: one jax.device_put of the host array into the target sharding (no device-side dtype copy); with
+    transpose "device" a kernel goes in as stored, in the mirrored sharding, and one jitted transpose puts it
+    in the target's. Device source: place_device, or with `alias` the source itself where it already is the
+    target (can_alias)."""
     import jax
 
-    t0 = time.perf_counter()
     if on_devices(src):
+        if alias and can_alias(item, src):
+            if stats is not None:
+                stats.aliased_bytes_sum += item.nbytes_sum
+                stats.aliased.add(id(src))
+            return src
         transposed = item.op == "transpose"
-        arr = src if alias and can_alias(item, src) else place_device(item, src, num_kv_heads, stats)
+        arr = place_device(item, src, num_kv_heads, stats)
     else:
-        host, transposed = host_array(item, src, num_kv_heads)
+        t0 = time.perf_counter()
+        host, transposed = host_array(item, src, num_kv_heads, transpose)
         if stats is not None:
             stats.host_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
         if transposed:
             arr = device_transpose(item.sharding)(jax.device_put(host, mirrored(item.sharding, host.ndim)))
         else:
             arr = jax.device_put(host, item.sharding)
-    arr.block_until_ready()
     if stats is not None:
-        if arr is src:
-            stats.aliased_bytes_sum += item.nbytes_sum
-            stats.aliased.add(id(arr))
-            return arr
-        stats.put_s += time.perf_counter() - t0
         stats.placed_bytes_sum += item.nbytes_sum
-        if transposed:
-            stats.transposed_s += time.perf_counter() - t0
-            stats.transposed_bytes_sum += item.nbytes_sum
+        stats.transposed_bytes_sum += item.nbytes_sum if transposed else 0
     return arr
 
 
 # ----------------------------------------------------------------------------------------------
-# Phases 4-5: place and swap (streaming: one tensor at a time; bulk: all placed, then all assigned)
+# Phases 4-5: place and swap (streaming: a bucket at a time; bulk: all placed, then all assigned)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1249,26 +1272,31 @@ class SwapStats:
 
     mode: str
     source: str = "host"  # host (numpy) or device (trainer-resident jax.Arrays)
+    transpose: str = "device"  # host sources: where kernels are transposed (--transpose)
+    bucket_bytes: int | None = None  # streaming: device bytes placed before they are assigned (None: bulk)
+    buckets: int = 0
     host_s: float = 0.0  # layout + dtype on the host
-    put_s: float = 0.0  # jax.device_put into the target sharding, until ready
+    put_s: float = 0.0  # jax.device_put into the target sharding (and device transforms), until ready
     assign_s: float = 0.0  # Param assignment + leaves rebind
-    backup_s: float = 0.0  # streaming with rollback: host copies of the replaced arrays
-    transposed_s: float = 0.0  # the part of put_s spent on kernels that are transposed on the device
-    transposed_bytes_sum: int = 0
+    backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
+    meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
+    transposed_bytes_sum: int = 0  # kernels transposed on the devices
     placed_bytes_sum: int = 0  # device bytes of the arrays made for the engine (copied_bytes_sum in the JSON)
     aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
     device_put_reshards: int = 0  # device sources on another device order than the engine's mesh (place_device)
     peak_bytes_in_use_sum: int = 0
     rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
-    peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every tensor
+    peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every bucket
     replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
     shared: set = dataclasses.field(default_factory=set)  # ids of engine arrays an earlier swap took from a trainer
     aliased: set = dataclasses.field(default_factory=set)  # ids of the trainer arrays this swap took (alias)
     replaced_shared: int = 0  # replaced arrays that were the trainer's (alias): the trainer owns them
 
     def sample_peak(self) -> None:
+        t = time.perf_counter()
         self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
         self.peak_rss_bytes = max(self.peak_rss_bytes, process_rss_bytes())
+        self.meter_s += time.perf_counter() - t
 
     def release(self, old) -> None:
         if id(old) in self.shared:  # still the trainer's array: not ours to free
@@ -1284,86 +1312,170 @@ class SwapStats:
             return round(self.placed_bytes_sum / seconds / 1e9, 3) if seconds else None
 
         place_s = self.host_s + self.put_s
-        return {"swap_mode": self.mode, "source": self.source, "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
+        return {"swap_mode": self.mode, "source": self.source, "transpose": self.transpose,
+                "bucket_bytes": self.bucket_bytes, "buckets": self.buckets,
+                "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
+                "meter_s": round(self.meter_s, 4),
                 "placed_bytes_sum": self.placed_bytes_sum, "copied_bytes_sum": self.placed_bytes_sum,
                 "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
-                "place_gb_per_s": gbps(place_s),
-                "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
-                "transposed_bytes_sum": self.transposed_bytes_sum, "transposed_s": round(self.transposed_s, 4),
-                "direct_put_gb_per_s": round((self.placed_bytes_sum - self.transposed_bytes_sum)
-                                             / max(self.put_s - self.transposed_s, 1e-9) / 1e9, 3),
-                "transposed_put_gb_per_s": round(self.transposed_bytes_sum / max(self.transposed_s, 1e-9) / 1e9, 3),
+                "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
+                "transposed_bytes_sum": self.transposed_bytes_sum,
                 "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
                 "rss_before_swap_bytes": self.rss_before_bytes, "swap_peak_rss_bytes": self.peak_rss_bytes,
                 "replaced_arrays": len(self.replaced) + self.replaced_shared,
                 "replaced_shared_with_trainer": self.replaced_shared, "replaced_still_alive": self.still_alive()}
 
 
-def place_all(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int, stats: SwapStats,
-              alias: bool = False) -> dict:
-    param_dict = {}
+def buckets(plan: list[SwapItem], bucket_bytes: int | None) -> list[list[SwapItem]]:
+    """The plan in consecutive buckets of at most `bucket_bytes` device bytes (a larger tensor is a bucket of
+    its own; 0: one tensor each); None: one bucket (bulk)."""
+    if bucket_bytes is None:
+        return [plan] if plan else []
+    out: list[list[SwapItem]] = []
+    size = 0
     for item in plan:
-        param_dict[item.target] = place(item, source[item.source], num_kv_heads, stats, alias=alias)
-        stats.sample_peak()
-    return param_dict
+        if not out or size + item.nbytes_sum > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item.nbytes_sum
+    return out
+
+
+@dataclasses.dataclass
+class Rollback:
+    """How a failed swap puts back the weights it had replaced. kind:
+      source: placed again from the tree the previous swap came from (read-only host arrays, kept by reference:
+              nothing to do during the swap);
+      dummy:  sglang-jax's own dummy initialiser, run again for those Params (the engine still holds the
+              weights it started with: nothing to do during the swap);
+      copy:   a host copy of each replaced array, made during the swap (backup_s);
+      off:    none: a failure mid-swap leaves the engine half-swapped (it is shut down, exit 3).
+    Bulk keeps the replaced arrays themselves until all are assigned, so it needs none of these."""
+
+    kind: str
+    source: Mapping[str, Any] | None = None
+    plan: list[SwapItem] | None = None
+    num_kv_heads: int = 0
+    model_runner: Any = None
+    copies: dict = dataclasses.field(default_factory=dict)
+
+    def backup(self, state: EngineState, items: list[SwapItem]) -> None:
+        if self.kind == "copy":
+            self.copies.update({i.target: np.asarray(state.params[i.target].get_value()) for i in items})
+
+    def arrays(self, items: list[SwapItem]) -> dict[str, Any]:
+        """The previous weights of these items, placed again (raises if there is no way)."""
+        import jax
+
+        if self.kind == "copy":
+            return {i.target: jax.device_put(self.copies[i.target], i.sharding) for i in items}
+        if self.kind == "source":
+            mine = {i.target: i for i in self.plan}
+            return {i.target: place(mine[i.target], self.source[mine[i.target].source], self.num_kv_heads)
+                    for i in items}
+        if self.kind == "dummy":
+            return dummy_weights(self.model_runner, {i.target for i in items})
+        raise RuntimeError(f"no rollback ({self.kind})")
+
+
+def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
+    """{nnx path: array} of these Params as sglang-jax's load_format="dummy" makes them: its own loader's dummy
+    initialiser, run for these Params only, into an abstract copy of the model (the engine is not touched)."""
+    import jax
+    from flax import nnx
+    from sgl_jax.srt.utils.weight_utils import WeightLoader
+
+    model, config = model_runner.model, model_runner.model_config
+    make = [getattr(model, n) for n in dir(type(model)) if n.startswith("_create_") and n.endswith("weight_mappings")]
+    if len(make) != 1:
+        raise RuntimeError(f"{type(model).__name__} has {len(make)} _create_*weight_mappings methods, not 1")
+    mesh = model_runner.mesh
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: type(model)(config.hf_config, dtype=config.dtype, mesh=mesh))
+    wanted = {k: m for k, m in make[0]().items()
+              if (t := getattr(m, "target_path", m)) and (t if isinstance(t, str) else t[0]) in paths}
+    WeightLoader(model=abstract, model_config=config, mesh=mesh, dtype=config.dtype)._load_dummy_weights(
+        nnx.state(abstract), wanted)
+    made = {p: v.get_value() for p, v in model_params(abstract).items() if p in paths}
+    missing = paths - {p for p, a in made.items() if on_devices(a)}
+    if missing:
+        raise RuntimeError(f"sglang-jax's dummy initialiser made no array for {sorted(missing)[:3]}")
+    return made
 
 
 def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
-         stats: SwapStats, rollback: bool = True, alias: bool = False) -> dict:
+         stats: SwapStats, rollback: Rollback, alias: bool = False) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
-    streaming: place one tensor, assign it, let go of the array it replaced, go on (peak: one set + one
-    tensor); with `rollback`, a host copy of each replaced array is kept until the swap is complete.
-    bulk: place every tensor, then assign all (peak: two sets).
-    If anything fails, the previous arrays are put back (restore) and the error is raised as a ToolError.
+    A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
+    together, waited on once), assign them, let go of the arrays they replaced, go on. Peak: one set + one
+    bucket (or the largest tensor); bulk: two sets. If anything fails, the previous weights are put back
+    (restore, with `rollback`) and the error is raised as a ToolError.
     """
-    previous: dict[str, Any] = {}  # path -> the replaced array (bulk) or its host copy (streaming)
+    import jax
+
+    done: list[SwapItem] = []  # assigned so far
+    kept: dict[str, Any] = {}  # the current bucket's replaced arrays, alive until the bucket is assigned
+    param_dict: dict[str, Any] = {}
     try:
-        if stats.mode == "bulk":
-            param_dict = place_all(plan, source, num_kv_heads, stats, alias)
+        for bucket in buckets(plan, stats.bucket_bytes):
             t = time.perf_counter()
-            for item in plan:
-                previous[item.target] = state.assign(item.target, param_dict[item.target])
-                stats.release(previous[item.target])
+            host_s = stats.host_s
+            placed = {i.target: place(i, source[i.source], num_kv_heads, stats, alias, stats.transpose) for i in bucket}
+            jax.block_until_ready(list(placed.values()))
+            stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
+            stats.buckets += 1
+            stats.sample_peak()
+            t = time.perf_counter()
+            rollback.backup(state, bucket)
+            stats.backup_s += time.perf_counter() - t
+            t = time.perf_counter()
+            for item in bucket:
+                kept[item.target] = state.assign(item.target, placed[item.target])
+                done.append(item)
+            for item in bucket:
+                stats.release(kept.pop(item.target))
             stats.assign_s += time.perf_counter() - t
-        else:
-            param_dict = {}
-            for item in plan:
-                param_dict.update(place_all([item], source, num_kv_heads, stats, alias))
-                t = time.perf_counter()
-                if rollback:
-                    previous[item.target] = np.asarray(state.params[item.target].get_value())
-                stats.backup_s += time.perf_counter() - t
-                t = time.perf_counter()
-                stats.release(state.assign(item.target, param_dict[item.target]))
-                stats.assign_s += time.perf_counter() - t
+            param_dict.update(placed)
         t = time.perf_counter()
         state.rebind_from_model()
         stats.assign_s += time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - any failure mid-swap: put the previous weights back, then report
-        restored = restore(state, plan, previous, rollback or stats.mode == "bulk")
-        raise ToolError("swap", f"the swap failed after {len(stats.replaced)} of {len(plan)} tensors: "
+        restored = restore(state, done, kept, rollback)
+        raise ToolError("swap", f"the swap failed after {len(done)} of {len(plan)} tensors were assigned: "
                         f"{type(e).__name__}: {e}",
                         "the previous weights were restored" if restored else
-                        "no rollback copy (--no-rollback, or a device source): the engine is half-swapped and "
-                        "is shut down", EXIT_ENGINE, restored=restored) from e
+                        "no rollback (--no-rollback, or a device source): the engine is half-swapped and "
+                        "is shut down", EXIT_ENGINE, restored=restored, rollback=rollback.kind) from e
     stats.sample_peak()
     return param_dict
 
 
-def restore(state: EngineState, plan: list[SwapItem], previous: Mapping[str, Any], possible: bool) -> bool:
-    """Put every replaced array (or its host copy, placed again) back into its Param, then rebind."""
-    if not possible:
+def restore(state: EngineState, done: list[SwapItem], kept: Mapping[str, Any], rollback: Rollback) -> bool:
+    """Put the previous weights of every assigned item back (the arrays still kept, else from `rollback`),
+    then rebind. Nothing assigned yet: the engine is as it was."""
+    missing = [i for i in done if i.target not in kept]
+    if missing and rollback.kind == "off":
         return False
-    import jax
-
-    for item in plan:
-        if item.target in previous:
-            old = previous[item.target]
-            state.assign(item.target, jax.device_put(old, item.sharding) if isinstance(old, np.ndarray) else old)
-    state.rebind_from_model()
+    try:
+        arrays = {**rollback.arrays(missing), **kept} if missing else dict(kept)
+        for item in done:
+            state.assign(item.target, arrays[item.target])
+        state.rebind_from_model()
+    except Exception as e:  # noqa: BLE001 - a restore that fails leaves the engine half-swapped: said, not hidden
+        log(f"restoring the previous weights failed: {type(e).__name__}: {e}")
+        return False
     return True
+
+
+def read_only(flat: Mapping[str, Any]) -> bool:
+    """A source nobody changes in place: numpy leaves that are not writeable (the tool's own trees, views of a
+    mapped checkpoint; a caller sets arr.flags.writeable = False), or a lazy view of such (PerturbedWeights).
+    The swapper keeps such a tree by reference as the next swap's free rollback."""
+    base = getattr(flat, "base", flat)
+    return bool(base) and all(isinstance(a, np.ndarray) and not a.flags.writeable for a in base.values())
 
 
 def as_flat(mllm_params: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -1502,7 +1614,8 @@ class ParamSwapper:
     continues: requests in flight keep their tokens so far and finish on the new weights (ServeGuard).
     """
 
-    def __init__(self, engine, num_kv_heads: int | None = None):
+    def __init__(self, engine, num_kv_heads: int | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 transpose: str = "auto"):
         scheduler = engine.scheduler_info["scheduler"]
         model_runner = scheduler.tp_worker.worker.model_runner
         if "request_recorder" not in engine.scheduler_info:  # generate() reads the scheduler's own ids from it
@@ -1520,6 +1633,14 @@ class ParamSwapper:
         self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
         self.idle.set()
         self.last_swap_restored: bool | None = None  # a failed swap: were the previous weights put back
+        self.bucket_mb = bucket_mb  # streaming: MB placed before they are assigned (0: one tensor at a time)
+        platform = next(iter(self.state.params.values())).get_value().sharding.mesh.devices.flat[0].platform
+        self.transpose = TRANSPOSE_ON.get(platform, "device") if transpose == "auto" else transpose
+        # where the engine's weights came from, when a failed swap can re-create them for free (Rollback):
+        # ("dummy",) at start with load_format="dummy", ("source", tree, plan) after a read-only host tree
+        load_format = getattr(getattr(engine, "server_args", None), "load_format", None)
+        dummy = str(load_format) in ("dummy", "LoadFormat.DUMMY") and self.holds_dummy_weights()
+        self.previous: tuple | None = ("dummy",) if dummy else None
 
     @property
     def mesh(self):
@@ -1590,11 +1711,14 @@ class ParamSwapper:
         stopped = time.perf_counter() - t0
         ok, details = leaves_unchanged(self.state, param_dict, stats)  # read-only: after serving goes on
         param_bytes = sum(i.nbytes_sum for i in plan)
-        report = {"seconds": round(seconds, 4), "num_swapped": len(param_dict), "param_bytes_sum": param_bytes,
-                  "alias": alias, "rollback": rollback, **stats.as_json(), "bytes_in_use_sum_before_swap": before,
+        swap_s = seconds + t3 - t2
+        report = {"swap_s": round(swap_s, 4), "seconds": round(swap_s, 4), "flush_s": round(t3 - t2, 4),
+                  "num_swapped": len(param_dict), "param_bytes_sum": param_bytes, "alias": alias,
+                  "rollback": rollback != "off", "rollback_kind": rollback, **stats.as_json(),
+                  "bytes_in_use_sum_before_swap": before,
                   "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
                   "leaves_unchanged": ok, **self.memory_split(flat, memory), "memory": memory}
-        report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4), flush_s=round(t3 - t2, 4),
+        report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4),
                       serving_stopped_s=round(stopped, 4),
                       serving_stopped_ratio=round(stopped / max(report["seconds"], 1e-9), 3),
                       requests_paused=paused, requests_held_in_flush=held,
@@ -1640,9 +1764,10 @@ class ParamSwapper:
 
     def prepare(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
         """Everything checked before the engine is touched: mode, plan, live sources, alias, rollback.
-        rollback None: on for host sources (a host copy of each replaced array), off for device sources
-        (a backup would be a device->host copy of the whole set; the swap then runs under JAX's
-        device-to-host transfer guard, which proves on TPU/GPU that nothing leaves the devices)."""
+        rollback None: the free kind where there is one (rollback_kind), else a host copy of each replaced
+        array for host sources and none for device sources (a copy would go device->host; without one the
+        swap runs under JAX's device-to-host transfer guard, which proves on TPU/GPU that nothing leaves the
+        devices). True: a copy where nothing is free. False: none."""
         if mode not in ("streaming", "bulk"):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = as_flat(mllm_params)
@@ -1656,36 +1781,71 @@ class ParamSwapper:
         if alias and not device:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
-        return flat, plan, device, (not device) if rollback is None else rollback
+        if mode == "bulk":
+            kind = "kept"  # the replaced arrays stay alive until every one is assigned
+        elif rollback is False:
+            kind = "off"
+        else:
+            kind = self.free_rollback() or ("copy" if rollback or not device else "off")
+        return flat, plan, device, kind
+
+    def holds_dummy_weights(self) -> bool:
+        """The engine's smallest Param equals sglang-jax's dummy initialiser run again (then a failed first
+        swap can re-create the dummy weights instead of copying them: Rollback "dummy")."""
+        path, param = min(self.state.params.items(), key=lambda kv: param_bytes_sum([kv[1].get_value()]))
+        try:
+            again = dummy_weights(self.state.model_runner, {path})[path]
+        except (RuntimeError, AttributeError, TypeError, KeyError, ValueError) as e:  # another sglang-jax version
+            log(f"sglang-jax's dummy initialiser could not be run again ({type(e).__name__}: {e}): a rollback "
+                "will copy the dummy weights")
+            return False
+        if not np.array_equal(np.asarray(again), np.asarray(param.get_value())):
+            log(f"the engine's {path} is not sglang-jax's dummy initialisation: a rollback will copy it")
+            return False
+        return True
+
+    def free_rollback(self) -> str | None:
+        """"source" or "dummy" when the current weights can be re-created without a copy (Rollback)."""
+        return self.previous[0] if self.previous else None
+
+    def rollback_for(self, kind: str) -> Rollback:
+        if kind == "source":
+            return Rollback("source", source=self.previous[1], plan=self.previous[2], num_kv_heads=self.num_kv_heads)
+        return Rollback(kind, model_runner=self.state.model_runner)
 
     def swap_now(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
-                 rollback: bool) -> tuple[dict, SwapStats, int, float]:
+                 rollback: str) -> tuple[dict, SwapStats, int, float]:
         """The swap itself, with generation paused: place, assign, rebind, release (swap()). Returns the new
-        arrays, the stats, the bytes in use before and the seconds it took."""
+        arrays, the stats, the bytes in use before and the seconds it took (the memory samples left out)."""
         import contextlib
 
         import jax
 
-        stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids)
+        bucket = None if mode == "bulk" else int(self.bucket_mb * 2**20)
+        stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids,
+                          transpose=self.transpose, bucket_bytes=bucket)
         before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
-        guard = jax.transfer_guard_device_to_host("disallow") if device and not rollback else contextlib.nullcontext()
+        guard = jax.transfer_guard_device_to_host("disallow") if device and rollback != "copy" else contextlib.nullcontext()
         t = time.perf_counter()
         self.idle.clear()
         self.guard.changing = True
         try:
             with guard:
-                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, rollback=rollback, alias=alias)
+                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, self.rollback_for(rollback), alias)
             self.swaps += 1
             self.guard.weights_id = self.swaps
             self.guard.changing = False
             self.shared_ids, self.last_swap_restored = stats.aliased, None
+            self.previous = ("source", flat, plan) if read_only(flat) else None
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
             self.guard.changing = not self.last_swap_restored  # restored: the previous set, whole again
+            if not self.last_swap_restored:
+                self.previous = None
             raise
         finally:
             self.idle.set()
-        return param_dict, stats, before, time.perf_counter() - t
+        return param_dict, stats, before, time.perf_counter() - t - stats.meter_s
 
     def memory_split(self, mllm_params: Mapping[str, Any] | None = None, memory: dict | None = None) -> dict:
         """Device bytes in use (now, or in the `memory` sample), split: the trainer's arrays (a device source),
@@ -1759,6 +1919,7 @@ def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: M
     t = time.perf_counter()
     plan = swapper.plan(tree)
     log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
+               bucket_mb=None if args.swap_mode == "bulk" else args.bucket_mb, transpose=swapper.transpose,
                param_bytes_sum=sum(i.nbytes_sum for i in plan), seconds=round(time.perf_counter() - t, 4))
     return plan
 
@@ -2202,7 +2363,7 @@ def swap_rounds(log_: PhaseLog, args, engine, serve: ServeLoad, info: Checkpoint
         if report["engine_bytes_sum"] > limit or not report["leaves_unchanged"]:
             leaks.append({"round": r, "engine_bytes_sum": report["engine_bytes_sum"],
                           "leaves_ok": report["leaves_unchanged"]})
-        log_.phase("swap_round", round=r, weights=which, swap_s=report["seconds"], **report,
+        log_.phase("swap_round", round=r, weights=which, **report,
                    output_ids=out["output_ids"], text=out["text"], finish_reason=out["finish_reason"])
     first_a = first_output["output_ids"]
     b_runs = outputs["B"]

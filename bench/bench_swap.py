@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Benchmark: streaming vs bulk swap, safetensors / torch / trainer-resident (fsdp, engine layout + alias)
-sources, on a Qwen2.5-3B-shaped checkpoint with few layers (vocab 151936, hidden 2048, 16 heads, 2 KV heads,
-head_dim 128, intermediate 11008, tied), 4 virtual CPU devices. Runs the tool once per combination, back to
-back, then prints a table (and --out JSON): peak extra ratio, seconds and GB/s per step, host RSS peak, and
-placement speed against a plain numpy copy of the same bytes (the CPU stand-in for the host -> device limit)
-and, for device sources, against a plain device-to-device copy of the same tensors, both measured in the
-same invocation.
+"""Benchmark: our swap (streaming with the default bucket, bulk) against tunix's sync (host and device
+sources) on the same engine and checkpoint, a Qwen2.5-3B-shaped one with few layers (vocab 151936, hidden
+2048, 16 heads, 2 KV heads, head_dim 128, intermediate 11008, tied), 4 virtual CPU devices. Runs the tool
+once per combination, back to back, then prints a table (and --out JSON): swap seconds (swap_s: place +
+assign + backup + flush) and the split, peak extra ratio, host RSS, placement speed against a plain numpy
+copy of the same bytes and a plain device-to-device copy; then ours side by side with tunix and the ratios
+(our default's seconds / tunix's, peak extra ratios).
 
-  python bench/bench_swap.py                 # ~1.2 GB checkpoint, 4 layers
+  python bench/bench_swap.py                 # ~1.2 GB checkpoint, 4 layers: ours x2, tunix (host source)
+  python bench/bench_swap.py --sweep         # + streaming with --bucket-mb 0 / 64 / 1024 and --transpose device
+  python bench/bench_swap.py --all           # + torch and trainer-resident (fsdp, engine layout + alias) sources,
+                                             #   and tunix from a device source (against our fsdp trainer row)
   python bench/bench_swap.py --layers 2 --out bench.json
 """
 
@@ -27,9 +30,11 @@ import run_param_swap as rps  # noqa: E402
 
 QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
                        intermediate_size=11008, tied=True)
-COMBOS = [("streaming", "safetensors", ()), ("bulk", "safetensors", ()), ("streaming", "torch", ()),
-          ("bulk", "torch", ()), ("streaming", "trainer", ("--trainer-sharding", "fsdp")),
-          ("streaming", "trainer", ("--trainer-sharding", "engine", "--alias"))]
+COMBOS = [("streaming", "safetensors", ()), ("bulk", "safetensors", ())]  # the first row is our default
+SWEEP = [("streaming", "safetensors", ("--bucket-mb", "0")), ("streaming", "safetensors", ("--bucket-mb", "64")),
+         ("streaming", "safetensors", ("--bucket-mb", "1024")), ("streaming", "safetensors", ("--transpose", "device"))]
+OTHER_SOURCES = [("streaming", "torch", ()), ("bulk", "torch", ()), ("streaming", "trainer", ("--trainer-sharding", "fsdp")),
+                 ("streaming", "trainer", ("--trainer-sharding", "engine", "--alias"))]
 D2D_COPY = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -86,13 +91,6 @@ def numpy_copy_gbps(nbytes: int, repeats: int = 3) -> dict:
     return {k: nbytes / v / 1e9 for k, v in best.items()}
 
 
-def direct_put_gbps(records: list[dict]) -> float | None:
-    """Bytes placed without a transpose over the seconds they took, over several swaps."""
-    nbytes = sum(r["placed_bytes_sum"] - r["transposed_bytes_sum"] for r in records)
-    seconds = sum(r["put_s"] - r["transposed_s"] for r in records)
-    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else None
-
-
 MAX_NEW = 8  # greedy tokens per run, for the prompt below: compared with sglang-jax's own loader
 PROMPT = "The quick brown fox"  # bench/tunix_sync.py's too
 
@@ -105,8 +103,8 @@ def run_json(*argv: str, tp: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tunix_rows(folder: str, tp: int, reference: list) -> list[dict]:
-    """tunix's sync (bench/tunix_sync.py) on the same engine and checkpoint, device and host sources."""
+def tunix_rows(folder: str, tp: int, reference: list, sources: tuple[str, ...]) -> list[dict]:
+    """tunix's sync (bench/tunix_sync.py) on the same engine and checkpoint, from these sources."""
     import importlib.util
 
     if importlib.util.find_spec("tunix") is None:
@@ -114,7 +112,7 @@ def tunix_rows(folder: str, tp: int, reference: list) -> list[dict]:
               file=sys.stderr)
         return []
     rows = []
-    for source in ("device", "host"):
+    for source in sources:
         print(f"running tunix / {source} ...", file=sys.stderr, flush=True)
         r = run_json(os.path.join(ROOT, "bench", "tunix_sync.py"), "--model-id", folder, "--tp-size", str(tp),
                      "--source", source, "--max-new-tokens", str(MAX_NEW), tp=tp)
@@ -142,22 +140,21 @@ def run_once(folder: str, mode: str, source: str, tp: int, extra: tuple = ()) ->
     read, swapped = records["mllm_params_cpu_ready"], records["weights_swapped_from_mllm"]
     placed = swapped["placed_bytes_sum"]
     seconds_to_device = read["seconds"] + swapped["place_s"] + records.get("mllm_params_device_ready", {}).get("seconds", 0)
+    later = [r for r in rounds if r["weights"] == "A"]  # round 2 swaps A back (B is computed while it is placed)
     return {
         "swap_mode": mode, "weights_source": " ".join((source, *extra)).replace("--trainer-sharding ", ""),
-        "param_bytes_sum": swapped["param_bytes_sum"], "swap_s": swapped["seconds"],
-        # round 2 swaps A back: B (0.02 - A) is computed while it is placed, which is not a swap's cost
-        "rounds_swap_s": round(sum(r["seconds"] for r in rounds if r["weights"] == "A")
-                               / sum(r["weights"] == "A" for r in rounds), 4),
+        "bucket_mb": records["sglang_param_dict_ready"]["bucket_mb"], "transpose": swapped["transpose"],
+        "rollback_kind": swapped["rollback_kind"], "later_rollback_kind": later[0]["rollback_kind"],
+        "param_bytes_sum": swapped["param_bytes_sum"], "swap_s": swapped["swap_s"],
+        "rounds_swap_s": round(sum(r["swap_s"] for r in later) / len(later), 4),
         "output_ids": records["generate_result"]["output_ids"],
         "copied_bytes_sum": swapped["copied_bytes_sum"], "aliased_bytes_sum": swapped["aliased_bytes_sum"],
-        "rounds_direct_put_gb_per_s": direct_put_gbps(rounds),
-        "swap_peak_extra_ratio": swapped["swap_peak_extra_ratio"],
+        "swap_peak_extra_ratio": swapped["swap_peak_extra_ratio"], "buckets": swapped["buckets"],
         "read_s": read["read_s"], "convert_s": read["convert_s"], "host_s": swapped["host_s"],
         "put_s": swapped["put_s"], "assign_s": swapped["assign_s"], "backup_s": swapped["backup_s"],
+        "flush_s": swapped["flush_s"], "meter_s": swapped["meter_s"],
         "place_gb_per_s": swapped["place_gb_per_s"],
         "read_convert_place_gb_per_s": round(placed / seconds_to_device / 1e9, 3),
-        "direct_put_gb_per_s": swapped["direct_put_gb_per_s"],
-        "transposed_put_gb_per_s": swapped["transposed_put_gb_per_s"],
         # later swaps reuse the compiled transposes: the steady state of an RL loop
         "rounds_place_gb_per_s": round(sum(r["placed_bytes_sum"] for r in rounds)
                                        / sum(r["place_s"] for r in rounds) / 1e9, 3),
@@ -178,6 +175,8 @@ def main() -> None:
     p.add_argument("--tp-size", type=int, default=4)
     p.add_argument("--checkpoint-dir", default=None, help="reuse/keep the checkpoint here (default: temp folder)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--sweep", action="store_true", help="also streaming with other --bucket-mb and --transpose device")
+    p.add_argument("--all", action="store_true", help="also the torch and trainer-resident sources")
     args = p.parse_args()
     tmp = None
     folder = args.checkpoint_dir or (tmp := tempfile.mkdtemp(prefix="bench_ckpt_"))
@@ -186,29 +185,27 @@ def main() -> None:
         rps.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
         print(f"checkpoint written in {time.perf_counter() - t:.1f} s: {folder}", file=sys.stderr)
     rows = []
-    for mode, source, extra in COMBOS:
+    for mode, source, extra in COMBOS + SWEEP * args.sweep + OTHER_SOURCES * args.all:
         print(f"running {mode} / {source} {' '.join(extra)} ...", file=sys.stderr, flush=True)
         rows.append(run_once(folder, mode, source, args.tp_size, extra))
     reference = run_json(os.path.join(ROOT, "tests", "reference_generate.py"), "--model-id", folder, "--device", "cpu",
                          "--tp-size", str(args.tp_size), "--prompt", PROMPT, "--max-new-tokens",
                          str(MAX_NEW), tp=args.tp_size)["output_ids"]
-    tunix = tunix_rows(folder, args.tp_size, reference)
+    tunix = tunix_rows(folder, args.tp_size, reference, ("host", "device") if args.all else ("host",))
     copy = numpy_copy_gbps(rows[0]["param_bytes_sum"])
     d2d = device_copy_gbps(folder, args.tp_size)
     for row in rows:
         row["device_copy_gb_per_s"] = round(d2d["gb_per_s"], 3)
-        row["rounds_direct_put_vs_device_copy"] = (round(row["rounds_direct_put_gb_per_s"] / d2d["gb_per_s"], 3)
-                                                   if row["rounds_direct_put_gb_per_s"] else None)
+        row["rounds_place_vs_device_copy"] = round(row["rounds_place_gb_per_s"] / d2d["gb_per_s"], 3)
         row["numpy_copy_gb_per_s"] = {k: round(v, 3) for k, v in copy.items()}
         row["read_convert_place_vs_numpy_copy"] = round(row["read_convert_place_gb_per_s"] / copy["alloc"], 3)
         row["read_convert_place_vs_warm_copy"] = round(row["read_convert_place_gb_per_s"] / copy["warm"], 3)
         row["rounds_place_vs_numpy_copy"] = round(row["rounds_place_gb_per_s"] / copy["alloc"], 3)
-    cols = ["swap_mode", "weights_source", "swap_peak_extra_ratio", "swap_s", "copied_bytes_sum", "aliased_bytes_sum",
-            "read_s", "convert_s", "host_s", "put_s",
-            "assign_s", "backup_s", "place_gb_per_s", "direct_put_gb_per_s", "transposed_put_gb_per_s",
-            "read_convert_place_gb_per_s", "read_convert_place_vs_numpy_copy", "read_convert_place_vs_warm_copy",
-            "rounds_place_gb_per_s", "rounds_place_vs_numpy_copy", "rounds_peak_extra_ratio",
-            "rounds_direct_put_gb_per_s", "rounds_direct_put_vs_device_copy",
+    cols = ["swap_mode", "weights_source", "bucket_mb", "transpose", "rollback_kind", "buckets", "swap_peak_extra_ratio",
+            "swap_s", "rounds_swap_s", "read_s", "convert_s", "host_s", "put_s", "assign_s", "backup_s", "flush_s",
+            "meter_s", "place_gb_per_s", "read_convert_place_gb_per_s", "read_convert_place_vs_numpy_copy",
+            "read_convert_place_vs_warm_copy", "rounds_place_gb_per_s", "rounds_place_vs_numpy_copy",
+            "rounds_place_vs_device_copy", "rounds_peak_extra_ratio",
             "rss_before_swap_bytes", "swap_peak_rss_bytes", "swap_host_extra_vs_tree", "rss_peak_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -220,7 +217,9 @@ def main() -> None:
           f"bytes; numpy copy of the same bytes: {copy['alloc']:.2f} GB/s into a new array, "
           f"{copy['warm']:.2f} GB/s into a touched one; device-to-device copy of the same tensors "
           f"(jitted identity, FSDP-sharded, tensor by tensor): {d2d['gb_per_s']:.2f} GB/s")
-    side = [{"method": f"ours, {row['swap_mode']}, {row['weights_source']}", "first_swap_s": row["swap_s"],
+    side = [{"method": f"ours, {row['swap_mode']}, {row['weights_source']}"
+             + (f", bucket {row['bucket_mb']:g} MB, transpose {row['transpose']}" if row["swap_mode"] == "streaming"
+                else ""), "first_swap_s": row["swap_s"],
              "later_swap_s": row["rounds_swap_s"], "swap_peak_extra_ratio": row["swap_peak_extra_ratio"],
              "tokens_equal_own_loader": row["output_ids"] == reference} for row in rows] + tunix
     print("\nside by side (same engine arguments, same checkpoint, greedy ids of " + str(MAX_NEW) + " tokens vs "
@@ -231,14 +230,18 @@ def main() -> None:
     print("|" + "---|" * len(side_cols))
     for row in side:
         print("| " + " | ".join(str(row.get(c, "")) for c in side_cols) + " |")
-    by = {r["method"]: r for r in side}
-    for ours, theirs in (("ours, streaming, trainer fsdp", "tunix transfer_state_with_mappings, device source"),
-                         ("ours, streaming, safetensors", "tunix transfer_state_with_mappings, host source")):
-        if ours in by and theirs in by:
-            o, t = by[ours], by[theirs]
-            print(f"{ours} / {theirs}: first swap seconds {o['first_swap_s'] / t['first_swap_s']:.2f}x, later swaps "
-                  f"{o['later_swap_s'] / t['later_swap_s']:.2f}x, peak extra ratio "
-                  f"{o['swap_peak_extra_ratio'] / max(t['swap_peak_extra_ratio'], 1e-9):.2f}x")
+    # like with like: our default from the host against tunix's host source; our FSDP trainer against its device source
+    pairs = [(side[0], "host source")] + [(r, "device source") for r in side if ", trainer fsdp" in r["method"]]
+    for ours, source in pairs:
+        theirs = next((r for r in side if r["method"] == f"tunix transfer_state_with_mappings, {source}"), None)
+        if theirs is None:
+            continue
+        first = ours["first_swap_s"] / theirs["first_swap_s"]
+        later = ours["later_swap_s"] / theirs["later_swap_s"]
+        peak = ours["swap_peak_extra_ratio"] / max(theirs["swap_peak_extra_ratio"], 1e-9)
+        print(f"\n{ours['method']} / {theirs['method']}: first swap seconds {first:.2f}x, later swaps {later:.2f}x "
+              f"(target <= 1.0: {'met' if max(first, later) <= 1.0 else 'NOT met'}); peak extra ratio {peak:.2f}x "
+              f"(target <= 0.5: {'met' if peak <= 0.5 else 'NOT met'})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"layers": args.layers, "tp_size": args.tp_size, "rows": rows, "side_by_side": side,

@@ -1,8 +1,9 @@
 """Phase 4 against sglang-jax's own loader, for many checkpoints in ONE process and without an Engine:
 for each (arch, tp, tied, KV heads), sglang-jax's JAXModelLoader builds the model from the checkpoint
 (load_format auto) on a tp-device mesh made as the scheduler makes it; the tool plans against that model's
-Params and places every tensor; each placed array is compared with the loader's (bits, shape, dtype,
-sharding). Prints one JSON line per case.
+Params and places every tensor (both --transpose ways); each placed array is compared with the loader's
+(bits, shape, dtype, sharding). Also the rollback's re-creation of load_format="dummy" weights against the
+dummy loader's. Prints one JSON line per case.
 Usage: python tests/family_probe.py ARCH:TP:TIED:KV[:BIAS[:MOE_BACKEND]] ... (4 virtual CPU devices; TIED,
 BIAS: 0 or 1; MOE_BACKEND: epmoe or fused)"""
 
@@ -20,11 +21,12 @@ import numpy as np  # noqa: E402
 import run_param_swap as rps  # noqa: E402
 
 
-def loader_params(folder: str, tp: int, moe_backend: str):
+def loader_model(folder: str, tp: int, moe_backend: str, load_format: str = "auto"):
+    """(a model runner stand-in: model, model_config, mesh) as sglang-jax's loader builds it."""
     import jax
     from sgl_jax.srt.configs.load_config import LoadConfig
     from sgl_jax.srt.configs.model_config import ModelConfig
-    from sgl_jax.srt.model_loader.loader import JAXModelLoader
+    from sgl_jax.srt.model_loader.loader import get_model_loader
     from sgl_jax.srt.utils.mesh_utils import create_device_mesh
 
     mesh = create_device_mesh(ici_parallelism=[1, tp], dcn_parallelism=[1, 1], devices=jax.devices()[:tp])
@@ -33,8 +35,27 @@ def loader_params(folder: str, tp: int, moe_backend: str):
     model_config.hf_config.ep_size, model_config.hf_config.ep_num_redundant_experts = 1, 0
     model_config.hf_config.moe_backend = model_config.moe_backend.value
     with jax.set_mesh(mesh):
-        model = JAXModelLoader(LoadConfig(load_format="auto"), mesh).load_model(model_config=model_config)
-    return rps.engine_params(types.SimpleNamespace(model=model)), model_config.moe_backend.value
+        model = get_model_loader(LoadConfig(load_format=load_format), mesh).load_model(model_config=model_config)
+    return types.SimpleNamespace(model=model, model_config=model_config, mesh=mesh)
+
+
+def loader_params(folder: str, tp: int, moe_backend: str):
+    runner = loader_model(folder, tp, moe_backend)
+    return rps.engine_params(runner), runner.model_config.moe_backend.value
+
+
+def dummy_again_mismatched(folder: str, tp: int, moe_backend: str) -> list[str]:
+    """Rollback "dummy": the tool's dummy_weights() re-creates every Param of a load_format="dummy" model
+    bit for bit (and sharding for sharding)."""
+    runner = loader_model(folder, tp, moe_backend, "dummy")
+    params = rps.engine_params(runner)
+    again = rps.dummy_weights(runner, set(params))
+    bad = []
+    for path, param in params.items():
+        a, b = again[path], param.get_value()
+        if a.sharding != b.sharding or a.dtype != b.dtype or not np.array_equal(np.asarray(a), np.asarray(b)):
+            bad.append(path)
+    return bad
 
 
 def case(spec: str, root: str) -> dict:
@@ -53,14 +74,16 @@ def case(spec: str, root: str) -> dict:
               "moe_backend": backend, "largest_tensor_ratio": round(max(i.nbytes_sum for i in plan)
                                                                      / sum(i.nbytes_sum for i in plan), 4),
               "targets": sorted(i.target for i in plan if ".layers.1." in i.target)}
+    result["dummy_mismatched"] = dummy_again_mismatched(folder, tp, backend)
     for item in plan:
-        ours = rps.place(item, flat[item.source], info.num_kv_heads)
         theirs = params[item.target].get_value()
-        if ours.sharding != theirs.sharding or ours.dtype != theirs.dtype:
-            result["sharding_differs"].append(item.target)
-        a, b = np.asarray(ours), np.asarray(theirs)
-        if a.shape != b.shape or a.view(np.uint16).tobytes() != b.view(np.uint16).tobytes():
-            result["mismatched"].append(item.target)
+        for transpose in ("device", "host"):  # both ways of --transpose
+            ours = rps.place(item, flat[item.source], info.num_kv_heads, transpose=transpose)
+            if ours.sharding != theirs.sharding or ours.dtype != theirs.dtype:
+                result["sharding_differs"].append(f"{item.target} ({transpose})")
+            a, b = np.asarray(ours), np.asarray(theirs)
+            if a.shape != b.shape or a.view(np.uint16).tobytes() != b.view(np.uint16).tobytes():
+                result["mismatched"].append(f"{item.target} ({transpose})")
     return result
 
 

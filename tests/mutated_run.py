@@ -1,5 +1,5 @@
 """Runs the tool with one deliberate defect, to prove its checks can fail. A check that cannot fail is a
-defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
+defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [tool args...]
 
   no_rebind       Params are assigned but model_state_leaves is never rebound (the forward keeps the dummies)
   skip_one_param  the swap leaves the last planned Param dummy
@@ -14,6 +14,7 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION [tool args...]
   scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
   device_copy_kept  a device-to-device swap keeps an extra copy of every placed array (single_copy_memory)
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
+  rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
@@ -31,184 +32,196 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
-mutation, argv = sys.argv[1], sys.argv[2:]
+mutations, argv = sys.argv[1], sys.argv[2:]
 
-if mutation == "no_rebind":
-    def assign(self, path, new):
-        old = self.params[path].get_value()
-        self.params[path].set_value(new)
-        return old
+def apply(mutation: str) -> None:
+    if mutation == "no_rebind":
+        def assign(self, path, new):
+            old = self.params[path].get_value()
+            self.params[path].set_value(new)
+            return old
 
-    rps.EngineState.assign = assign
-    rps.EngineState.rebind_from_model = lambda self: None
-elif mutation == "skip_one_param":
-    original_swap = rps.swap
+        rps.EngineState.assign = assign
+        rps.EngineState.rebind_from_model = lambda self: None
+    elif mutation == "skip_one_param":
+        original_swap = rps.swap
 
-    def swap(state, plan, source, num_kv_heads, stats, **kwargs):
-        return original_swap(state, plan[:-1], source, num_kv_heads, stats, **kwargs)
+        def swap(state, plan, source, num_kv_heads, stats, **kwargs):
+            return original_swap(state, plan[:-1], source, num_kv_heads, stats, **kwargs)
 
-    rps.swap = swap
-elif mutation == "copy_in_dict":
-    original = rps.weights_swapped_from_mllm
+        rps.swap = swap
+    elif mutation == "copy_in_dict":
+        original = rps.weights_swapped_from_mllm
 
-    def weights_swapped_from_mllm(*args, **kwargs):
-        import jax.numpy as jnp
+        def weights_swapped_from_mllm(*args, **kwargs):
+            import jax.numpy as jnp
 
-        param_dict = original(*args, **kwargs)
-        path = sorted(param_dict)[0]
-        param_dict[path] = jnp.copy(param_dict[path])
-        return param_dict
+            param_dict = original(*args, **kwargs)
+            path = sorted(param_dict)[0]
+            param_dict[path] = jnp.copy(param_dict[path])
+            return param_dict
 
-    rps.weights_swapped_from_mllm = weights_swapped_from_mllm
-elif mutation == "no_flush":
-    async def flush(self):
-        return 0
+        rps.weights_swapped_from_mllm = weights_swapped_from_mllm
+    elif mutation == "no_flush":
+        async def flush(self):
+            return 0
 
-    rps.ParamSwapper.flush = flush
-elif mutation == "no_pause":
-    async def pause(self):
-        return 0
+        rps.ParamSwapper.flush = flush
+    elif mutation == "no_pause":
+        async def pause(self):
+            return 0
 
-    rps.ParamSwapper.pause = pause
-elif mutation == "flush_ignored":
-    async def flush(self):
-        await self.engine.tokenizer_manager.flush_cache()
-        return 0
+        rps.ParamSwapper.pause = pause
+    elif mutation == "flush_ignored":
+        async def flush(self):
+            await self.engine.tokenizer_manager.flush_cache()
+            return 0
 
-    rps.ParamSwapper.flush = flush
-elif mutation == "crash_while_serving":
-    original_start = rps.ServeLoad.start
+        rps.ParamSwapper.flush = flush
+    elif mutation == "crash_while_serving":
+        original_start = rps.ServeLoad.start
 
-    def start(self, log_):
-        original_start(self, log_)
-        scheduler, calls = self.engine.scheduler_info["scheduler"], [0]
-        process_batch_result = scheduler.process_batch_result
+        def start(self, log_):
+            original_start(self, log_)
+            scheduler, calls = self.engine.scheduler_info["scheduler"], [0]
+            process_batch_result = scheduler.process_batch_result
 
-        def failing(*args, **kwargs):
+            def failing(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == 5:
+                    raise RuntimeError("injected scheduler crash while serving")
+                return process_batch_result(*args, **kwargs)
+
+            scheduler.process_batch_result = failing
+
+        rps.ServeLoad.start = start
+    elif mutation.startswith("fail_swap_at_"):
+        fail_at, calls = int(mutation.rsplit("_", 1)[1]), [0]
+        original_place = rps.place
+
+        def place(*args, **kwargs):
             calls[0] += 1
-            if calls[0] == 5:
-                raise RuntimeError("injected scheduler crash while serving")
-            return process_batch_result(*args, **kwargs)
+            if calls[0] == fail_at:
+                raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory while placing a tensor")
+            return original_place(*args, **kwargs)
 
-        scheduler.process_batch_result = failing
+        rps.place = place
+    elif mutation == "device_copy_kept":  # a device-to-device swap keeps a second copy of every array it places
+        kept, original_place_device = [], rps.place_device
 
-    rps.ServeLoad.start = start
-elif mutation.startswith("fail_swap_at_"):
-    fail_at, calls = int(mutation.rsplit("_", 1)[1]), [0]
-    original_place = rps.place
+        def place_device(*args, **kwargs):
+            arr = original_place_device(*args, **kwargs)
+            kept.append(arr + 0)
+            return arr
 
-    def place(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == fail_at:
-            raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory while placing a tensor")
-        return original_place(*args, **kwargs)
+        rps.place_device = place_device
+    elif mutation == "slow_place":  # every tensor placement takes 0.3 s more: a window to stop a run mid-swap
+        import time
 
-    rps.place = place
-elif mutation == "device_copy_kept":  # a device-to-device swap keeps a second copy of every array it places
-    kept, original_place_device = [], rps.place_device
+        original_place = rps.place
 
-    def place_device(*args, **kwargs):
-        arr = original_place_device(*args, **kwargs)
-        kept.append(arr + 0)
-        return arr
+        def place(*args, **kwargs):
+            time.sleep(0.3)
+            return original_place(*args, **kwargs)
 
-    rps.place_device = place_device
-elif mutation == "slow_place":  # every tensor placement takes 0.3 s more: a window to stop a run mid-swap
-    import time
+        rps.place = place
+    elif mutation == "sigquit_in_generate":
+        import signal
+        import threading
 
-    original_place = rps.place
+        original_generate, calls = rps.generate, [0]
 
-    def place(*args, **kwargs):
-        time.sleep(0.3)
-        return original_place(*args, **kwargs)
+        def generate(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 2:  # while the request loop runs, like a scheduler exception or the watchdog
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
+            return original_generate(*args, **kwargs)
 
-    rps.place = place
-elif mutation == "sigquit_in_generate":
-    import signal
-    import threading
+        rps.generate = generate
+    elif mutation == "scheduler_start_fails":  # the engine's own start fails (as a KV cache that does not fit would)
+        from sgl_jax.srt.managers import scheduler
 
-    original_generate, calls = rps.generate, [0]
+        def failing_init(self, *args, **kwargs):
+            raise RuntimeError("injected scheduler start failure")
 
-    def generate(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:  # while the request loop runs, like a scheduler exception or the watchdog
-            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
-        return original_generate(*args, **kwargs)
+        scheduler.Scheduler.__init__ = failing_init
+    elif mutation == "gate_up_swapped":
+        rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.gate_proj\.kernel", "model.layers.{0}.mlp.up_proj.weight", "copy"))
+        rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.up_proj\.kernel", "model.layers.{0}.mlp.gate_proj.weight", "copy"))
+    elif mutation == "kv_heads_tiled":
+        import dataclasses
 
-    rps.generate = generate
-elif mutation == "scheduler_start_fails":  # the engine's own start fails (as a KV cache that does not fit would)
-    from sgl_jax.srt.managers import scheduler
+        import numpy as np
 
-    def failing_init(self, *args, **kwargs):
-        raise RuntimeError("injected scheduler start failure")
+        original_host_array = rps.host_array
 
-    scheduler.Scheduler.__init__ = failing_init
-elif mutation == "gate_up_swapped":
-    rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.gate_proj\.kernel", "model.layers.{0}.mlp.up_proj.weight", "copy"))
-    rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.up_proj\.kernel", "model.layers.{0}.mlp.gate_proj.weight", "copy"))
-elif mutation == "kv_heads_tiled":
-    import dataclasses
+        def host_array(item, src, num_kv_heads, *args):
+            if item.op != "kv_heads" or item.replicas == 1:
+                return original_host_array(item, src, num_kv_heads, *args)
+            arr, transposed = original_host_array(dataclasses.replace(item, replicas=1), src, num_kv_heads, *args)
+            axis = 0 if transposed else arr.ndim - 1
+            return np.ascontiguousarray(np.concatenate([arr] * item.replicas, axis=axis)), transposed
 
-    import numpy as np
+        rps.host_array = host_array
+    elif mutation == "layers_swapped":
+        original_target_name = rps.target_name
 
-    original_host_array = rps.host_array
+        def target_name(mllm_key, *args):
+            target, op = original_target_name(mllm_key, *args)
+            for a, b in ((".layers.0.", ".layers.1."), (".layers.1.", ".layers.0.")):
+                if a in target:
+                    return target.replace(a, b), op
+            return target, op
 
-    def host_array(item, src, num_kv_heads):
-        if item.op != "kv_heads" or item.replicas == 1:
-            return original_host_array(item, src, num_kv_heads)
-        arr, transposed = original_host_array(dataclasses.replace(item, replicas=1), src, num_kv_heads)
-        axis = 0 if transposed else arr.ndim - 1
-        return np.ascontiguousarray(np.concatenate([arr] * item.replicas, axis=axis)), transposed
+        rps.target_name = target_name
+    elif mutation == "kernel_shifted":
+        import numpy as np
 
-    rps.host_array = host_array
-elif mutation == "layers_swapped":
-    original_target_name = rps.target_name
+        original_host_array = rps.host_array
 
-    def target_name(mllm_key, *args):
-        target, op = original_target_name(mllm_key, *args)
-        for a, b in ((".layers.0.", ".layers.1."), (".layers.1.", ".layers.0.")):
-            if a in target:
-                return target.replace(a, b), op
-        return target, op
+        def host_array(item, src, num_kv_heads, *args):
+            arr, transposed = original_host_array(item, src, num_kv_heads, *args)
+            if item.target == "model.layers.0.mlp.down_proj.weight":  # the target's columns: its last axis
+                arr = np.ascontiguousarray(np.roll(arr, 1, axis=0 if transposed else -1))
+            return arr, transposed
 
-    rps.target_name = target_name
-elif mutation == "kernel_shifted":
-    import numpy as np
+        rps.host_array = host_array
+    elif mutation == "norm_left_dummy":
+        import numpy as np
 
-    original_host_array = rps.host_array
+        original_plan_swap, original_place, engine_params = rps.plan_swap, rps.place, {}
 
-    def host_array(item, src, num_kv_heads):
-        arr, transposed = original_host_array(item, src, num_kv_heads)
-        if item.target == "model.layers.0.mlp.down_proj.weight":  # the target's columns: its last axis
-            arr = np.ascontiguousarray(np.roll(arr, 1, axis=0 if transposed else -1))
-        return arr, transposed
+        def plan_swap(flat, params, *args):
+            engine_params.update(params)
+            return original_plan_swap(flat, params, *args)
 
-    rps.host_array = host_array
-elif mutation == "norm_left_dummy":
-    import numpy as np
+        def place(item, src, num_kv_heads, *args, **kwargs):
+            if item.target == "model.layers.0.post_attention_layernorm.scale":
+                import jax
 
-    original_plan_swap, original_place, engine_params = rps.plan_swap, rps.place, {}
+                return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
+            return original_place(item, src, num_kv_heads, *args, **kwargs)
 
-    def plan_swap(flat, params, *args):
-        engine_params.update(params)
-        return original_plan_swap(flat, params, *args)
+        rps.plan_swap, rps.place = plan_swap, place
+    elif mutation == "no_torch":
+        import importlib.util
 
-    def place(item, src, num_kv_heads, stats=None, **kwargs):
-        if item.target == "model.layers.0.post_attention_layernorm.scale":
-            import jax
+        original_find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "torch" else original_find_spec(name, *a)
+    elif mutation == "rollback_from_b":
+        original_arrays = rps.Rollback.arrays
 
-            return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
-        return original_place(item, src, num_kv_heads, stats, **kwargs)
+        def arrays(self, items):
+            if self.kind == "source":
+                self.source = rps.PerturbedWeights(self.source)
+            return original_arrays(self, items)
 
-    rps.plan_swap, rps.place = plan_swap, place
-elif mutation == "no_torch":
-    import importlib.util
+        rps.Rollback.arrays = arrays
+    else:
+        raise SystemExit(f"unknown mutation {mutation}")
 
-    original_find_spec = importlib.util.find_spec
-    importlib.util.find_spec = lambda name, *a: None if name == "torch" else original_find_spec(name, *a)
-else:
-    raise SystemExit(f"unknown mutation {mutation}")
-
+for one in mutations.split("+"):
+    apply(one)
 code = rps.main(argv)
 sys.stdout.flush()
 os._exit(code)

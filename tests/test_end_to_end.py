@@ -90,7 +90,7 @@ def test_torch_source_bulk_mode_and_fp32_host_tree_match_too(checkpoint):
 
 def test_rounds_repeat_answers_without_leaking(checkpoint):
     folder = checkpoint(tied=False, num_kv_heads=2)
-    run = run_tool(*swap_args(folder, 4, "--rounds", "4", "--verify-weights"))
+    run = run_tool(*swap_args(folder, 4, "--rounds", "4", "--verify-weights", "--bucket-mb", "1"))
     assert run.returncode == 0, run.stderr[-3000:]
     # the first swap and both A rounds against the loader (the perturbed B has no checkpoint to load)
     assert run.summary["checks"]["weights_equal_loader"]["swaps_checked"] == 3
@@ -106,8 +106,10 @@ def test_rounds_repeat_answers_without_leaking(checkpoint):
     first = run.phase("weights_swapped_from_mllm")["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
     assert all(r["bytes_in_use_sum_after_swap"] <= first * 1.02 for r in rounds)
     assert all(r["replaced_still_alive"] == 0 for r in rounds)
-    swapped = run.phase("weights_swapped_from_mllm")  # streaming: one set + the largest tensor
+    swapped = run.phase("weights_swapped_from_mllm")  # streaming: one set + one 1 MiB bucket (= the largest tensor)
     assert swapped["swap_peak_extra_ratio"] <= 512 * 1024 * 2 / swapped["param_bytes_sum"] + 0.02
+    assert swapped["buckets"] > 10 and swapped["rollback_kind"] == "dummy" and swapped["backup_s"] == 0
+    assert all(r["rollback_kind"] == "source" and r["backup_s"] == 0 for r in rounds)  # rollback costs nothing
 
 
 def test_second_checkpoint_as_b(checkpoint, tmp_path):

@@ -214,17 +214,35 @@ def test_plan_refuses_what_the_engine_cannot_hold():
 # --- faults once the engine runs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["streaming", "bulk"])
-def test_failure_mid_swap_restores_previous_weights(checkpoint, mode):
-    run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--swap-mode", mode, script=MUTATED)
+TENSORS = 26  # the tiny tied 2-layer checkpoint's plan: a swap places 26 tensors
+
+
+@pytest.mark.parametrize("fail_at, extra, kind, assigned", [
+    (5, ["--bucket-mb", "1"], "dummy", 4),  # the first swap: sglang-jax's dummy initialiser again, no copy made
+    (TENSORS + 10, ["--bucket-mb", "1", "--rounds", "1"], "source", 8),  # round 1: A placed again from its tree
+    (TENSORS + 10, ["--bucket-mb", "1", "--rounds", "1", "--weights-source", "trainer", "--rollback"], "copy", 8),
+    (5, ["--swap-mode", "bulk"], "kept", 0),  # bulk assigns only once every tensor is placed
+])
+def test_failure_mid_swap_restores_previous_weights(checkpoint, fail_at, extra, kind, assigned):
+    run = run_tool(f"fail_swap_at_{fail_at}", "--model-id", checkpoint(), *CPU4, *extra, script=MUTATED)
     error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
-    assert error["restored"] is True and error["previous_weights_answer_matches"] is True
+    assert error["restored"] is True and error["rollback"] == kind and error["previous_weights_answer_matches"] is True
+    assert f"after {assigned} of {TENSORS} tensors were assigned" in error["error"]  # 1 MB buckets: a real restore
+
+
+def test_wrong_rollback_is_seen(checkpoint):
+    """Planted: the rollback re-creates B (0.02 - A) instead of A: the answer after the restore differs."""
+    run = run_tool(f"fail_swap_at_{TENSORS + 10}+rollback_from_b", "--model-id", checkpoint(), *CPU4,
+                   "--bucket-mb", "1", "--rounds", "1", script=MUTATED)
+    error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
+    assert error["restored"] is True and error["previous_weights_answer_matches"] is False
 
 
 def test_failure_mid_swap_without_rollback_is_reported(checkpoint):
-    run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--no-rollback", script=MUTATED)
+    run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--bucket-mb", "1", "--no-rollback",
+                   script=MUTATED)
     error = assert_error(run, 3, "swap", "half-swapped")
-    assert error["restored"] is False
+    assert error["restored"] is False and error["rollback"] == "off"
 
 
 def test_engine_crash_is_exit_3_not_137(checkpoint):

@@ -14,26 +14,29 @@ def item(op, shape, replicas=1, dtype=BF16):
     return rps.SwapItem("t", "s", op, replicas, shape, dtype, None, 0)
 
 
-def target_bytes(item_, src, kv_heads):
-    """What place() puts on the device: host_array's array, transposed back where it says so."""
-    out, transposed = rps.host_array(item_, src, kv_heads)
-    assert out.flags.c_contiguous and out.dtype == BF16
+def target_bytes(item_, src, kv_heads, transpose="device"):
+    """What place() puts on the device: host_array's array, transposed back where it says so (--transpose
+    device: C-contiguous; host: already the target's layout, possibly a strided view for jax.device_put)."""
+    out, transposed = rps.host_array(item_, src, kv_heads, transpose)
+    assert out.dtype == BF16 and (out.flags.c_contiguous if transpose == "device" else not transposed)
     return out.T if transposed else out
 
 
+@pytest.mark.parametrize("transpose", ["device", "host"])
 @pytest.mark.parametrize("layout", ["c_order", "transposed_view"])
 @pytest.mark.parametrize("kv_heads,replicas", [(2, 2), (1, 4)])
-def test_kv_heads_repeat_contiguously(kv_heads, replicas, layout):
+def test_kv_heads_repeat_contiguously(kv_heads, replicas, layout, transpose):
     head_dim, hidden = 4, 3
     kernel = np.arange(hidden * kv_heads * head_dim, dtype=np.float32).reshape(hidden, kv_heads * head_dim).astype(BF16)
     if layout == "transposed_view":  # what hf_to_mllm makes of a checkpoint's [out, in] tensor
         kernel = np.ascontiguousarray(kernel.T).T
-    out = target_bytes(item("kv_heads", (hidden, kv_heads * head_dim * replicas), replicas), kernel, kv_heads)
+    out = target_bytes(item("kv_heads", (hidden, kv_heads * head_dim * replicas), replicas), kernel, kv_heads,
+                       transpose)
     heads = out.reshape(hidden, kv_heads * replicas, head_dim)
     for h in range(kv_heads * replicas):  # [h0, h0, h1, h1] for 2 heads at tp=4
         np.testing.assert_array_equal(heads[:, h], kernel.reshape(hidden, kv_heads, head_dim)[:, h // replicas])
     bias = np.arange(kv_heads * head_dim, dtype=np.float32).astype(BF16)
-    out_b = target_bytes(item("kv_heads", (kv_heads * head_dim * replicas,), replicas), bias, kv_heads)
+    out_b = target_bytes(item("kv_heads", (kv_heads * head_dim * replicas,), replicas), bias, kv_heads, transpose)
     np.testing.assert_array_equal(out_b.reshape(-1, head_dim)[::replicas], bias.reshape(-1, head_dim))
 
 
@@ -41,14 +44,17 @@ def test_transposed_views_are_not_copied_on_the_host():
     hf = np.arange(12, dtype=np.float32).reshape(4, 3).astype(BF16)  # [out, in]
     out, transposed = rps.host_array(item("copy", (3, 4)), hf.T, 1)
     assert transposed and np.shares_memory(out, hf)  # the device does the transpose
+    out, transposed = rps.host_array(item("copy", (3, 4)), hf.T, 1, "host")
+    assert not transposed and out.shape == (3, 4) and np.shares_memory(out, hf)  # device_put copies it strided
 
 
+@pytest.mark.parametrize("transpose", ["device", "host"])
 @pytest.mark.parametrize("layout", ["c_order", "transposed_view"])
-def test_lm_head_transposes_back_and_casts(layout):
+def test_lm_head_transposes_back_and_casts(layout, transpose):
     kernel = np.arange(6, dtype=np.float32).reshape(2, 3)  # MLLM [hidden, vocab]
     if layout == "transposed_view":
         kernel = np.ascontiguousarray(kernel.T).T
-    out = target_bytes(item("transpose", (3, 2)), kernel, 1)
+    out = target_bytes(item("transpose", (3, 2)), kernel, 1, transpose)
     np.testing.assert_array_equal(out.astype(np.float32), kernel.T)
 
 
@@ -61,3 +67,12 @@ def test_target_names_cover_the_qwen2_layer():
     assert rps.target_name("model.layers_1.input_layernorm.scale") == ("model.layers.1.input_layernorm.scale", "copy")
     with pytest.raises(rps.ToolError):
         rps.target_name("model.layers_0.self_attn.rotary.kernel")
+
+
+def test_buckets_keep_the_plan_order_and_size():
+    plan = [rps.SwapItem(f"t{k}", "s", "copy", 1, (n,), BF16, None, n) for k, n in enumerate([5, 3, 9, 1, 1, 4])]
+    sizes = [[i.nbytes_sum for i in b] for b in rps.buckets(plan, 8)]
+    assert sizes == [[5, 3], [9], [1, 1, 4]]  # a tensor larger than a bucket is a bucket of its own
+    assert [len(b) for b in rps.buckets(plan, 0)] == [1] * 6  # 0: one tensor at a time
+    assert rps.buckets(plan, None) == [plan]  # bulk
+    assert [i for b in rps.buckets(plan, 7) for i in b] == plan

@@ -59,11 +59,12 @@ def test_each_serve_check_fails_on_its_defect(checkpoint, mutation, code, failin
 def test_failure_mid_swap_while_serving_rolls_back_and_serving_goes_on(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     tensors = len(rps.expected_tensors(rps.read_checkpoint_info(folder)))
-    run = run_tool(f"fail_swap_at_{tensors + 3}", "--model-id", folder, *SERVE, "--rounds", "1", script=MUTATED)
+    run = run_tool(f"fail_swap_at_{tensors + 10}", "--model-id", folder, *SERVE, "--rounds", "1", "--bucket-mb", "1",
+                   script=MUTATED)
     assert run.returncode == 3, run.stderr[-3000:]
     error = run.phase("error")
     assert error["stage"] == "swap" and error["restored"] and error["generation"] == "continued on the previous weights"
-    assert error["previous_weights_answer_matches"]
+    assert error["previous_weights_answer_matches"] and error["rollback"] == "source" and " 8 of " in error["error"]
     serving = error["serving"]
     assert serving["requests_in_flight_at_failure"] > 0 and serving["requests_lost"] == 0
     # every forward step after the failure ran on the previous weight set, whole

@@ -49,7 +49,8 @@ def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
     assert aliased + copied == param and aliased > 0.5 * param
     assert (copied == 0) == (tied and tp <= kv_heads)
     assert swapped["swap_peak_extra_ratio"] <= copied / param + 0.02
-    assert swapped["source"] == "device" and swapped["rollback"] is False and swapped["device_put_reshards"] == 0
+    # a device source rolls back only where it is free: from the dummy weights (no device->host copy)
+    assert swapped["source"] == "device" and swapped["rollback_kind"] == "dummy" and swapped["device_put_reshards"] == 0
     assert run.phase("mllm_params_device_ready")["aliasable_bytes_sum"] == aliased
     # rounds B (0.02 - A, on the devices), A again: the trainer's arrays the engine let go are the trainer's, not leaks
     rounds = [r for r in run.records if r["phase"] == "swap_round"]
@@ -60,14 +61,15 @@ def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
 @pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2), (2, True, 4), (1, False, 4)])
 def test_fsdp_trainer_swaps_device_to_device(checkpoint, tp, tied, kv_heads):
     folder = checkpoint(tied=tied, num_kv_heads=kv_heads)
-    run = run_tool(*swap_args(folder, tp, "--weights-source", "trainer", "--verify-weights", "--keep-param-dict"))
+    run = run_tool(*swap_args(folder, tp, "--weights-source", "trainer", "--verify-weights", "--keep-param-dict",
+                              "--bucket-mb", "1"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.summary["ok"], run.summary
     assert run.phase("generate_result")["output_ids"] == reference_output_ids(folder, tp)
     swapped = run.phase("weights_swapped_from_mllm")
     assert run.phase("mllm_params_device_ready")["trainer_sharding"] == "fsdp"
     assert swapped["aliased_bytes_sum"] == 0 and swapped["trainer_only_bytes_sum"] == swapped["trainer_bytes_sum"] > 0
-    assert swapped["swap_peak_extra_ratio"] <= GATE_BYTES / swapped["param_bytes_sum"] + 0.02
+    assert swapped["swap_peak_extra_ratio"] <= GATE_BYTES / swapped["param_bytes_sum"] + 0.02  # 1 MiB buckets
     # the engine's part is one set while the trainer holds its own
     single = run.summary["checks"]["single_copy_memory"]
     assert single["ok"] and single["weights_swapped_from_mllm"] == swapped["engine_bytes_sum"]
