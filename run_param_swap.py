@@ -1428,9 +1428,10 @@ def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], nu
             stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
             stats.buckets += 1
             stats.sample_peak()
-            t = time.perf_counter()
-            rollback.backup(state, bucket)
-            stats.backup_s += time.perf_counter() - t
+            if rollback.kind == "copy":
+                t = time.perf_counter()
+                rollback.backup(state, bucket)
+                stats.backup_s += time.perf_counter() - t
             t = time.perf_counter()
             for item in bucket:
                 kept[item.target] = state.assign(item.target, placed[item.target])
