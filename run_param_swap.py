@@ -1915,7 +1915,7 @@ def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: 
 
 def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
     """Validate the whole plan against the engine before anything touches it (placement happens in the swap,
-    in both modes: streaming one tensor at a time, bulk all of them first)."""
+    in both modes: streaming a bucket at a time, bulk all of them first)."""
     log_.begin("sglang_param_dict_ready")
     t = time.perf_counter()
     plan = swapper.plan(tree)
