@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=None,
                    help="streaming: device MB (summed over devices) placed before they are assigned; 0 = one "
                         f"tensor at a time (default: {DEFAULT_BUCKET_MB:g}, chosen in docs/benchmarks.md; --demo: 1, "
-                        "a bucket its 11 MB of params do not fill)")
+                        "so that its 11 MB of params span several buckets)")
     p.add_argument("--transpose", choices=["auto", "host", "device"], default="auto",
                    help="where kernels stored [out, in] become [in, out]: host (the strided view handed to "
                         "jax.device_put), device (placed as stored, one jitted transpose on the devices); auto: "
@@ -1824,7 +1824,7 @@ class ParamSwapper:
 
         bucket = None if mode == "bulk" else int(self.bucket_mb * 2**20)
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids,
-                          transpose=self.transpose, bucket_bytes=bucket)
+                          transpose="device" if device else self.transpose, bucket_bytes=bucket)
         before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
         guard = jax.transfer_guard_device_to_host("disallow") if device and rollback != "copy" else contextlib.nullcontext()
         t = time.perf_counter()
