@@ -46,8 +46,8 @@ def apply(mutation: str) -> None:
     elif mutation == "skip_one_param":
         original_swap = rps.swap
 
-        def swap(state, plan, source, num_kv_heads, stats, **kwargs):
-            return original_swap(state, plan[:-1], source, num_kv_heads, stats, **kwargs)
+        def swap(state, plan, *args, **kwargs):
+            return original_swap(state, plan[:-1], *args, **kwargs)
 
         rps.swap = swap
     elif mutation == "copy_in_dict":
