@@ -74,7 +74,8 @@ def case(spec: str, root: str) -> dict:
               "moe_backend": backend, "largest_tensor_ratio": round(max(i.nbytes_sum for i in plan)
                                                                      / sum(i.nbytes_sum for i in plan), 4),
               "targets": sorted(i.target for i in plan if ".layers.1." in i.target)}
-    result["dummy_mismatched"] = dummy_again_mismatched(folder, tp, backend)
+    if os.environ.get("DUMMY_CHECK") == "1":
+        result["dummy_mismatched"] = dummy_again_mismatched(folder, tp, backend)
     for item in plan:
         theirs = params[item.target].get_value()
         for transpose in ("device", "host"):  # both ways of --transpose

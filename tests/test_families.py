@@ -22,8 +22,8 @@ MATRIX = [  # arch:tp:tied:kv[:attention_bias[:moe_backend]]
 ]
 
 
-def probe(*cases: str, plant: str | None = None) -> list[dict]:
-    env = {**clean_env(), **({"PLANT": plant} if plant else {})}
+def probe(*cases: str, plant: str | None = None, env_extra: dict | None = None) -> list[dict]:
+    env = {**clean_env(), **({"PLANT": plant} if plant else {}), **(env_extra or {})}
     proc = subprocess.run([sys.executable, "tests/family_probe.py", *cases], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_every_family_places_arrays_equal_to_sglang_loader():
     for r in results:
         arch, tp, tied, kv, *rest = r["case"].split(":")
         assert r["num_planned"] == r["num_params"], r
-        assert r["mismatched"] == [] and r["sharding_differs"] == [] and r["dummy_mismatched"] == [], r
+        assert r["mismatched"] == [] and r["sharding_differs"] == [], r
         assert r["replicas"] == [max(1, int(tp) // int(kv))], r
         names = " ".join(r["targets"])  # layer 1's targets
         assert ("q_norm" in names) == arch.startswith("qwen3")
@@ -46,6 +46,15 @@ def test_every_family_places_arrays_equal_to_sglang_loader():
             experts = ("wi_0", "wi_1", "wo") if rest[1] == "epmoe" else ("w1", "w3", "w2")
             assert all(f"mlp.{e}" in names for e in experts) and "moe_gate.kernel" in names
             assert 0 < r["largest_tensor_ratio"] < 0.25  # a layer's stacked experts: the streaming peak
+
+
+def test_rollback_recreates_the_dummy_weights_of_every_family():
+    """Rollback "dummy": dummy_weights() re-creates every Param of a load_format="dummy" model bit for bit, in its
+    sharding (one case per family and MoE backend)."""
+    cases = ["qwen2:4:1:2", "qwen3:2:0:2", "llama:4:0:4", "qwen3_moe:2:1:2:0:epmoe", "qwen3_moe:4:0:1:0:fused"]
+    results = probe(*cases, env_extra={"DUMMY_CHECK": "1"})
+    assert [r["case"] for r in results] == cases
+    assert all(r["dummy_mismatched"] == [] for r in results), results
 
 
 @pytest.mark.parametrize("plant, case, named", [
