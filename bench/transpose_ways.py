@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Where a kernel's transpose is fastest on this platform: one HF-stored [out, in] bf16 kernel (11008 x 2048,
+45 MB, Qwen2.5-3B's MLP) put into a tensor-parallel [in, out] sharding over 4 devices, three ways, best and
+median of 5 after a warm-up (docs/benchmarks.md, "Where the transpose runs"):
+
+  host:   the strided [in, out] view handed to jax.device_put (--transpose host)
+  device: the stored array put contiguous in the mirrored sharding, one jitted transpose (--transpose device)
+  numpy:  np.ascontiguousarray of the view first, then jax.device_put
+
+  python bench/transpose_ways.py          # 4 virtual CPU devices; on a TPU VM: JAX_PLATFORMS=tpu python ...
+"""
+
+import os
+import time
+
+if not os.environ.get("JAX_PLATFORMS"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+
+import jax  # noqa: E402
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+
+def main() -> None:
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 4), ("data", "tensor"))
+    target, mirrored = NamedSharding(mesh, P(None, "tensor")), NamedSharding(mesh, P("tensor", None))
+    stored = np.random.default_rng(0).standard_normal((11008, 2048)).astype(ml_dtypes.bfloat16)  # [out, in]
+    transpose = jax.jit(lambda x: x.T, out_shardings=target)
+    ways = {"host": lambda: jax.device_put(stored.T, target),
+            "device": lambda: transpose(jax.device_put(stored, mirrored)),
+            "numpy": lambda: jax.device_put(np.ascontiguousarray(stored.T), target)}
+    for name, way in ways.items():
+        way().block_until_ready()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            way().block_until_ready()
+            times.append(time.perf_counter() - t)
+        print(f"{jax.devices()[0].platform} {name:7s} best {stored.nbytes / min(times) / 1e9:.2f} GB/s, "
+              f"median {stored.nbytes / sorted(times)[2] / 1e9:.2f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
