@@ -43,6 +43,7 @@ import asyncio
 import dataclasses
 import functools
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -222,6 +223,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="seconds sglang-jax's watchdog waits on a forward before killing the run (slow CPU "
                           "compiles need more than its 300 s default)")
     eng.add_argument("--random-seed", type=int, default=0)
+    eng.add_argument("--nnodes", type=int, default=1,
+                     help="hosts of a multi-host slice (a TPU pod: one process per host). Run the same command on "
+                          "every host with its --node-rank; rank 0 prints the phase JSON, every rank exits with the "
+                          "same code (docs/tpu.md). With --device cpu each process makes tp/nnodes virtual devices")
+    eng.add_argument("--node-rank", type=int, default=0, help="this host's rank, 0 .. nnodes-1")
+    eng.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
+                     help="--nnodes > 1: rank 0's address for JAX's coordination service (sglang-jax also uses "
+                          "PORT+5 and PORT+6 there); a loopback HOST binds to it only")
     eng.add_argument("--moe-backend", choices=["epmoe", "fused", "auto"], default="epmoe",
                      help="Qwen3-MoE: sglang-jax's expert layout (default: %(default)s, sglang-jax's own; fused "
                           "is a TPU kernel); the swap maps to whichever the engine uses")
@@ -250,7 +259,7 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     import jax
 
     seen: set[tuple[int, int]] = set()
-    per_device: dict[Any, int] = {d: 0 for d in jax.devices()}
+    per_device: dict[Any, int] = {d: 0 for d in jax.local_devices()}
     for arr in jax.live_arrays():
         if arr.is_deleted():
             continue
@@ -283,7 +292,7 @@ def device_memory(collect: bool = True) -> dict:
 
     if collect:
         gc.collect()
-    devices = jax.devices()
+    devices = jax.local_devices()  # this host's (a multi-host phase line sums every host's: Hosts.memory)
     stats = [d.memory_stats() for d in devices]
     if all(s for s in stats):
         source = "memory_stats"
@@ -293,15 +302,20 @@ def device_memory(collect: bool = True) -> dict:
         source = "live_arrays"
         in_use = live_array_bytes_per_device()
         per_device = [{"device": str(d), "bytes_in_use": in_use.get(d, 0)} for d in devices]
+    return {"process_rss_bytes": process_rss_bytes(),
+            "process_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "jax_device_memory_stats": per_device,
+            "jax_device_memory_summary": memory_summary(per_device), "source": source}
+
+
+def memory_summary(per_device: list[dict]) -> dict[str, int]:
+    """Sum, min and max over devices of each figure every device has."""
     summary: dict[str, int] = {}
     for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit"):
         values = [s[key] for s in per_device if key in s]
         if len(values) == len(per_device):
             summary.update({f"{key}_sum": sum(values), f"{key}_min": min(values), f"{key}_max": max(values)})
-    return {"process_rss_bytes": process_rss_bytes(),
-            "process_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "jax_device_memory_stats": per_device,
-            "jax_device_memory_summary": summary, "source": source}
+    return summary
 
 
 def bytes_in_use_sum(mem: dict) -> int:
@@ -334,7 +348,11 @@ class PhaseLog:
 
     def emit(self, record: dict) -> None:
         line = json.dumps(record, default=str)
-        print(line, flush=True)
+        if HOSTS.rank == 0:
+            print(line, flush=True)
+        else:  # rank 0 prints the phase JSON of a multi-host run; the others a short log (and --json-out)
+            log(f"rank {HOSTS.rank}: {record['phase']}" + (f" ({record['stage']}: {record['error']})"
+                                                          if record["phase"] == "error" else ""))
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
@@ -344,8 +362,8 @@ class PhaseLog:
 
     def phase(self, name: str, memory: bool = True, **fields) -> dict:
         record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
-        if memory and "memory" not in record:  # a swap's report carries its own sample (taken while paused)
-            record["memory"] = device_memory()
+        if memory:  # a swap's report carries its own sample (taken while paused); several hosts: all of them
+            record["memory"] = HOSTS.memory(record.get("memory") or device_memory())
         return self.write(record)
 
     def check(self, name: str, ok: bool, **details) -> bool:
@@ -404,6 +422,21 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append((f"--watchdog-timeout {args.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
     if not args.bucket_mb >= 0:
         problems.append((f"--bucket-mb {args.bucket_mb} < 0", "0 places one tensor at a time"))
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        problems.append((f"--nnodes {args.nnodes} --node-rank {args.node_rank}", "ranks are 0 .. nnodes-1"))
+    elif args.nnodes > 1:
+        if not re.fullmatch(r"[^\s:]+:\d+", args.dist_init_addr or ""):
+            problems.append((f"--nnodes {args.nnodes} needs --dist-init-addr HOST:PORT (got {args.dist_init_addr})",
+                             "rank 0's address, the same on every host, e.g. the first worker's IP and a free port"))
+        if args.tp_size % args.nnodes:
+            problems.append((f"--tp-size {args.tp_size} is not a multiple of --nnodes {args.nnodes}",
+                             "give --tp-size: every host holds tp/nnodes devices of the mesh"))
+        unsupported = [f for f, on in (("--serve-load", args.serve_load), ("--demo", args.demo),
+                                       ("--weights-source " + args.weights_source,
+                                        args.weights_source != "safetensors")) if on]
+        if unsupported:
+            problems.append((f"{', '.join(unsupported)} with --nnodes > 1 is not supported",
+                             "multi-host runs swap safetensors read on every host, on an idle engine"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if args.verify_logits:
@@ -427,10 +460,12 @@ def configure_platform(args: argparse.Namespace) -> str:
     device = args.device or env_platform or ""
     if args.device == "cpu" and args.tp_size > 0:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        count = args.tp_size * args.dp_size
+        count = args.tp_size * args.dp_size // args.nnodes  # this host's share of the mesh
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     if device:
         os.environ["JAX_PLATFORMS"] = device
+    if args.nnodes > 1:  # sglang-jax's Engine on rank >= 1 returns (instead of serving a health check forever)
+        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"
     return device
 
 
@@ -439,6 +474,7 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
     import jax
 
     device = args.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
+    HOSTS.start(args.nnodes, args.node_rank, args.dist_init_addr, args.watchdog_timeout, device)
     devices = jax.devices()
     tp = args.tp_size or len(devices) // args.dp_size
     if tp * args.dp_size != len(devices):
@@ -447,8 +483,178 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
                         "makes --tp-size virtual devices)")
     args.tp_size = tp
     log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
-               device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size)
+               device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size,
+               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
     return device
+
+
+HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
+HOST_ERROR_GRACE_S = 10.0  # how long a rank's main thread has to notice another rank's failure itself
+
+
+class Hosts:
+    """The processes of a multi-host slice (--nnodes: one per host, JAX multi-controller); rank 0 prints the
+    phase JSON. Every collective step of a run (agree) is a round on the key-value store of JAX's coordination
+    service with a bounded wait, never a device collective: one launched by the main thread could interleave
+    with a forward that a scheduler thread runs, and deadlock. A failure on any rank is published (fail) and
+    ends every rank with that error line and exit code: at its next step, or through the watcher thread
+    within HOST_ERROR_GRACE_S when a rank is busy elsewhere. One host (the default): every step returns at once.
+
+    The API in a multi-host RL loop: HOSTS.start(nnodes, rank, "HOST:PORT", timeout_s, platform) before
+    anything else touches JAX, then start_engine(...) and ParamSwapper as on one host (docs/api.md)."""
+
+    KEY = "run_param_swap"
+
+    def __init__(self):
+        self.nnodes, self.rank, self.timeout_s = 1, 0, 1800.0
+        self.client = None
+        self.step = 0
+        self.handled = threading.Event()  # this rank has turned a failure into its error line (or is ending)
+        self.on_failure = None  # called with another rank's failure when the main thread has not seen it
+
+    @property
+    def multi(self) -> bool:
+        return self.nnodes > 1
+
+    def start(self, nnodes: int, rank: int, addr: str | None, timeout_s: float, platform: str) -> None:
+        """jax.distributed.initialize (before anything else touches JAX), then the failure watcher."""
+        self.nnodes, self.rank, self.timeout_s = nnodes, rank, timeout_s
+        if nnodes == 1:
+            return
+        import jax
+        from jax._src import distributed
+
+        if platform == "cpu":  # cross-process collectives of CPU devices
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        host = addr.rsplit(":", 1)[0]
+        bind = addr if host in ("127.0.0.1", "localhost", "::1") else None  # else JAX binds every interface
+        wait = int(min(timeout_s, 300))
+        hint = ("start the same command on every host within the timeout (min(--watchdog-timeout, 300 s)), with "
+                "the same --dist-init-addr: rank 0's address and a free port")
+        # JAX ends the process with a fatal log (no Python exception) when a host does not join in time: say it first
+        late = threading.Timer(max(1.0, wait - 2.0), lambda: self.on_failure and self.on_failure(ToolError(
+            "hosts", f"not every one of the {nnodes} hosts joined {addr} within {wait} s", hint, EXIT_ENGINE)))
+        late.daemon = True
+        late.start()
+        try:
+            jax.distributed.initialize(addr, nnodes, rank, initialization_timeout=wait,
+                                       coordinator_bind_address=bind, shutdown_timeout_seconds=60)
+        except Exception as e:  # noqa: BLE001 - JAX's errors (a port in use, a bad address) become one error line
+            raise ToolError("hosts", f"jax.distributed.initialize({addr}, {nnodes}, {rank}) failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0]}", hint, EXIT_ENGINE) from e
+        finally:
+            late.cancel()
+        self.client = distributed.global_state.client
+        threading.Thread(target=self.watch, name="param-swap-hosts", daemon=True).start()
+
+    def agree(self, name: str, value: Any = None) -> list:
+        """Every rank's `value` (JSON) at this step, in rank order. Raises the first failure another rank
+        published, a ToolError when a rank does not come within timeout_s, or when the ranks are at different
+        steps (they run different code)."""
+        if not self.multi:
+            return [value]
+        self.step += 1
+        key = f"{self.KEY}/{self.step}/"
+        self.client.key_value_set(key + str(self.rank), json.dumps({"name": name, "value": value}, default=str))
+        got = self.gather(key, self.timeout_s, name)
+        names = {r: v["name"] for r, v in got.items()}
+        if len(set(names.values())) > 1:
+            raise ToolError("hosts", f"the ranks are at different steps: {names}",
+                            "every host must run the same command (same flags and checkpoint)", EXIT_ENGINE)
+        return [got[r]["value"] for r in range(self.nnodes)]
+
+    def gather(self, key: str, timeout_s: float, name: str, errors: bool = True) -> dict[int, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in self.client.key_value_dir_get(key)}
+            if len(got) == self.nnodes:
+                return got
+            if errors and (failure := self.failure()):
+                raise failure
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.nnodes)) - set(got))
+                raise ToolError("hosts", f"rank(s) {missing} did not reach '{name}' within {timeout_s:.0f} s",
+                                "a host is stuck or gone: see its log (--watchdog-timeout bounds each wait)",
+                                EXIT_ENGINE, missing_ranks=missing)
+            time.sleep(0.01)
+
+    def fail(self, error: ToolError) -> None:
+        """Publish this rank's failure (not one it learnt from another rank) so that every rank ends with it."""
+        self.handled.set()
+        if self.client is not None and error.details.get("failed_rank", self.rank) == self.rank:
+            record = {**error.record(), "failed_rank": self.rank}
+            self.client.key_value_set(f"{self.KEY}/error/{self.rank}", json.dumps(record, default=str),
+                                      allow_overwrite=True)
+
+    def failure(self) -> ToolError | None:
+        """The lowest rank's published failure, as this rank's error (same stage, exit code), or None."""
+        found = sorted((int(k.rsplit("/", 1)[1]), json.loads(v))
+                       for k, v in self.client.key_value_dir_get(f"{self.KEY}/error/"))
+        if not found:
+            return None
+        rank, record = found[0]
+        details = {k: v for k, v in record.items() if k not in ("phase", "stage", "error", "hint", "exit_code")}
+        return ToolError(record["stage"], f"rank {rank}: {record['error']}", record["hint"], record["exit_code"],
+                         **details)
+
+    def watch(self) -> None:
+        """Ends this rank when another rank failed and the main thread does not notice (it is inside the
+        engine's start, a generation, a checkpoint read): within HOST_ERROR_GRACE_S."""
+        while not self.handled.is_set():
+            failure = self.failure()
+            if failure is not None and failure.details["failed_rank"] != self.rank:
+                if not self.handled.wait(HOST_ERROR_GRACE_S) and self.on_failure is not None:
+                    self.on_failure(failure)
+                return
+            time.sleep(0.5)
+
+    def end(self, code: int, failed_checks: list[str]) -> tuple[int, list[dict]]:
+        """The last step: every rank's exit code and failed checks; the common exit code (an error's, else 1
+        if any check failed anywhere, else 0). A rank that does not come within HOST_END_WAIT_S is named."""
+        mine = {"rank": self.rank, "exit_code": code, "failed_checks": failed_checks}
+        if self.client is None:  # one host, or the hosts never connected
+            return code, [mine]
+        self.handled.set()
+        key = f"{self.KEY}/end/"
+        self.client.key_value_set(key + str(self.rank), json.dumps(mine))
+        try:
+            got = self.gather(key, HOST_END_WAIT_S, "end", errors=False)
+            hosts = [got[r] for r in range(self.nnodes)]
+        except ToolError as e:
+            hosts = [mine] + [{"rank": r, "exit_code": None, "failed_checks": None} for r in e.details["missing_ranks"]]
+            return max(code, EXIT_ENGINE), hosts
+        codes = [h["exit_code"] for h in hosts]
+        errors = [c for c in codes if c not in (EXIT_OK, EXIT_CHECK_FAILED)]
+        return (errors[0] if errors else max(codes)), hosts
+
+    def shutdown(self) -> None:
+        """jax.distributed.shutdown (every rank leaves together: one that just exits makes JAX abort the others)."""
+        if self.client is not None:
+            import jax
+
+            try:
+                jax.distributed.shutdown()
+            except Exception as e:  # noqa: BLE001 - exiting anyway; said, not hidden
+                log(f"jax.distributed.shutdown: {type(e).__name__}: {e}")
+
+    def memory(self, mem: dict) -> dict:
+        """A phase's memory sample: this host's on one host; with several, every host's devices (rank order),
+        the summary over all of them, and per-host figures (hosts)."""
+        if not self.multi:
+            return mem
+        samples = self.agree("memory", mem)
+        per_device = [d for m in samples for d in m["jax_device_memory_stats"]]
+        hosts = [{"rank": r, "bytes_in_use_sum": m["jax_device_memory_summary"].get("bytes_in_use_sum"),
+                  "process_rss_bytes": m["process_rss_bytes"]} for r, m in enumerate(samples)]
+        return {**mem, "jax_device_memory_stats": per_device, "jax_device_memory_summary": memory_summary(per_device),
+                "hosts": hosts}
+
+    def from_rank0(self, name: str, value: Any = None) -> Any:
+        """Rank 0's `value` on every rank (e.g. its generation's answer)."""
+        return self.agree(name, value if self.rank == 0 else None)[0]
+
+
+HOSTS = Hosts()  # one host unless HOSTS.start(...) (jax_ready, from --nnodes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,6 +911,8 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_f
         max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
         disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
         random_seed=args.random_seed, moe_backend=args.moe_backend, log_level="warning",
+        **({"nnodes": args.nnodes, "node_rank": args.node_rank, "dist_init_addr": args.dist_init_addr}
+           if args.nnodes > 1 else {}),
     )
 
 
@@ -731,15 +939,23 @@ def start_engine(kwargs: dict):
     """An in-process sglang-jax Engine and its model runner. A failure inside Engine(...) (its scheduler's
     start: a KV cache that does not fit, an engine argument it rejects, a model that cannot be built) is a
     ToolError with the engine's own message, exit 3. When it arrives as SIGQUIT, the Stopper answers."""
+    import sgl_jax.srt.entrypoints.engine as engine_module
     from sgl_jax.srt.entrypoints.engine import Engine
 
     if ENGINE_ERRORS not in logging.getLogger().handlers:
         logging.getLogger().addHandler(ENGINE_ERRORS)
+    made = []  # the scheduler, also on rank >= 1 of several hosts, where Engine() keeps no handle on it
+    create = engine_module.run_scheduler_loop_thread_after_create
+    engine_module.run_scheduler_loop_thread_after_create = lambda *a, **k: made.append(create(*a, **k)) or made[-1]
     try:
         engine = Engine(**kwargs)
     except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
         raise ToolError("engine_start", ENGINE_ERRORS.text() or f"{type(e).__name__}: {e}",
                         "see the engine's traceback on stderr", EXIT_ENGINE) from e
+    finally:
+        engine_module.run_scheduler_loop_thread_after_create = create
+    if engine.scheduler_info is None and made and made[-1]:  # rank >= 1: no tokenizer, only its scheduler
+        engine.scheduler_info = dict(made[-1])
     scheduler = (engine.scheduler_info or {}).get("scheduler")
     if scheduler is None:
         raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
@@ -1108,6 +1324,12 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
     return plan
 
 
+def plan_fingerprint(plan: list[SwapItem]) -> str:
+    """What a plan does (sources, targets, ops, shapes, dtypes, shardings), hashed: equal on every host."""
+    rows = [(i.target, i.source, i.op, i.replicas, list(i.shape), str(i.dtype), str(i.sharding.spec)) for i in plan]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: str = "device") -> tuple[np.ndarray, bool]:
     """(host array in the engine dtype, transposed). The MLLM kernel is a transposed view of the checkpoint's
     [out, in] tensor. transpose "host": the array is the target's layout, possibly that strided view (jax.device_put
@@ -1228,6 +1450,41 @@ def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None
     return device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding)(src)
 
 
+def put(host: np.ndarray, sharding):
+    """A host array into `sharding`. One host: jax.device_put. Several: each host puts only the slices its own
+    devices hold (jax.make_array_from_callback reads just those from a mapped checkpoint; jax.device_put would
+    all-gather every whole tensor across the hosts to check that they agree)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def index_key(index: tuple) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def host_shards(arr) -> dict[tuple, np.ndarray]:
+    """Host copies of this host's distinct shards of `arr`, by index (a replicated shard once). Reads the
+    per-device arrays without `addressable_shards`, for the reason device_buffers gives."""
+    where = arr.sharding.addressable_devices_indices_map(arr.shape)
+    out: dict[tuple, np.ndarray] = {}
+    for i in range(len(arr.sharding.addressable_devices)):
+        data = arr.addressable_data(i)
+        key = index_key(where[next(iter(data.devices()))])
+        if key not in out:
+            out[key] = np.asarray(data)
+    return out
+
+
+def from_host_shards(shards: Mapping[tuple, np.ndarray], shape: tuple, sharding):
+    """The array host_shards() copied, placed again (on every host, from its own shards)."""
+    import jax
+
+    return jax.make_array_from_callback(shape, sharding, lambda index: shards[index_key(index)])
+
+
 def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None, alias: bool = False,
           transpose: str = "device"):
     """The target array of one item, dispatched and not waited on (the swap waits once per bucket). Host
@@ -1235,7 +1492,6 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
     transpose "device" a kernel goes in as stored, in the mirrored sharding, and one jitted transpose puts it
     in the target's. Device source: place_device, or with `alias` the source itself where it already is the
     target (can_alias)."""
-    import jax
 
     if on_devices(src):
         if alias and can_alias(item, src):
@@ -1251,9 +1507,9 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
         if stats is not None:
             stats.host_s += time.perf_counter() - t0
         if transposed:
-            arr = device_transpose(item.sharding)(jax.device_put(host, mirrored(item.sharding, host.ndim)))
+            arr = device_transpose(item.sharding)(put(host, mirrored(item.sharding, host.ndim)))
         else:
-            arr = jax.device_put(host, item.sharding)
+            arr = put(host, item.sharding)
     if stats is not None:
         stats.placed_bytes_sum += item.nbytes_sum
         stats.transposed_bytes_sum += item.nbytes_sum if transposed else 0
@@ -1350,7 +1606,7 @@ class Rollback:
               nothing to do during the swap);
       dummy:  sglang-jax's own dummy initialiser, run again for those Params (the engine still holds the
               weights it started with: nothing to do during the swap);
-      copy:   a host copy of each replaced array, made during the swap (backup_s);
+      copy:   a host copy of each replaced array (this host's shards), made during the swap (backup_s);
       off:    none: a failure mid-swap leaves the engine half-swapped (it is shut down, exit 3).
     Bulk keeps the replaced arrays themselves until all are assigned, so it needs none of these."""
 
@@ -1363,14 +1619,12 @@ class Rollback:
 
     def backup(self, state: EngineState, items: list[SwapItem]) -> None:
         if self.kind == "copy":
-            self.copies.update({i.target: np.asarray(state.params[i.target].get_value()) for i in items})
+            self.copies.update({i.target: host_shards(state.params[i.target].get_value()) for i in items})
 
     def arrays(self, items: list[SwapItem]) -> dict[str, Any]:
         """The previous weights of these items, placed again (raises if there is no way)."""
-        import jax
-
         if self.kind == "copy":
-            return {i.target: jax.device_put(self.copies[i.target], i.sharding) for i in items}
+            return {i.target: from_host_shards(self.copies[i.target], i.shape, i.sharding) for i in items}
         if self.kind == "source":
             mine = {i.target: i for i in self.plan}
             return {i.target: place(mine[i.target], self.source[mine[i.target].source], self.num_kv_heads)
@@ -1630,6 +1884,7 @@ class ParamSwapper:
         self.moe_backend = getattr(model_runner.model_config.hf_config, "moe_backend", None)
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
+        self.undo_to: tuple = (0, None, Rollback("off"))  # (swaps, previous, Rollback) before the last swap
         self.shared_ids: set[int] = set()  # ids of the engine's arrays taken from a trainer by the last swap
         self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
         self.idle.set()
@@ -1690,20 +1945,31 @@ class ParamSwapper:
         """Validate, then pause generation, swap, flush the radix cache, continue. A failed swap that was
         rolled back flushes and continues too (requests finish on the previous weights); one that could not
         be rolled back leaves generation paused (the engine is half-swapped) and says so."""
-        flat, plan, device, rollback = self.prepare(mllm_params, mode, alias, rollback, plan)
+        pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
+        try:
+            flat, plan, device, rollback = self.prepare(mllm_params, mode, alias, rollback, plan)
+        except ToolError as e:
+            HOSTS.fail(e)  # several hosts: the others stop at the next step
+            raise
+        self.agree_plan(plan)
         t0 = time.perf_counter()
-        paused = await self.pause()
+        paused = await self.pause(pauses)
+        HOSTS.agree("swap_paused")
         t1 = time.perf_counter()
+        error, param_dict = None, {}
         try:
             param_dict, stats, before, seconds = self.swap_now(flat, plan, device, mode, alias, rollback)
         except ToolError as e:
-            if e.details.get("restored"):
+            error = e
+        error = self.agree_swapped(plan, param_dict, error)
+        if error is not None:
+            if error.details.get("restored"):
                 await self.flush()
                 await self.resume()
-                e.details["generation"] = "continued on the previous weights"
+                error.details["generation"] = "continued on the previous weights"
             else:
-                e.details["generation"] = "paused: the engine is half-swapped"
-            raise
+                error.details["generation"] = "paused: the engine is half-swapped"
+            raise error
         memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
         t2 = time.perf_counter()
         held = await self.flush()
@@ -1726,27 +1992,90 @@ class ParamSwapper:
                       prefill_requests_retracted=self.guard.retracted_prefills)
         return report, param_dict, details
 
-    async def pause(self) -> int:
+    def agree_plan(self, plan: list[SwapItem]) -> None:
+        """Several hosts: every host is about to swap the same plan, or none touches its engine."""
+        plans = HOSTS.agree("swap_plan", plan_fingerprint(plan))
+        if len(set(plans)) > 1:
+            raise ToolError("swap_agreement", "the hosts planned different swaps: " + ", ".join(
+                f"rank {r} {p}" for r, p in enumerate(plans)), "every host must swap the same tree (names, shapes, "
+                "dtypes) into the same engine; nothing was swapped", EXIT_BAD_INPUT, plans=plans)
+
+    def agree_swapped(self, plan: list[SwapItem], param_dict: Mapping[str, Any],
+                      error: ToolError | None) -> ToolError | None:
+        """Several hosts: every host completed this swap, or none keeps it. Each host's completed swaps, plan,
+        error, and how many of its engine's Params (and their model_state_leaves entries) are now this swap's
+        arrays (what the engine holds, not what the swap says it did) are compared; on any difference every
+        host puts its previous weights back (undo), and all raise the same error: the first failed host's,
+        else swap_agreement (exit 1: a partial swap, which would otherwise generate with mixed weights and no
+        error at all). One host: `error` as it is."""
+        if not HOSTS.multi:
+            return error
+        leaves, where = self.state.model_runner.model_state_leaves, self.state.leaf_index
+        held = sum(self.state.params[p].get_value() is a and leaves[where[p]] is a for p, a in param_dict.items())
+        seen = HOSTS.agree("swap_done", {"swaps": self.swaps, "plan": plan_fingerprint(plan), "params_held": held,
+                                         "error": error.record() if error is not None else None})
+        if error is None and all(s == seen[0] for s in seen) and held == len(plan):
+            return None
+        restored = self.undo(plan) if error is None else bool(error.details.get("restored"))
+        everywhere = all(HOSTS.agree("swap_undone", restored))
+        failed = [(r, s["error"]) for r, s in enumerate(seen) if s["error"]]
+        hosts = [{"rank": r, "swaps_completed": s["swaps"], "plan": s["plan"], "params_held": s["params_held"],
+                  "error": s["error"]["error"] if s["error"] else None} for r, s in enumerate(seen)]
+        if failed:
+            r, rec = failed[0]
+            out = ToolError(rec["stage"], f"rank {r}: {rec['error']}", rec["hint"], rec["exit_code"], failed_rank=r)
+        else:
+            short = [r for r, s in enumerate(seen) if s["params_held"] != len(plan)] or \
+                [r for r, s in enumerate(seen) if (s["swaps"], s["plan"]) != (seen[0]["swaps"], seen[0]["plan"])]
+            out = ToolError("swap_agreement", f"the hosts did not all complete the swap: rank(s) {short} differ ("
+                            + "; ".join(f"rank {h['rank']}: {h['params_held']} of {len(plan)} Params swapped, "
+                                        f"{h['swaps_completed']} swaps completed" for h in hosts) + ")",
+                            "a partial swap (a host skipped or lost part of it); the previous weights were put back "
+                            "on every host" if everywhere else "a partial swap: the engine holds mixed weights",
+                            EXIT_CHECK_FAILED, failed_rank=short[0] if short else 0)
+        out.details.update(restored=everywhere, rollback=self.undo_to[2].kind, hosts=hosts)
+        return out
+
+    def undo(self, plan: list[SwapItem]) -> bool:
+        """Put back the weights a completed swap replaced (with its Rollback), as if it had failed."""
+        swaps, previous, rollback = self.undo_to
+        self.guard.changing = True
+        restored = restore(self.state, plan, {}, rollback)
+        self.last_swap_restored = restored
+        self.guard.changing = not restored
+        if restored:
+            self.swaps, self.previous, self.guard.weights_id = swaps, previous, swaps
+        else:
+            self.previous = None
+        return restored
+
+    async def pause(self, pauses: int) -> int:
         """pause_generation(retract), then wait until the scheduler's own thread has handled it with nothing
         left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the
-        scheduler records when it is done). Returns the requests the scheduler holds."""
+        scheduler records when it is done). Returns the requests the scheduler holds. Rank >= 1 of several
+        hosts: rank 0's pause reaches this host's scheduler too (it forwards every request); wait for it."""
         from sgl_jax.srt.managers.io_struct import PauseGenerationReqInput
 
-        pauses = self.guard.pauses
-        await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
+        if HOSTS.rank == 0:
+            await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
         deadline = time.perf_counter() + PAUSE_WAIT_S
         while self.guard.pauses == pauses or self.guard.paused_requests is None:
             if time.perf_counter() > deadline:
                 await self.resume()
-                raise ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
-                                + ("" if self.guard.pauses == pauses else " (requests were still running)"),
-                                "nothing was swapped; generation continues", EXIT_ENGINE)
+                error = ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
+                                  + ("" if self.guard.pauses == pauses else " (requests were still running)"),
+                                  "nothing was swapped; generation continues", EXIT_ENGINE)
+                HOSTS.fail(error)
+                raise error
             await asyncio.sleep(0.002)
         return self.guard.paused_requests
 
     async def flush(self) -> int:
         """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
-        (stale prefix KV of the old weights would survive). Returns how many requests were held aside."""
+        (stale prefix KV of the old weights would survive). Returns how many requests were held aside.
+        Rank >= 1 of several hosts: rank 0's flush reaches this host's scheduler; 0."""
+        if HOSTS.rank:
+            return 0
         self.guard.hold_waiting = True
         try:
             answer = await self.engine.tokenizer_manager.flush_cache()
@@ -1761,6 +2090,8 @@ class ParamSwapper:
     async def resume(self) -> None:
         from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
 
+        if HOSTS.rank:  # rank 0's reaches this host's scheduler
+            return
         await self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput())
 
     def prepare(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
@@ -1800,7 +2131,8 @@ class ParamSwapper:
             log(f"sglang-jax's dummy initialiser could not be run again ({type(e).__name__}: {e}): a rollback "
                 "will copy the dummy weights")
             return False
-        if not np.array_equal(np.asarray(again), np.asarray(param.get_value())):
+        mine, theirs = host_shards(param.get_value()), host_shards(again)
+        if mine.keys() != theirs.keys() or not all(np.array_equal(mine[k], theirs[k]) for k in mine):
             log(f"the engine's {path} is not sglang-jax's dummy initialisation: a rollback will copy it")
             return False
         return True
@@ -1830,9 +2162,10 @@ class ParamSwapper:
         t = time.perf_counter()
         self.idle.clear()
         self.guard.changing = True
+        self.undo_to = (self.swaps, self.previous, self.rollback_for(rollback))  # agree_swapped may undo it
         try:
             with guard:
-                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, self.rollback_for(rollback), alias)
+                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, self.undo_to[2], alias)
             self.swaps += 1
             self.guard.weights_id = self.swaps
             self.guard.changing = False
@@ -2048,9 +2381,11 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
     an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
     = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
     ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    if HOSTS.rank:  # rank 0 sends the request (its scheduler hands it on to this host's); its answer
+        return HOSTS.from_rank0("generate")
     check_live(engine)
-    return answer_of(engine, engine.generate(prompt=prompt, return_logprob=logprobs, sampling_params=greedy(
-        max_new_tokens)), max_new_tokens, logprobs)
+    return HOSTS.from_rank0("generate", answer_of(engine, engine.generate(
+        prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
 
 
 async def agenerate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
@@ -2110,7 +2445,8 @@ def check_generate(log_: PhaseLog) -> bool:
 def check_restored(error: ToolError, engine, args, previous_output: dict) -> None:
     """After a failed swap was rolled back, the engine must answer exactly as it did with those weights."""
     if error.details.get("restored"):
-        engine.flush_cache()
+        if HOSTS.rank == 0:  # reaches every host's scheduler
+            engine.flush_cache()
         out = generate(engine, args.prompt, args.max_new_tokens)
         error.details["previous_weights_answer_matches"] = out["output_ids"] == previous_output["output_ids"]
 
@@ -2292,7 +2628,7 @@ def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) 
                                  "reference_logprob": round(ref["logprobs"][i], 6), "reference_argmax": ref["argmax"][i],
                                  "margin": round(margins[i], 6)} for i in worst]}
     log_.check("logits_match_reference", ok, **details)
-    log_.phase("logits_verified", ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
+    log_.phase("logits_verified", memory=not HOSTS.multi, ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
                engine_logprobs=[round(v, 6) for v in engine_lp], reference_logprobs=[round(v, 6) for v in ref["logprobs"]],
                reference_argmax=ref["argmax"])
     return ok
@@ -2922,7 +3258,7 @@ class Stopper:
         """The error line, the summary and the table (unless the run already wrote its verdict), then exit."""
         with self.log_.lock:
             self.log_.write(error.record())
-            summary(self.log_, error)
+            code = summary(self.log_, error)
             self.log_.closed = True
         report(self.log_, self.args)
         for f in self.cleanup:
@@ -2932,7 +3268,8 @@ class Stopper:
         from sgl_jax.srt.utils.common_utils import kill_process_tree
 
         kill_process_tree(os.getpid(), include_parent=False)
-        os._exit(error.exit_code)
+        HOSTS.shutdown()
+        os._exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2953,11 +3290,15 @@ def check_single_copy(log_: PhaseLog, tolerance: float, phases: list[str]) -> bo
 
 
 def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
-    ok = error is None and bool(log_.checks) and all(c["ok"] for c in log_.checks.values())
-    log_.phase("summary", memory=False, ok=ok, checks=log_.checks)
+    """The verdict and the exit code. Several hosts: the same on every rank (Hosts.end), with each rank's."""
     if error is not None:
-        return error.exit_code
-    return EXIT_OK if ok else EXIT_CHECK_FAILED
+        HOSTS.fail(error)
+    ok = error is None and bool(log_.checks) and all(c["ok"] for c in log_.checks.values())
+    code = error.exit_code if error is not None else EXIT_OK if ok else EXIT_CHECK_FAILED
+    code, hosts = HOSTS.end(code, [name for name, c in log_.checks.items() if not c["ok"]])
+    log_.phase("summary", memory=False, ok=code == EXIT_OK, checks=log_.checks,
+               **({"exit_code": code, "hosts": hosts} if HOSTS.multi else {}))
+    return code
 
 
 def run(log_: PhaseLog, args: argparse.Namespace) -> None:
@@ -2975,6 +3316,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     if args.chat:
         args.prompt = chat_prompt(info.path, args.prompt)
     validate_token_budget(args, info)
+    HOSTS.agree("checkpoint")  # several hosts: every one has validated its copy before any engine starts
     engine, swapper = engine_ready_dummy(log_, args, info, device)
     state = swapper.state
     serve = ServeLoad(engine, swapper, args)  # --serve-load 0: every swap and generation calls straight through
@@ -3005,7 +3347,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
         out = generate_result(log_, args, serve, logprobs=args.verify_logits)
         check_generate(log_)
         check_swap_effective(log_, before, out)
-        if args.verify_logits:
+        if args.verify_logits and HOSTS.rank == 0:  # a host forward: on rank 0 only
             logits_match_reference(log_, args, info.path, out)
         if args.keep_param_dict:
             del param_dict
@@ -3042,8 +3384,19 @@ def serve_results(log_: PhaseLog, args, serve: ServeLoad, flat_a, plan_a, flat_b
     serve.report(log_, throughput)
 
 
+def json_only_stdout() -> None:
+    """stdout carries the phase JSON only: what libraries print on file descriptor 1 (gloo's connection lines
+    on CPU hosts) goes to stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(fd, "w", buffering=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.nnodes > 1:
+        json_only_stdout()
     try:
         log_ = PhaseLog(args.json_out)
     except OSError as e:
@@ -3054,6 +3407,7 @@ def main(argv: list[str] | None = None) -> int:
         return summary(log_, error)
     log_.stopper = Stopper(log_, args)
     log_.stopper.install()
+    HOSTS.on_failure = log_.stopper.stop  # another rank failed while this one was busy elsewhere
     demo_tmp = None
     try:
         validate_args(args)
@@ -3092,4 +3446,5 @@ if __name__ == "__main__":
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    HOSTS.shutdown()
     os._exit(code)  # sglang-jax's threads can hang or abort interpreter teardown; everything is written

@@ -15,6 +15,9 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   device_copy_kept  a device-to-device swap keeps an extra copy of every placed array (single_copy_memory)
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
+  skip_swap       this process's swap touches nothing but reports success (on one rank of several hosts: a
+                  partial swap, which swap_agreement must turn into exit 1 on every rank)
+  plan_one_short  this process plans one tensor fewer (on one rank of several hosts: the hosts' plans differ)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
@@ -217,6 +220,11 @@ def apply(mutation: str) -> None:
             return original_arrays(self, items)
 
         rps.Rollback.arrays = arrays
+    elif mutation == "skip_swap":
+        rps.swap = lambda *args, **kwargs: {}
+    elif mutation == "plan_one_short":
+        original_plan = rps.ParamSwapper.plan
+        rps.ParamSwapper.plan = lambda self, tree: original_plan(self, tree)[:-1]
     else:
         raise SystemExit(f"unknown mutation {mutation}")
 
@@ -224,4 +232,5 @@ for one in mutations.split("+"):
     apply(one)
 code = rps.main(argv)
 sys.stdout.flush()
+rps.HOSTS.shutdown()
 os._exit(code)

@@ -1,0 +1,146 @@
+"""Several hosts (--nnodes): 2 processes x 2 virtual CPU devices on 127.0.0.1 stand in for a 2-host pod slice
+(tp 4 over both). Every socket (JAX's coordination service, gloo, sglang-jax's request forwarding) binds to and
+talks to 127.0.0.1; every wait is bounded (the processes' own timeouts and the test's)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool
+
+HOSTS_TIMEOUT = 420
+
+
+def free_port() -> int:
+    """A port P with P, P+5 and P+6 free on 127.0.0.1 (JAX's coordinator; sglang-jax's forwarding of requests)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for p in (port, port + 5, port + 6):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port block on 127.0.0.1")
+
+
+def run_hosts(folders: list[str], *args: str, scripts: list[list[str]] | None = None) -> list[tuple[int, list, str, str]]:
+    """Rank r runs `scripts[r] + the tool's args` on `folders[r]` (its copy of the checkpoint); returns
+    (exit code, JSON records on stdout, stdout, stderr) per rank."""
+    port = free_port()
+    env = {**clean_env(), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
+    procs = []
+    for rank, folder in enumerate(folders):
+        cmd = [sys.executable, *(scripts[rank] if scripts else [TOOL]), "--model-id", folder, "--device", "cpu",
+               "--tp-size", "4", "--nnodes", str(len(folders)), "--node-rank", str(rank),
+               "--dist-init-addr", f"127.0.0.1:{port}", "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=HOSTS_TIMEOUT)
+            out.append((p.returncode, [json.loads(line) for line in stdout.splitlines() if line.strip()], stdout, stderr))
+    finally:
+        for p in procs:
+            p.kill()
+    return out
+
+
+def phase(records: list, name: str) -> dict:
+    found = [r for r in records if r["phase"] == name]
+    assert found, [r["phase"] for r in records]
+    return found[0]
+
+
+def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)  # tp 4 > 2 KV heads: repeated heads, split over the hosts
+    (code0, records, _, err0), (code1, records1, stdout1, err1) = run_hosts(
+        [folder, folder], "--keep-param-dict", "--verify-param-sharing", "--verify-weights", "--rounds", "2")
+    assert code0 == 0, err0[-3000:]
+    assert code1 == 0, err1[-3000:]
+    assert stdout1 == "" and "rank 1: weights_swapped_from_mllm" in err1  # rank 0 prints the JSON; rank 1 logs
+    assert phase(records, "jax_ready")["device_count"] == 4 and len(phase(records, "jax_ready")["local_devices"]) == 2
+    summary = records[-1]
+    assert summary["ok"] and summary["exit_code"] == 0
+    assert [(h["rank"], h["exit_code"], h["failed_checks"]) for h in summary["hosts"]] == [(0, 0, []), (1, 0, [])]
+    assert {"leaves_unchanged", "param_sharing", "weights_equal_loader", "swap_effective", "single_copy_memory",
+            "rounds_consistent", "rounds_no_leak"} <= set(summary["checks"])
+    # the tokens of a single-process tp-4 engine that loaded the checkpoint with sglang-jax's own loader
+    reference = reference_output_ids(folder, 4)
+    assert phase(records, "generate_result")["output_ids"] == reference
+    rounds = [r for r in records if r["phase"] == "swap_round"]
+    assert [r["weights"] for r in rounds] == ["B", "A"] and rounds[1]["output_ids"] == reference
+    assert rounds[0]["output_ids"] != reference and rounds[0]["rollback_kind"] == "source"
+    assert phase(records, "weights_verified")["ok"] and phase(records, "weights_verified")["paths_checked"] == 26
+    # memory: all 4 devices of the slice in every phase line, and each host holds half of them
+    for r in records[:-1]:
+        mem = r["memory"]
+        assert len(mem["jax_device_memory_stats"]) == 4
+        total = mem["jax_device_memory_summary"]["bytes_in_use_sum"]
+        assert [h["rank"] for h in mem["hosts"]] == [0, 1]
+        assert sum(h["bytes_in_use_sum"] for h in mem["hosts"]) == total
+        if r["phase"] != "jax_ready":
+            assert all(0.4 * total <= h["bytes_in_use_sum"] <= 0.6 * total for h in mem["hosts"]), mem["hosts"]
+    swapped = phase(records, "weights_swapped_from_mllm")
+    dummy = phase(records, "engine_ready_dummy")
+    assert swapped["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] <= \
+        1.02 * dummy["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
+    assert swapped["rollback_kind"] == "dummy" and swapped["replaced_still_alive"] == 0
+
+
+def test_a_partial_swap_exits_1_on_every_rank(checkpoint):
+    """Rank 1's swap touches nothing but says it succeeded: without the agreement rank 0 would generate with
+    rank 1's dummy shards and no error at all."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], "--max-new-tokens", "4", scripts=[[TOOL], [MUTATED, "skip_swap"]])
+    assert [code for code, *_ in results] == [1, 1], results[0][3][-3000:] + results[1][3][-3000:]
+    records = results[0][1]
+    error = phase(records, "error")
+    assert error["stage"] == "swap_agreement" and "rank(s) [1]" in error["error"] and error["failed_rank"] == 1
+    assert [h["params_held"] for h in error["hosts"]] == [26, 0]
+    # every host put the previous (dummy) weights back, and the engine answers as before the swap
+    assert error["restored"] and error["previous_weights_answer_matches"]
+    assert [h["exit_code"] for h in records[-1]["hosts"]] == [1, 1]
+    assert "rank 1: error (swap_agreement" in results[1][3]
+
+
+def test_hosts_with_different_plans_swap_nothing(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], "--max-new-tokens", "2", scripts=[[TOOL], [MUTATED, "plan_one_short"]])
+    assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:] + results[1][3][-3000:]
+    error = phase(results[0][1], "error")
+    assert error["stage"] == "swap_agreement" and "planned different swaps" in error["error"]
+    assert len(set(error["plans"])) == 2 and "weights_swapped_from_mllm" not in [r["phase"] for r in results[0][1]]
+
+
+def test_a_failure_on_one_rank_ends_every_rank(checkpoint, tmp_path):
+    """Rank 1's copy of the checkpoint is damaged: both ranks stop before any engine starts, with rank 1's
+    error line on rank 0 and its exit code everywhere."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in os.listdir(folder):
+        os.symlink(os.path.join(folder, name), damaged / name)
+    (damaged / "config.json").unlink()
+    config = json.loads(open(os.path.join(folder, "config.json")).read())
+    (damaged / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    results = run_hosts([folder, str(damaged)])
+    assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:]
+    error = phase(results[0][1], "error")
+    assert error["stage"] == "checkpoint" and error["error"].startswith("rank 1: ") and error["failed_rank"] == 1
+    assert "engine_ready_dummy" not in [r["phase"] for r in results[0][1]]
+
+
+def test_multi_host_usage_errors():
+    run = run_tool("--nnodes", "2", "--node-rank", "0", "--tp-size", "4", "--device", "cpu")
+    assert run.returncode == 2 and "--dist-init-addr" in run.phase("error")["error"]
+    run = run_tool("--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "127.0.0.1:1234")
+    assert run.returncode == 2 and "ranks are 0 .. nnodes-1" in run.phase("error")["hint"]
+    run = run_tool("--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "127.0.0.1:1234", "--tp-size", "4",
+                   "--serve-load", "2")
+    assert run.returncode == 2 and "--serve-load" in run.phase("error")["error"]
