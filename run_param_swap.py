@@ -432,11 +432,11 @@ def validate_args(args: argparse.Namespace) -> None:
             problems.append((f"--tp-size {args.tp_size} is not a multiple of --nnodes {args.nnodes}",
                              "give --tp-size: every host holds tp/nnodes devices of the mesh"))
         unsupported = [f for f, on in (("--serve-load", args.serve_load), ("--demo", args.demo),
-                                       ("--weights-source " + args.weights_source,
-                                        args.weights_source != "safetensors")) if on]
+                                       ("--weights-source torch", args.weights_source == "torch")) if on]
         if unsupported:
             problems.append((f"{', '.join(unsupported)} with --nnodes > 1 is not supported",
-                             "multi-host runs swap safetensors read on every host, on an idle engine"))
+                             "multi-host runs swap safetensors read on every host (or that tree on the devices: "
+                             "--weights-source trainer), on an idle engine"))
     if args.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if args.verify_logits:
@@ -464,8 +464,6 @@ def configure_platform(args: argparse.Namespace) -> str:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     if device:
         os.environ["JAX_PLATFORMS"] = device
-    if args.nnodes > 1:  # sglang-jax's Engine on rank >= 1 returns (instead of serving a health check forever)
-        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"
     return device
 
 
@@ -473,8 +471,9 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
     log_.begin("jax_ready")
     import jax
 
+    HOSTS.start(args.nnodes, args.node_rank, args.dist_init_addr, args.watchdog_timeout,  # before JAX's backend
+                args.device or os.environ.get("JAX_PLATFORMS", ""))
     device = args.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
-    HOSTS.start(args.nnodes, args.node_rank, args.dist_init_addr, args.watchdog_timeout, device)
     devices = jax.devices()
     tp = args.tp_size or len(devices) // args.dp_size
     if tp * args.dp_size != len(devices):
@@ -524,6 +523,7 @@ class Hosts:
         import jax
         from jax._src import distributed
 
+        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"  # rank >= 1: Engine() returns, no health server
         if platform == "cpu":  # cross-process collectives of CPU devices
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         host = addr.rsplit(":", 1)[0]
@@ -1871,6 +1871,10 @@ class ParamSwapper:
 
     def __init__(self, engine, num_kv_heads: int | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
                  transpose: str = "auto"):
+        if not (engine.scheduler_info or {}).get("scheduler"):
+            raise ToolError("arguments", "the engine has no in-process scheduler (not enable_single_process, or "
+                            "rank >= 1 of several hosts started with Engine(...))", "start it with "
+                            "enable_single_process=True; on several hosts with run_param_swap.start_engine(kwargs)")
         scheduler = engine.scheduler_info["scheduler"]
         model_runner = scheduler.tp_worker.worker.model_runner
         if "request_recorder" not in engine.scheduler_info:  # generate() reads the scheduler's own ids from it
@@ -2184,7 +2188,7 @@ class ParamSwapper:
     def memory_split(self, mllm_params: Mapping[str, Any] | None = None, memory: dict | None = None) -> dict:
         """Device bytes in use (now, or in the `memory` sample), split: the trainer's arrays (a device source),
         the part of them the engine does not share (trainer_only), and the rest (the engine: its weights, KV
-        cache, everything else)."""
+        cache, everything else). Several hosts: summed over every host (collective: every rank calls it)."""
         total = bytes_in_use_sum(memory or device_memory())
         engine_buffers = {(d.id, p) for v in self.state.params.values() for d, p, _ in device_buffers(v.get_value())}
         trainer: dict[tuple[int, int], int] = {}
@@ -2193,8 +2197,10 @@ class ParamSwapper:
                 if on_devices(a) and not a.is_deleted():
                     trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
         trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
-        return {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
-                "trainer_only_bytes_sum": trainer_only, "engine_bytes_sum": total - trainer_only}
+        split = {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
+                 "trainer_only_bytes_sum": trainer_only, "engine_bytes_sum": total - trainer_only}
+        hosts = HOSTS.agree("memory_split", split)
+        return {k: sum(h[k] for h in hosts) for k in split}
 
     def deleted_weights(self) -> list[str]:
         leaves = self.state.model_runner.model_state_leaves
@@ -2226,7 +2232,6 @@ def trainer_sharding(item: SwapItem, shape: tuple, how: str):
 def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
     """--weights-source trainer: put the host tree on the devices as a trainer holds it (--trainer-sharding;
     engine: also in the engine's dtype), so that the swap runs device to device. Returns the nested tree."""
-    import jax
 
     log_.begin("mllm_params_device_ready")
     t = time.perf_counter()
@@ -2235,7 +2240,7 @@ def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: 
     for item in swapper.plan(flat):
         src = flat[item.source]
         dtype = item.dtype if args.trainer_sharding == "engine" else src.dtype
-        arr = jax.device_put(src.astype(dtype, copy=False), trainer_sharding(item, src.shape, args.trainer_sharding))
+        arr = put(src.astype(dtype, copy=False), trainer_sharding(item, src.shape, args.trainer_sharding))
         on_device[item.source] = arr.block_until_ready()
         aliasable += item.nbytes_sum if can_alias(item, arr) else 0
     split = swapper.memory_split(on_device)

@@ -71,7 +71,7 @@ def apply(mutation: str) -> None:
 
         rps.ParamSwapper.flush = flush
     elif mutation == "no_pause":
-        async def pause(self):
+        async def pause(self, pauses):
             return 0
 
         rps.ParamSwapper.pause = pause

@@ -93,6 +93,26 @@ def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
     assert swapped["rollback_kind"] == "dummy" and swapped["replaced_still_alive"] == 0
 
 
+def test_two_hosts_swap_the_trainer_arrays_device_to_device(checkpoint):
+    """The tree on the devices of both hosts in the engine's layout (a trainer's), taken by the engine as it is
+    where it fits (--alias): no host round trip, one set in the engine."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    (code0, records, _, err0), (code1, _, _, err1) = run_hosts(
+        [folder, folder], "--weights-source", "trainer", "--trainer-sharding", "engine", "--alias",
+        "--keep-param-dict", "--verify-param-sharing", "--verify-weights")
+    assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
+    assert phase(records, "generate_result")["output_ids"] == reference_output_ids(folder, 4)
+    assert all(c["ok"] for c in records[-1]["checks"].values()) and "single_copy_memory" in records[-1]["checks"]
+    swapped = phase(records, "weights_swapped_from_mllm")
+    assert swapped["source"] == "device" and swapped["aliased_bytes_sum"] > swapped["copied_bytes_sum"] > 0
+    # the split covers both hosts: the trainer's arrays the engine does not share are the K/V projections,
+    # stored before their heads are repeated (tp 4 > 2 KV heads)
+    trainer = phase(records, "mllm_params_device_ready")["trainer_bytes_sum"]
+    assert 0 < swapped["trainer_only_bytes_sum"] < trainer == swapped["trainer_bytes_sum"]
+    assert swapped["engine_bytes_sum"] == swapped["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] - \
+        swapped["trainer_only_bytes_sum"]
+
+
 def test_a_partial_swap_exits_1_on_every_rank(checkpoint):
     """Rank 1's swap touches nothing but says it succeeded: without the agreement rank 0 would generate with
     rank 1's dummy shards and no error at all."""

@@ -7,8 +7,12 @@ from conftest import MUTATED, PROMPT, run_tool
 
 import run_param_swap as rps
 
+# --single-copy-tolerance 1.05: under load the paused engine can still hold a batch's buffers when the swap's memory
+# is sampled: +0.59-0.65 MB = 2.1-2.4% of this tiny model's 27.8 MB in use, past the default 1.02 (the first test
+# below failed so in 4 of 9 runs on 2 cores: 3 of 5 with the multi-host change, 1 of 4 without it). A second set of
+# weights would be +5.5 MB (+20%).
 SERVE = ["--device", "cpu", "--tp-size", "4", "--prompt", PROMPT, "--max-new-tokens", "6", "--serve-load", "4",
-         "--serve-seconds", "1"]
+         "--serve-seconds", "1", "--single-copy-tolerance", "1.05"]
 SERVE_CHECKS = ("serve_no_lost_requests", "serve_no_mixed_forward", "serve_fresh_after_swap")
 
 
@@ -16,7 +20,7 @@ def test_swaps_under_load_pass_the_serve_checks(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     run = run_tool("--model-id", folder, *SERVE, "--rounds", "2")
     checks = run.summary["checks"]
-    assert run.returncode == 0, (checks, run.stderr[-3000:])
+    assert run.returncode == 0, ({k: v for k, v in checks.items() if not v["ok"]}, run.stderr[-3000:])
     assert all(checks[c]["ok"] for c in SERVE_CHECKS)
     fresh = checks["serve_fresh_after_swap"]["swaps"]
     assert [(f["swap"], f["weights"]) for f in fresh] == [("first swap", "A"), ("round 1", "B"), ("round 2", "A")]
