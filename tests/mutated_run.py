@@ -18,6 +18,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   skip_swap       this process's swap touches nothing but reports success (on one rank of several hosts: a
                   partial swap, which swap_agreement must turn into exit 1 on every rank)
   plan_one_short  this process plans one tensor fewer (on one rank of several hosts: the hosts' plans differ)
+  extra_step      this process takes one collective step more after validating the checkpoint (on one rank
+                  of several hosts: the ranks run different code)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
@@ -222,6 +224,14 @@ def apply(mutation: str) -> None:
         rps.Rollback.arrays = arrays
     elif mutation == "skip_swap":
         rps.swap = lambda *args, **kwargs: {}
+    elif mutation == "extra_step":
+        original_budget = rps.validate_token_budget
+
+        def validate_token_budget(*args):
+            original_budget(*args)
+            rps.HOSTS.agree("extra_step")
+
+        rps.validate_token_budget = validate_token_budget
     elif mutation == "plan_one_short":
         original_plan = rps.ParamSwapper.plan
         rps.ParamSwapper.plan = lambda self, tree: original_plan(self, tree)[:-1]

@@ -156,6 +156,30 @@ def test_a_failure_on_one_rank_ends_every_rank(checkpoint, tmp_path):
     assert "engine_ready_dummy" not in [r["phase"] for r in results[0][1]]
 
 
+def test_a_failure_while_another_rank_is_busy_ends_every_rank(checkpoint):
+    """Rank 1's scheduler fails while the engines start (SIGQUIT): rank 0 is inside sglang-jax's Engine(),
+    waiting for rank 1, and never reaches a step of its own; its watcher ends it with rank 1's error."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], scripts=[[TOOL], [MUTATED, "scheduler_start_fails"]])
+    assert [code for code, *_ in results] == [3, 3], results[0][3][-3000:] + results[1][3][-3000:]
+    error = phase(results[0][1], "error")
+    assert error["stage"] == "engine_start" and error["failed_rank"] == 1 and "injected" in error["error"]
+    assert [h["exit_code"] for h in results[0][1][-1]["hosts"]] == [3, 3]
+
+
+def test_ranks_out_of_step_or_missing_end_with_an_error_line(checkpoint):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], scripts=[[TOOL], [MUTATED, "extra_step"]])
+    assert [code for code, *_ in results] == [3, 3], results[0][3][-3000:] + results[1][3][-3000:]
+    error = phase(results[0][1], "error")
+    assert error["stage"] == "hosts" and "different steps" in error["error"] and "extra_step" in error["error"]
+    # rank 1 never starts: rank 0 says so before JAX's own deadline ends the process without a word
+    run = run_tool("--model-id", folder, "--device", "cpu", "--tp-size", "4", "--nnodes", "2", "--node-rank", "0",
+                   "--dist-init-addr", f"127.0.0.1:{free_port()}", "--watchdog-timeout", "4", timeout=60)
+    assert run.returncode == 3 and run.phase("error")["stage"] == "hosts", run.stderr[-2000:]
+    assert "joined" in run.phase("error")["error"] and run.summary["exit_code"] == 3
+
+
 def test_multi_host_usage_errors():
     run = run_tool("--nnodes", "2", "--node-rank", "0", "--tp-size", "4", "--device", "cpu")
     assert run.returncode == 2 and "--dist-init-addr" in run.phase("error")["error"]
