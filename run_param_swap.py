@@ -28,12 +28,15 @@ forward step ran on a mix of weights, and that no stale cache survives.
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or
 usage (found before the engine is touched); 3 the engine failed (start,
 generate, swap or crash); 130 / 143 stopped by SIGINT / SIGTERM (still with
-its error line and summary; a swap in progress completes first).
+its error line and summary; a swap in progress completes first). With several
+hosts (--nnodes), every rank exits with the same code.
 
   python run_param_swap.py --demo                        # tiny random Qwen2, 4 virtual CPU devices
   python run_param_swap.py --demo --arch qwen3_moe       # ... of another family: qwen3, llama, qwen3_moe
   python run_param_swap.py --model-id Qwen/Qwen2.5-3B-Instruct --tp-size 4 --chat \\
       --keep-param-dict --verify-param-sharing --verify-weights --verify-logits | tee swap.log   # TPU VM
+  python run_param_swap.py --model-id DIR --tp-size 8 --nnodes 2 --node-rank R --dist-init-addr IP:PORT \\
+      --verify-weights > swap.log        # on every host of a pod slice (rank R), rank 0's IP: docs/tpu.md
 """
 
 from __future__ import annotations
@@ -564,7 +567,7 @@ class Hosts:
         return [got[r]["value"] for r in range(self.nnodes)]
 
     def gather(self, key: str, timeout_s: float, name: str, errors: bool = True) -> dict[int, Any]:
-        deadline = time.monotonic() + timeout_s
+        deadline, pause = time.monotonic() + timeout_s, 0.002
         while True:
             got = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in self.client.key_value_dir_get(key)}
             if len(got) == self.nnodes:
@@ -576,7 +579,8 @@ class Hosts:
                 raise ToolError("hosts", f"rank(s) {missing} did not reach '{name}' within {timeout_s:.0f} s",
                                 "a host is stuck or gone: see its log (--watchdog-timeout bounds each wait)",
                                 EXIT_ENGINE, missing_ranks=missing)
-            time.sleep(0.01)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)  # a long wait (another rank generating) polls the coordinator gently
 
     def fail(self, error: ToolError) -> None:
         """Publish this rank's failure (not one it learnt from another rank) so that every rank ends with it."""
@@ -946,7 +950,12 @@ def start_engine(kwargs: dict):
         logging.getLogger().addHandler(ENGINE_ERRORS)
     made = []  # the scheduler, also on rank >= 1 of several hosts, where Engine() keeps no handle on it
     create = engine_module.run_scheduler_loop_thread_after_create
-    engine_module.run_scheduler_loop_thread_after_create = lambda *a, **k: made.append(create(*a, **k)) or made[-1]
+
+    def create_and_keep(*args, **kwargs):
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    engine_module.run_scheduler_loop_thread_after_create = create_and_keep
     try:
         engine = Engine(**kwargs)
     except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
@@ -1888,7 +1897,7 @@ class ParamSwapper:
         self.moe_backend = getattr(model_runner.model_config.hf_config, "moe_backend", None)
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
-        self.undo_to: tuple = (0, None, Rollback("off"))  # (swaps, previous, Rollback) before the last swap
+        self.undo_to: tuple | None = None  # (swaps, previous, Rollback) before the swap, until the hosts agree
         self.shared_ids: set[int] = set()  # ids of the engine's arrays taken from a trainer by the last swap
         self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
         self.idle.set()
@@ -2012,6 +2021,7 @@ class ParamSwapper:
         host puts its previous weights back (undo), and all raise the same error: the first failed host's,
         else swap_agreement (exit 1: a partial swap, which would otherwise generate with mixed weights and no
         error at all). One host: `error` as it is."""
+        undo_to, self.undo_to = self.undo_to, None  # a rollback's copies live no longer than this
         if not HOSTS.multi:
             return error
         leaves, where = self.state.model_runner.model_state_leaves, self.state.leaf_index
@@ -2020,7 +2030,7 @@ class ParamSwapper:
                                          "error": error.record() if error is not None else None})
         if error is None and all(s == seen[0] for s in seen) and held == len(plan):
             return None
-        restored = self.undo(plan) if error is None else bool(error.details.get("restored"))
+        restored = self.undo(plan, undo_to) if error is None else bool(error.details.get("restored"))
         everywhere = all(HOSTS.agree("swap_undone", restored))
         failed = [(r, s["error"]) for r, s in enumerate(seen) if s["error"]]
         hosts = [{"rank": r, "swaps_completed": s["swaps"], "plan": s["plan"], "params_held": s["params_held"],
@@ -2037,12 +2047,12 @@ class ParamSwapper:
                             "a partial swap (a host skipped or lost part of it); the previous weights were put back "
                             "on every host" if everywhere else "a partial swap: the engine holds mixed weights",
                             EXIT_CHECK_FAILED, failed_rank=short[0] if short else 0)
-        out.details.update(restored=everywhere, rollback=self.undo_to[2].kind, hosts=hosts)
+        out.details.update(restored=everywhere, rollback=undo_to[2].kind, hosts=hosts)
         return out
 
-    def undo(self, plan: list[SwapItem]) -> bool:
+    def undo(self, plan: list[SwapItem], undo_to: tuple) -> bool:
         """Put back the weights a completed swap replaced (with its Rollback), as if it had failed."""
-        swaps, previous, rollback = self.undo_to
+        swaps, previous, rollback = undo_to
         self.guard.changing = True
         restored = restore(self.state, plan, {}, rollback)
         self.last_swap_restored = restored
