@@ -16,11 +16,11 @@ import run_param_swap as rps
 def test_reported_ids_equal_an_independent_greedy_decode(checkpoint):
     folder = checkpoint(tied=False, num_kv_heads=2)
     proc = subprocess.run([sys.executable, "tests/greedy_probe.py", "--model-id", folder, "--device", "cpu",
-                           "--tp-size", "1", "--dtype", "float32", "--lengths", "20,49,50,51,64,200"],
+                           "--tp-size", "1", "--dtype", "float32", "--lengths", "20,49,50,51,64,120"],
                           capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=ENGINE_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cases = json.loads(proc.stdout.strip().splitlines()[-1])["cases"]
-    assert [(c["requests"], c["max_new_tokens"]) for c in cases] == [(1, n) for n in (20, 49, 50, 51, 64, 200)] + [(3, 200)] * 3
+    assert [(c["requests"], c["max_new_tokens"]) for c in cases] == [(1, n) for n in (20, 49, 50, 51, 64, 120)] + [(3, 120)] * 3
     for case in cases:
         assert len(case["ids"]) == case["max_new_tokens"] and case["consistent"], case
         assert case["ids"] == case["independent_ids"], case
