@@ -134,7 +134,7 @@ ODD_BUT_VALID = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=3, deadline=None, derandomize=True,
+@settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=ODD_BUT_VALID)
 def test_odd_configs_through_the_whole_tool(base, edits):

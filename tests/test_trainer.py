@@ -29,8 +29,8 @@ def test_device_placement_equals_host_placement_from_any_sharding():
 
 
 # (tp, tied, KV heads): what cannot alias is a repeated K/V projection (tp > KV heads) and an untied lm_head
-# (4, True, 2) runs over two hosts in tests/test_hosts.py; tp 2 with a device source: the fsdp cases
-ALIAS_MATRIX = [(1, True, 2), (4, False, 1)]
+# (4, True, 2) runs over two hosts in tests/test_hosts.py; tp 1 (no sharding) with a host source: test_end_to_end
+ALIAS_MATRIX = [(2, True, 4), (4, False, 1)]
 
 
 @pytest.mark.parametrize("tp,tied,kv_heads", ALIAS_MATRIX)
@@ -59,7 +59,7 @@ def test_engine_layout_with_alias_holds_one_set(checkpoint, tp, tied, kv_heads):
     assert rounds[0]["replaced_shared_with_trainer"] > 0 and all(r["replaced_still_alive"] == 0 for r in rounds)
 
 
-@pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2), (2, True, 4)])  # tp 1: the alias matrix
+@pytest.mark.parametrize("tp,tied,kv_heads", [(4, False, 2)])  # tp 2: the alias matrix
 def test_fsdp_trainer_swaps_device_to_device(checkpoint, tp, tied, kv_heads):
     folder = checkpoint(tied=tied, num_kv_heads=kv_heads)
     run = run_tool(*swap_args(folder, tp, "--weights-source", "trainer", "--verify-weights", "--keep-param-dict",
