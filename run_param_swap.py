@@ -257,25 +257,38 @@ def process_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+WALK_TRIES = 3  # live-array walks per sample when a forward in another thread donates a buffer mid-walk
+
+
 def live_array_bytes_per_device() -> dict[Any, int]:
-    """Bytes of the unique device buffers of jax.live_arrays(), per device (CPU has no memory_stats)."""
+    """Bytes of the unique device buffers of jax.live_arrays(), per device (CPU has no memory_stats).
+
+    While the scheduler serves, a forward in its thread donates the KV cache (jit donate_argnames) at any moment,
+    also between the snapshot of live arrays and the read of one array's buffers: reading that array then raises
+    "Array has been deleted" (its shard's buffer is gone; is_deleted() can still say no for a moment) or a
+    TypeError (its buffer list went away mid-read). Such an array is skipped, never an error (its memory now
+    belongs to the forward's output), and the walk is taken again, at most WALK_TRIES times, until one sees no
+    donation: the sample is then one consistent set of buffers (tests/meter_race_probe.py)."""
     import jax
 
-    seen: set[tuple[int, int]] = set()
-    per_device: dict[Any, int] = {d: 0 for d in jax.local_devices()}
-    for arr in jax.live_arrays():
-        if arr.is_deleted():
-            continue
-        try:
-            buffers = device_buffers(arr)
-        except RuntimeError:  # deleted since: a forward running in the scheduler's thread donated it (KV cache)
-            if arr.is_deleted():
+    for _ in range(WALK_TRIES):
+        seen: set[tuple[int, int]] = set()
+        per_device: dict[Any, int] = {d: 0 for d in jax.local_devices()}
+        donated = 0
+        for arr in jax.live_arrays():
+            try:
+                buffers = [] if arr.is_deleted() else device_buffers(arr)
+            except (RuntimeError, TypeError) as e:  # XlaRuntimeError is a RuntimeError
+                if not (arr.is_deleted() or "deleted" in str(e) or "donated" in str(e)):
+                    raise
+                donated += 1
                 continue
-            raise
-        for device, ptr, nbytes in buffers:
-            if (device.id, ptr) not in seen:
-                seen.add((device.id, ptr))
-                per_device[device] = per_device.get(device, 0) + nbytes
+            for device, ptr, nbytes in buffers:
+                if (device.id, ptr) not in seen:
+                    seen.add((device.id, ptr))
+                    per_device[device] = per_device.get(device, 0) + nbytes
+        if not donated:
+            break
     return per_device
 
 
@@ -484,9 +497,11 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
                         "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
                         "makes --tp-size virtual devices)")
     args.tp_size = tp
+    stack = probe_sglang()  # before anything else: the installed sglang-jax has what the swap uses (exit 2)
     log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
                device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size,
-               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
+               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()],
+               sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
     return device
 
 
@@ -526,7 +541,6 @@ class Hosts:
         import jax
         from jax._src import distributed
 
-        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"  # rank >= 1: Engine() returns, no health server
         if platform == "cpu":  # cross-process collectives of CPU devices
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         host = addr.rsplit(":", 1)[0]
@@ -902,22 +916,154 @@ def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase 2: the Engine, with dummy weights
+# The sglang-jax adapter: every use of sglang-jax beyond its public Engine API
 # ----------------------------------------------------------------------------------------------
+# The rest of the tool reaches sglang-jax only through this section. Where the supported stacks differ, the
+# difference is a line here with the stack named. probe_sglang() checks, before the engine starts, that the
+# installed release has every module, attribute and signature used below (SGLANG_NEEDS).
+
+SUPPORTED_STACKS = {  # name -> (sglang-jax distribution version, jax version); each one: make test-compat
+    "bd09a87": ("0.0.2", "0.8.1"),  # the TPU reference run's commit (Jan 2026, calls itself 0.0.2); imports qwix
+    "0.0.3rc99": ("0.0.3rc99", "0.8.1"),  # requirements-cpu.txt, requirements-tpu.txt
+    "0.1.0rc0": ("0.1.0rc0", "0.10.2"),  # the newest release (Aug 2026)
+    "0.1.0rc0-jax0.11": ("0.1.0rc0", "0.11.2"),  # with flax 0.12.12 (flax 0.12.4 cannot import on JAX 0.11)
+}
+ENGINE_ARGS = ("model_path", "load_format", "enable_single_process", "device", "tp_size", "dp_size", "dtype",
+               "download_dir", "mem_fraction_static", "max_prefill_tokens", "max_total_tokens",
+               "max_running_requests", "disable_precompile", "watchdog_timeout", "random_seed", "moe_backend",
+               "log_level", "nnodes", "node_rank", "dist_init_addr")  # the ServerArgs engine_kwargs() passes
+SGL = "sgl_jax.srt."
+SGLANG_NEEDS = [  # (module, attribute, need) -- need: "fields:a,b" dataclass fields; "call:a,b" a callable taking
+    # these parameters; "sets:a,b" the module's code sets these attributes (on the objects a running engine
+    # makes); "reads:a" its code names it. The registry's sglang-jax 0.0.2 (older than bd09a87) fails several.
+    (SGL + "server_args", "ServerArgs", "fields:" + ",".join(ENGINE_ARGS)),
+    (SGL + "entrypoints.engine", "Engine", "sets:scheduler_info,tokenizer_manager,loop,server_args"),
+    (SGL + "entrypoints.engine", "run_scheduler_loop_thread_after_create", "call:server_args,port_args"),
+    (SGL + "managers.scheduler", "Scheduler", "sets:_request_dispatcher,waiting_queue,running_batch,last_batch,"
+                                              "cur_batch,tp_worker,server_args"),
+    (SGL + "managers.scheduler", "Scheduler.flush_cache", "call:"),
+    (SGL + "managers.scheduler", "Scheduler.stream_output", "call:reqs"),
+    (SGL + "managers.scheduler", "Scheduler._add_request_to_queue", "call:req"),
+    (SGL + "managers.scheduler", "Scheduler.pause_generation", "call:recv_req"),
+    ("sgl_jax.utils", "TypeBasedDispatcher", "sets:_mapping"),
+    (SGL + "managers.schedule_batch", "ScheduleBatch.retract_all", "call:server_args"),
+    (SGL + "managers.schedule_batch", "ScheduleBatch.filter_batch", "call:"),
+    (SGL + "managers.schedule_batch", "ScheduleBatch.is_empty", "call:"),
+    (SGL + "managers.schedule_batch", "ScheduleBatch.batch_size", "call:"),
+    (SGL + "managers.schedule_batch", "ScheduleBatch", "sets:forward_mode"),
+    (SGL + "managers.schedule_batch", "Req.finished", "call:"),
+    (SGL + "managers.schedule_batch", "Req", "sets:rid,origin_input_ids,output_ids,output_token_logprobs_val,"
+                                            "req_pool_idx"),
+    (SGL + "model_executor.forward_batch_info", "ForwardMode.is_extend", "call:"),
+    (SGL + "managers.io_struct", "PauseGenerationReqInput", "call:mode"),
+    (SGL + "managers.io_struct", "ContinueGenerationReqInput", "call:"),
+    (SGL + "managers.tokenizer_manager", "TokenizerManager.pause_generation", "call:"),
+    (SGL + "managers.tokenizer_manager", "TokenizerManager.continue_generation", "call:"),
+    (SGL + "managers.tokenizer_manager", "TokenizerManager.flush_cache", "call:"),
+    (SGL + "managers.tokenizer_manager", "TokenizerManager", "sets:tokenizer"),
+    (SGL + "managers.tp_worker_overlap_thread", "ModelWorkerClient", "sets:worker"),
+    (SGL + "managers.tp_worker", "ModelWorker", "sets:model_runner"),
+    (SGL + "model_executor.model_runner", "ModelRunner", "sets:model_state_leaves,jitted_run_model,model,mesh,"
+                                                         "model_config"),
+    (SGL + "configs.model_config", "ModelConfig.get_total_num_kv_heads", "call:"),
+    (SGL + "configs.model_config", "ModelConfig", "sets:hf_config,dtype,model_path"),
+    (SGL + "configs.load_config", "LoadConfig", "call:load_format"),
+    (SGL + "model_loader.loader", "JAXModelLoader", "call:load_config,mesh"),
+    (SGL + "model_loader.loader", "JAXModelLoader.load_model", "call:model_config"),
+    (SGL + "utils.weight_utils", "WeightLoader", "call:model,model_config,mesh,dtype"),
+    (SGL + "utils.weight_utils", "WeightLoader", "reads:_dummy_mode"),
+    (SGL + "utils.weight_utils", "WeightLoader._get_param", "call:params,path"),
+    (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "call:params,weight_mappings"),
+    (SGL + "utils.common_utils", "kill_process_tree", "call:parent_pid,include_parent"),
+]
+FAMILY_NEEDS = {  # HF architecture (and MoE backend) -> SGLANG_NEEDS rows only that family needs
+    # "lacks:" the code must not hold this text. bd09a87's dummy initialiser builds the experts' mesh only when
+    # ep_size > 1 and puts the expert axis on the main mesh otherwise: a Qwen3-MoE engine with load_format
+    # "dummy" (epmoe, ep_size 1) cannot start there ("Resource axis: expert ... is not found"); 0.0.3rc99 fixed it
+    ("Qwen3MoeForCausalLM", "epmoe"): [
+        (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "lacks:if ep_size > 1:")],
+}
 
 
-def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_format: str) -> dict:
-    """sglang-jax ServerArgs for this run (shared with the tests' reference engine)."""
-    return dict(
-        model_path=model_path, load_format=load_format, enable_single_process=True, device=device,
-        tp_size=args.tp_size, dp_size=args.dp_size, dtype=args.dtype, download_dir=args.download_dir,
-        mem_fraction_static=args.mem_fraction_static, max_prefill_tokens=args.max_prefill_tokens,
-        max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
-        disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
-        random_seed=args.random_seed, moe_backend=args.moe_backend, log_level="warning",
-        **({"nnodes": args.nnodes, "node_rank": args.node_rank, "dist_init_addr": args.dist_init_addr}
-           if args.nnodes > 1 else {}),
-    )
+def installed_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {dist: version(dist) for dist in ("sglang-jax", "jax", "jaxlib", "flax")}
+
+
+def missing_need(module: str, name: str, need: str) -> list[str]:
+    """What of one SGLANG_NEEDS row the installed sglang-jax lacks (empty: it has it)."""
+    import importlib
+    import inspect
+
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever stops sglang-jax from importing is what the probe reports
+        return [f"{module} does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+    source_module = obj
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return [f"{module}.{name}"]
+    kind, _, names = need.partition(":")
+    wanted = [n for n in names.split(",") if n]
+    if kind == "fields":
+        have = {f.name for f in dataclasses.fields(obj)}
+        return [f"{name}.{n}" for n in wanted if n not in have]
+    if kind == "call":
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            params = {}
+        return [f"{module}.{name}({n}=...)" for n in wanted if n not in params]
+    if kind == "lacks":
+        return [f"{name} still has `{names}` (a Qwen3-MoE engine with dummy weights cannot start; fixed in "
+                "0.0.3rc99)"] if names in inspect.getsource(obj) else []
+    source = inspect.getsource(inspect.getmodule(obj) or source_module)
+    if kind == "reads":
+        return [f"{name} never reads {n}" for n in wanted if n not in source]
+    # "sets": an assignment self.n = / self.n, x = / a dataclass field n:
+    return [f"{name}.{n} (never set in {module})" for n in wanted
+            if not re.search(rf"self\.{re.escape(n)}\b[^=\n]*=(?!=)", source)
+            and not re.search(rf"^\s+{re.escape(n)}\s*:", source, re.M)]
+
+
+@functools.cache
+def probe_sglang(family: tuple[str, str] | None = None) -> dict:
+    """Before the engine starts: every module, attribute and signature the adapter uses (SGLANG_NEEDS, and for
+    `family`, (architecture, MoE backend), its FAMILY_NEEDS) is in the installed sglang-jax. Returns the
+    versions and the matching SUPPORTED_STACKS name (None: untested, but it has everything); anything missing
+    is exit 2, naming it, the versions and the supported stacks."""
+    versions = installed_versions()
+    missing = [m for row in SGLANG_NEEDS for m in missing_need(*row)]
+    for_family = [] if missing else [m for row in FAMILY_NEEDS.get(family, []) for m in missing_need(*row)]
+    if missing or for_family:
+        imports = list(dict.fromkeys(m for m in missing if "does not import" in m))
+        found = missing or for_family
+        shown = imports[:1] if imports else found[:6]
+        installed = f"the installed sglang-jax {versions['sglang-jax']} (jax {versions['jax']})"
+        what = (f"{installed} lacks what the swap needs: " if missing else
+                f"{installed} cannot run the swap for {family[0]} ({family[1]}): ") + "; ".join(shown)
+        stacks = "; ".join(f"{name}: sglang-jax {v}, jax {j}" for name, (v, j) in SUPPORTED_STACKS.items()
+                           if missing or (v, j) != (versions["sglang-jax"], versions["jax"]))
+        raise ToolError("sglang_jax", what + (f" (and {len(found) - len(shown)} more)" if len(found) > len(shown) else ""),
+                        ("bd09a87 imports qwix (pip install qwix==0.1.8); else " if any("'qwix'" in m for m in imports) else "")
+                        + ("install a supported stack" if missing else "the other families run on this stack; for "
+                         "this one install another supported stack") + " (docs/tpu.md: one requirements file each): "
+                        + stacks, EXIT_BAD_INPUT, versions=versions, missing=found,
+                        supported_stacks=list(SUPPORTED_STACKS))
+    stack = next((name for name, (v, j) in SUPPORTED_STACKS.items()
+                  if (v, j) == (versions["sglang-jax"], versions["jax"])), None)
+    if stack is None and family is None:
+        log(f"sglang-jax {versions['sglang-jax']} with jax {versions['jax']} is not a tested stack (it has everything "
+            f"the swap uses; tested: {', '.join(SUPPORTED_STACKS)})")
+    return {**versions, "stack": stack}
 
 
 class EngineErrorLog(logging.Handler):
@@ -943,9 +1089,13 @@ def start_engine(kwargs: dict):
     """An in-process sglang-jax Engine and its model runner. A failure inside Engine(...) (its scheduler's
     start: a KV cache that does not fit, an engine argument it rejects, a model that cannot be built) is a
     ToolError with the engine's own message, exit 3. When it arrives as SIGQUIT, the Stopper answers."""
+    probe_sglang()
+    import jax
     import sgl_jax.srt.entrypoints.engine as engine_module
     from sgl_jax.srt.entrypoints.engine import Engine
 
+    if kwargs.get("nnodes", 1) > 1:
+        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"  # rank >= 1: Engine() returns, no health server
     if ENGINE_ERRORS not in logging.getLogger().handlers:
         logging.getLogger().addHandler(ENGINE_ERRORS)
     made = []  # the scheduler, also on rank >= 1 of several hosts, where Engine() keeps no handle on it
@@ -955,6 +1105,11 @@ def start_engine(kwargs: dict):
         made.append(create(*args, **kwargs))
         return made[-1]
 
+    initialize = jax.distributed.initialize
+    if kwargs.get("nnodes", 1) > 1 and jax.distributed.is_initialized():
+        # bd09a87's Scheduler.__init__ calls jax.distributed.initialize whenever nnodes > 1 (0.0.3rc99 and later
+        # skip it when JAX is initialized already: HOSTS.start did, before JAX's backend started)
+        jax.distributed.initialize = lambda *args, **kwargs: None
     engine_module.run_scheduler_loop_thread_after_create = create_and_keep
     try:
         engine = Engine(**kwargs)
@@ -963,14 +1118,376 @@ def start_engine(kwargs: dict):
                         "see the engine's traceback on stderr", EXIT_ENGINE) from e
     finally:
         engine_module.run_scheduler_loop_thread_after_create = create
+        jax.distributed.initialize = initialize
     if engine.scheduler_info is None and made and made[-1]:  # rank >= 1: no tokenizer, only its scheduler
         engine.scheduler_info = dict(made[-1])
-    scheduler = (engine.scheduler_info or {}).get("scheduler")
-    if scheduler is None:
+    if engine_scheduler(engine) is None:
         raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
                         "see the engine's traceback on stderr", EXIT_ENGINE)
-    engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
-    return engine, scheduler.tp_worker.worker.model_runner
+    request_recorder(engine)  # before any request: generate() reads the scheduler's own ids from it
+    return engine, engine_model_runner(engine)
+
+
+def engine_scheduler(engine):
+    """The in-process scheduler (enable_single_process=True), or None."""
+    return (engine.scheduler_info or {}).get("scheduler")
+
+
+def engine_model_runner(engine):
+    return engine_scheduler(engine).tp_worker.worker.model_runner
+
+
+def engine_extras(engine) -> dict:
+    """Where the tool keeps its hooks on one engine (several ParamSwappers of one engine share them)."""
+    return engine.scheduler_info
+
+
+def engine_loop(engine):
+    """The event loop the engine's own sync calls run (run_until_complete) and its coroutines belong to."""
+    return engine.loop
+
+
+def engine_tokenizer(engine):
+    return engine.tokenizer_manager.tokenizer
+
+
+def engine_loaded_dummy(engine) -> bool:
+    return str(getattr(getattr(engine, "server_args", None), "load_format", None)) in ("dummy", "LoadFormat.DUMMY")
+
+
+def leaves_of(model_runner) -> list:
+    """The flattened nnx state every forward reads: ModelRunner.initialize_jit flattens it once, and each forward
+    passes `model_state_leaves` to a jitted function whose treedef is frozen."""
+    return model_runner.model_state_leaves
+
+
+def rebind_leaves(model_runner, leaves: list) -> None:
+    """A NEW list, never the old one changed in place (releases after 0.0.3rc99 cache on its identity)."""
+    model_runner.model_state_leaves = leaves
+
+
+def runner_model(model_runner):
+    return model_runner.model
+
+
+def runner_mesh(model_runner):
+    return model_runner.mesh
+
+
+def runner_facts(model_runner) -> dict:
+    """What the plan needs of the engine's model config: its KV heads before tp replication, its HF
+    architecture, its MoE backend (epmoe or fused)."""
+    config = model_runner.model_config
+    return {"num_kv_heads": config.get_total_num_kv_heads(),
+            "arch": (getattr(config.hf_config, "architectures", None) or [None])[0],
+            "moe_backend": getattr(config.hf_config, "moe_backend", None)}
+
+
+def kill_engine_children() -> None:
+    """sglang-jax's own process-tree kill, for this process's children (the engine's)."""
+    from sgl_jax.srt.utils.common_utils import kill_process_tree
+
+    kill_process_tree(os.getpid(), include_parent=False)
+
+
+class RequestRecorder:
+    """The scheduler's own record of every finished request: prompt ids, generated ids and their logprobs.
+
+    sglang-jax 0.0.3rc99's answer to a non-streaming `generate` is not the generated sequence once it spans
+    the scheduler's forced 50-token chunk: the detokenizer re-sends ids it already sent whenever its
+    incremental text ends in an incomplete UTF-8 character (64 tokens came back as 114 ids), it drops
+    special tokens such as a generated EOS, and `meta_info.output_token_logprobs` holds 50 + N entries for N
+    tokens. The scheduler's `Req` (`origin_input_ids`, `output_ids`, `output_token_logprobs_val`) is right.
+    In single-process mode the scheduler runs in this process: wrap its `stream_output` (the one place every
+    finished request passes) and copy those lists before they are sent. Records nobody takes (requests sent
+    to the engine by others) are dropped oldest first past `keep`."""
+
+    def __init__(self, scheduler, keep: int = 1024):
+        self.finished: dict[str, dict] = {}
+        original = scheduler.stream_output
+
+        def stream_output(reqs, *args, **kwargs):
+            for req in reqs:
+                if req.finished() and req.rid not in self.finished:
+                    self.finished[req.rid] = {
+                        "prompt_ids": [int(t) for t in req.origin_input_ids],
+                        "output_ids": [int(t) for t in req.output_ids],
+                        "output_logprobs": ([float(v) for v in req.output_token_logprobs_val]
+                                            if req.output_token_logprobs_val is not None else None)}
+                    while len(self.finished) > keep:
+                        self.finished.pop(next(iter(self.finished)))
+            return original(reqs, *args, **kwargs)
+
+        scheduler.stream_output = stream_output
+
+    def take(self, rid: str) -> dict:
+        if rid not in self.finished:
+            raise ToolError("generate", f"the scheduler kept no record of request {rid}",
+                            "sglang-jax's scheduler no longer passes finished requests through stream_output: "
+                            "this tool needs a supported sglang-jax (SUPPORTED_STACKS)", EXIT_ENGINE)
+        return self.finished.pop(rid)
+
+
+def request_recorder(engine) -> RequestRecorder:
+    """The engine's RequestRecorder (start_engine and ParamSwapper make it before any request of theirs)."""
+    extras = engine_extras(engine)
+    if "request_recorder" not in extras:
+        extras["request_recorder"] = RequestRecorder(engine_scheduler(engine))
+    return extras["request_recorder"]
+
+
+PAUSE_MODE = "retract"  # see ServeGuard and docs/phases.md ("Swapping while the engine serves")
+BATCH_INPUTS_KEPT = 4  # forward steps whose inputs serving_bytes() looks at (the paused scheduler holds the last)
+
+
+class ServeGuard:
+    """Hooks on the in-process scheduler that make a swap atomic with respect to generation, and prove it.
+
+    The swap runs between `pause_generation("retract")` and `continue_generation()`. Retract (not in_place,
+    not abort): every running request goes back to the waiting queue with its KV freed (not cached) and keeps
+    its tokens so far; after the swap it is prefilled again (prompt + those tokens) with the NEW weights and
+    generates the rest with them. in_place would keep KV computed with the old weights under the new ones,
+    and abort loses the requests. sglang-jax's `flush_cache()` refuses while any request waits, so retracted
+    requests would keep the radix cache (prefix KV of the old weights) alive: `flush_cache` here holds the
+    waiting requests aside while the scheduler's own flush runs, on the scheduler's thread, only when every
+    held request owns no KV (a retracted or never-started request), and its answer is checked by the swap.
+
+    sglang-jax's retract (bd09a87 to 0.1.0rc0) also misses the requests of a prefill batch that ran last and was
+    not yet merged into the running batch (the overlap scheduler merges it at its next step; the pause drops
+    that step): they would never finish (overlap) or keep their old-weight KV (no overlap). `pause_generation`
+    here retracts them too, as upstream SGLang merges them before retracting.
+
+    Every forward step records the weight set it ran on (`weights_id`, set by each completed swap) and whether
+    a swap was changing the Params (`changing`) when it started or ended: a step that saw a change is `mixed`;
+    and its input arrays (weakly): what the batch of a paused scheduler still holds (serving_bytes). The
+    engine's failure signals (a forward-thread exception, the watchdog) go to this process, where the
+    Stopper turns them into one error line and exit 3; sglang-jax sends them to the parent process."""
+
+    def __init__(self, engine):
+        import jax
+        import psutil
+
+        self.engine = engine
+        scheduler, model_runner = engine_scheduler(engine), engine_model_runner(engine)
+        self.weights_id = 0  # 0: the dummy weights; each completed swap sets a new id (a rolled-back one not)
+        self.changing = False  # True while a swap changes Params (and after a failed swap that could not restore)
+        self.forwards = 0
+        self.by_weights: dict[int, int] = {}  # weights_id -> forward steps that ran on exactly that set
+        self.mixed: list[dict] = []  # forward steps that saw a change of weights
+        self.hold_waiting = False  # set by flush(): hold waiting requests aside while the scheduler flushes
+        self.held = 0
+        self.batch_inputs: list[list] = []  # weakrefs to the input arrays of the last BATCH_INPUTS_KEPT forwards
+        self.before_serving = {id(a): weakref.ref(a) for a in jax.live_arrays()}  # never counted as a batch's
+        run_model = model_runner.jitted_run_model
+
+        def jitted_run_model(*args, **kwargs):
+            start = (self.weights_id, self.changing)
+            out = run_model(*args, **kwargs)
+            end = (self.weights_id, self.changing)
+            self.forwards += 1
+            if start[1] or end[1] or start[0] != end[0]:
+                if len(self.mixed) < 100:
+                    self.mixed.append({"forward": self.forwards, "weights_at_start": start[0],
+                                       "weights_at_end": end[0], "swap_running": start[1] or end[1]})
+            else:
+                self.by_weights[start[0]] = self.by_weights.get(start[0], 0) + 1
+            # the batch's arrays (ForwardBatch, LogitsMetadata: pytrees); the weights and the KV cache are not
+            # arguments of this wrapper (it reads model_state_leaves and memory_pools itself)
+            self.batch_inputs.append([weakref.ref(a) for a in jax.tree_util.tree_leaves((args, kwargs))
+                                      if isinstance(a, jax.Array)])
+            del self.batch_inputs[:-BATCH_INPUTS_KEPT]
+            return out
+
+        model_runner.jitted_run_model = jitted_run_model
+        flush = scheduler.flush_cache
+
+        def flush_cache():
+            if not self.hold_waiting:
+                return flush()
+            held = scheduler.waiting_queue
+            owning = [r.rid for r in held if r.req_pool_idx is not None]
+            if owning:
+                return False, f"{len(owning)} waiting request(s) own KV cache", 0
+            scheduler.waiting_queue = []
+            try:
+                return flush()
+            finally:
+                scheduler.waiting_queue = held + scheduler.waiting_queue
+                self.held = len(held)
+
+        scheduler.flush_cache = flush_cache
+        mapping = scheduler._request_dispatcher._mapping
+        index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
+        pause = mapping[index][1]
+
+        def pause_generation(recv_req):
+            last = scheduler.last_batch
+            out = pause(recv_req)
+            self.retracted_prefills = 0
+            self.paused_requests = None
+            if recv_req.mode == "retract" and last is not None and last is not scheduler.running_batch \
+                    and last.forward_mode.is_extend():
+                last.filter_batch()  # finished requests are already released
+                if not last.is_empty():
+                    for req in last.retract_all(scheduler.server_args):
+                        scheduler._add_request_to_queue(req)
+                        self.retracted_prefills += 1
+                scheduler.last_batch = scheduler.cur_batch = None
+            running = 0 if scheduler.running_batch.is_empty() else scheduler.running_batch.batch_size()
+            self.paused_requests = len(scheduler.waiting_queue) if running == 0 else None  # None: not paused
+            self.pauses += 1
+            return out
+
+        mapping[index] = (mapping[index][0], pause_generation)
+        self.retracted_prefills = 0
+        self.pauses = 0  # pause requests the scheduler has handled (its own thread)
+        self.paused_requests: int | None = None  # requests it held at the last pause (None: still running some)
+        for owner in (scheduler, scheduler.tp_worker):
+            if hasattr(owner, "parent_process"):
+                owner.parent_process = psutil.Process()
+
+    async def send_pause(self) -> None:
+        """pause_generation(retract) through the tokenizer manager (the scheduler handles it on its thread)."""
+        from sgl_jax.srt.managers.io_struct import PauseGenerationReqInput
+
+        await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
+
+    async def send_flush(self) -> tuple[bool, str, int]:
+        """The scheduler's flush_cache with the waiting (retracted) requests held aside: (success, message, held)."""
+        self.hold_waiting = True
+        try:
+            answer = await self.engine.tokenizer_manager.flush_cache()
+        finally:
+            self.hold_waiting = False
+        return bool(answer.success), str(getattr(answer, "error_msg", "") or ""), self.held
+
+    async def send_continue(self) -> None:
+        from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
+
+        await self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput())
+
+    def serving_bytes(self, exclude: set[tuple[int, int]]) -> int:
+        """Device bytes of the arrays the batch of a paused (or idle) scheduler still holds: the live inputs of
+        its last forward steps, e.g. the ForwardBatch's token and cache-location arrays (1.05 MB of the tiny
+        test model's 28 MB, sized by --max-running-requests x the context, not by the model). Not weights: the
+        memory checks count them apart. Buffers in `exclude` (the engine's weights, a trainer's arrays) and
+        arrays that were alive before the guard was installed are never counted."""
+        seen, total = set(exclude), 0
+        for refs in self.batch_inputs:
+            for ref in refs:
+                arr = ref()
+                if arr is None or arr.is_deleted():
+                    continue
+                old = self.before_serving.get(id(arr))
+                if old is not None and old() is arr:
+                    continue
+                try:
+                    buffers = device_buffers(arr)
+                except (RuntimeError, TypeError):  # deleted since (a forward donated it): not held any more
+                    continue
+                for device, ptr, nbytes in buffers:
+                    if (device.id, ptr) not in seen:
+                        seen.add((device.id, ptr))
+                        total += nbytes
+        return total
+
+    def forward_counts(self) -> dict:
+        return {"forwards": self.forwards, "forwards_mixed": len(self.mixed),
+                "forwards_by_weights": {str(k): v for k, v in sorted(self.by_weights.items())}}
+
+
+def serve_guard(engine) -> ServeGuard:
+    """The engine's ServeGuard (installed at its first use)."""
+    extras = engine_extras(engine)
+    if "serve_guard" not in extras:
+        extras["serve_guard"] = ServeGuard(engine)
+    return extras["serve_guard"]
+
+
+class LoaderTap:
+    """Stands in for one Param of the model that sglang-jax's own loader fills. The loader reads the Param's
+    shape and dtype through `.value` (an abstract value: the model is built with nnx.eval_shape) and its
+    assignment `.value = array` goes to `on_assign` and is dropped: only one loaded tensor exists at a time."""
+
+    def __init__(self, path: str, abstract, on_assign):
+        self._path, self._abstract, self._on_assign = path, abstract, on_assign
+
+    @property
+    def value(self):
+        return self._abstract
+
+    @value.setter
+    def value(self, array) -> None:
+        self._on_assign(self._path, array)
+
+
+def run_own_loader(model_runner, model_path: str, on_assign) -> None:
+    """sglang-jax's OWN loader (its model file's weight mappings, its WeightLoader) over the checkpoint at
+    `model_path`, on the engine's mesh and config, with every Param assignment handed to on_assign(path, array)
+    instead (LoaderTap). on_assign must never raise: the loader's "fast load" path (every supported stack) takes
+    any exception inside it as its own failure, logs a warning and assigns the same Param again on its slow
+    path. 0.1.0rc0's loader reads through thread pools; its assignments come from the calling thread, but
+    on_assign is written for any thread."""
+    import copy
+
+    from sgl_jax.srt.configs.load_config import LoadConfig
+    from sgl_jax.srt.model_loader.loader import JAXModelLoader
+    from sgl_jax.srt.utils.weight_utils import WeightLoader
+
+    original = WeightLoader._get_param
+    WeightLoader._get_param = lambda self, params, path: LoaderTap(path, original(self, params, path).value, on_assign)
+    try:
+        model_config = copy.copy(model_runner.model_config)
+        model_config.model_path = model_path
+        model_config._dummy_mode = False  # the engine's config says "dummy" (DummyModelLoader sets it; WeightLoader reads it)
+        JAXModelLoader(LoadConfig(load_format="auto"), model_runner.mesh).load_model(model_config=model_config)
+    finally:
+        WeightLoader._get_param = original
+
+
+def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
+    """{nnx path: array} of these Params as sglang-jax's load_format="dummy" makes them: its own loader's dummy
+    initialiser, run for these Params only, into an abstract copy of the model (the engine is not touched).
+    Its values: uniform(-1e-3, 1e-3) up to 0.0.3rc99, zeros in 0.1.0rc0; either way re-created bit for bit."""
+    import jax
+    from flax import nnx
+    from sgl_jax.srt.utils.weight_utils import WeightLoader
+
+    model, config = model_runner.model, model_runner.model_config
+    make = [getattr(model, n) for n in dir(type(model)) if n.startswith("_create_") and n.endswith("weight_mappings")]
+    if len(make) != 1:
+        raise RuntimeError(f"{type(model).__name__} has {len(make)} _create_*weight_mappings methods, not 1")
+    mesh = model_runner.mesh
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: type(model)(config.hf_config, dtype=config.dtype, mesh=mesh))
+    wanted = {k: m for k, m in make[0]().items()
+              if (t := getattr(m, "target_path", m)) and (t if isinstance(t, str) else t[0]) in paths}
+    WeightLoader(model=abstract, model_config=config, mesh=mesh, dtype=config.dtype)._load_dummy_weights(
+        nnx.state(abstract), wanted)
+    made = {p: v.get_value() for p, v in model_params(abstract).items() if p in paths}
+    missing = paths - {p for p, a in made.items() if on_devices(a)}
+    if missing:
+        raise RuntimeError(f"sglang-jax's dummy initialiser made no array for {sorted(missing)[:3]}")
+    return made
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: the Engine, with dummy weights
+# ----------------------------------------------------------------------------------------------
+
+
+def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_format: str) -> dict:
+    """sglang-jax ServerArgs for this run (shared with the tests' reference engine)."""
+    return dict(
+        model_path=model_path, load_format=load_format, enable_single_process=True, device=device,
+        tp_size=args.tp_size, dp_size=args.dp_size, dtype=args.dtype, download_dir=args.download_dir,
+        mem_fraction_static=args.mem_fraction_static, max_prefill_tokens=args.max_prefill_tokens,
+        max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
+        disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
+        random_seed=args.random_seed, moe_backend=args.moe_backend, log_level="warning",
+        **({"nnodes": args.nnodes, "node_rank": args.node_rank, "dist_init_addr": args.dist_init_addr}
+           if args.nnodes > 1 else {}),
+    )
 
 
 def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
@@ -982,7 +1499,7 @@ def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
         log_.stopper.swapper = swapper
     params = swapper.state.params
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
-               load_format="dummy", num_leaves=len(model_runner.model_state_leaves), num_params=len(params),
+               load_format="dummy", num_leaves=len(leaves_of(model_runner)), num_params=len(params),
                param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()))
     return engine, swapper
 
@@ -1000,7 +1517,7 @@ def path_str(path) -> str:
 
 def engine_params(model_runner) -> dict[str, Any]:
     """{nnx path: nnx.Param} of the engine's model."""
-    return model_params(model_runner.model)
+    return model_params(runner_model(model_runner))
 
 
 def model_params(model) -> dict[str, Any]:
@@ -1015,7 +1532,7 @@ def engine_leaf_paths(model_runner):
     import jax
     from flax import nnx
 
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(nnx.split(model_runner.model)[1])
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(nnx.split(runner_model(model_runner))[1])
     return [path_str(p) for p, _ in with_path], treedef
 
 
@@ -1033,14 +1550,17 @@ class EngineState:
         self.leaf_paths, self.treedef = engine_leaf_paths(model_runner)
         self.leaf_index = {p: i for i, p in enumerate(self.leaf_paths)}
 
+    def leaves(self) -> list:
+        return leaves_of(self.model_runner)
+
     def assign(self, path: str, new) -> Any:
         """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
         engine's list in place), so the forward always sees live buffers. Returns the array it replaced."""
         old = self.params[path].get_value()
         self.params[path].set_value(new)
-        leaves = list(self.model_runner.model_state_leaves)
+        leaves = list(self.leaves())
         leaves[self.leaf_index[path]] = new
-        self.model_runner.model_state_leaves = leaves
+        rebind_leaves(self.model_runner, leaves)
         return old
 
     def rebind_from_model(self) -> None:
@@ -1048,11 +1568,11 @@ class EngineState:
         import jax
         from flax import nnx
 
-        leaves, treedef = jax.tree_util.tree_flatten(nnx.split(self.model_runner.model)[1])
+        leaves, treedef = jax.tree_util.tree_flatten(nnx.split(runner_model(self.model_runner))[1])
         if treedef != self.treedef:
             raise ToolError("swap", "the model's state structure changed during the swap",
                             "a swapped Param changed the nnx tree; this would recompile or fail", EXIT_ENGINE)
-        self.model_runner.model_state_leaves = leaves
+        rebind_leaves(self.model_runner, leaves)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1643,31 +2163,6 @@ class Rollback:
         raise RuntimeError(f"no rollback ({self.kind})")
 
 
-def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
-    """{nnx path: array} of these Params as sglang-jax's load_format="dummy" makes them: its own loader's dummy
-    initialiser, run for these Params only, into an abstract copy of the model (the engine is not touched)."""
-    import jax
-    from flax import nnx
-    from sgl_jax.srt.utils.weight_utils import WeightLoader
-
-    model, config = model_runner.model, model_runner.model_config
-    make = [getattr(model, n) for n in dir(type(model)) if n.startswith("_create_") and n.endswith("weight_mappings")]
-    if len(make) != 1:
-        raise RuntimeError(f"{type(model).__name__} has {len(make)} _create_*weight_mappings methods, not 1")
-    mesh = model_runner.mesh
-    with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(lambda: type(model)(config.hf_config, dtype=config.dtype, mesh=mesh))
-    wanted = {k: m for k, m in make[0]().items()
-              if (t := getattr(m, "target_path", m)) and (t if isinstance(t, str) else t[0]) in paths}
-    WeightLoader(model=abstract, model_config=config, mesh=mesh, dtype=config.dtype)._load_dummy_weights(
-        nnx.state(abstract), wanted)
-    made = {p: v.get_value() for p, v in model_params(abstract).items() if p in paths}
-    missing = paths - {p for p, a in made.items() if on_devices(a)}
-    if missing:
-        raise RuntimeError(f"sglang-jax's dummy initialiser made no array for {sorted(missing)[:3]}")
-    return made
-
-
 def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
          stats: SwapStats, rollback: Rollback, alias: bool = False) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
@@ -1755,108 +2250,7 @@ def source_arrays(flat: Mapping[str, Any]) -> list:
     return list(getattr(flat, "base", flat).values())
 
 
-PAUSE_MODE = "retract"  # see ServeGuard and docs/phases.md ("Swapping while the engine serves")
 PAUSE_WAIT_S = 120.0  # how long a swap waits for the scheduler to confirm it paused
-
-
-class ServeGuard:
-    """Hooks on the in-process scheduler that make a swap atomic with respect to generation, and prove it.
-
-    The swap runs between `pause_generation("retract")` and `continue_generation()`. Retract (not in_place,
-    not abort): every running request goes back to the waiting queue with its KV freed (not cached) and keeps
-    its tokens so far; after the swap it is prefilled again (prompt + those tokens) with the NEW weights and
-    generates the rest with them. in_place would keep KV computed with the old weights under the new ones,
-    and abort loses the requests. sglang-jax's `flush_cache()` refuses while any request waits, so retracted
-    requests would keep the radix cache (prefix KV of the old weights) alive: `flush_cache` here holds the
-    waiting requests aside while the scheduler's own flush runs, on the scheduler's thread, only when every
-    held request owns no KV (a retracted or never-started request), and its answer is checked by the swap.
-
-    sglang-jax 0.0.3rc99's retract also misses the requests of a prefill batch that ran last and was not yet
-    merged into the running batch (the overlap scheduler merges it at its next step; the pause drops that
-    step): they would never finish (overlap) or keep their old-weight KV (no overlap). `pause_generation` here
-    retracts them too, as upstream SGLang merges them before retracting.
-
-    Every forward step records the weight set it ran on (`weights_id`, set by each completed swap) and whether
-    a swap was changing the Params (`changing`) when it started or ended: a step that saw a change is `mixed`.
-    The engine's failure signals (a forward-thread exception, the watchdog) go to this process, where the
-    Stopper turns them into one error line and exit 3; sglang-jax sends them to the parent process."""
-
-    def __init__(self, scheduler, model_runner):
-        import psutil
-
-        self.weights_id = 0  # 0: the dummy weights; each completed swap sets a new id (a rolled-back one not)
-        self.changing = False  # True while a swap changes Params (and after a failed swap that could not restore)
-        self.forwards = 0
-        self.by_weights: dict[int, int] = {}  # weights_id -> forward steps that ran on exactly that set
-        self.mixed: list[dict] = []  # forward steps that saw a change of weights
-        self.hold_waiting = False  # set by flush(): hold waiting requests aside while the scheduler flushes
-        self.held = 0
-        run_model = model_runner.jitted_run_model
-
-        def jitted_run_model(*args, **kwargs):
-            start = (self.weights_id, self.changing)
-            out = run_model(*args, **kwargs)
-            end = (self.weights_id, self.changing)
-            self.forwards += 1
-            if start[1] or end[1] or start[0] != end[0]:
-                if len(self.mixed) < 100:
-                    self.mixed.append({"forward": self.forwards, "weights_at_start": start[0],
-                                       "weights_at_end": end[0], "swap_running": start[1] or end[1]})
-            else:
-                self.by_weights[start[0]] = self.by_weights.get(start[0], 0) + 1
-            return out
-
-        model_runner.jitted_run_model = jitted_run_model
-        flush = scheduler.flush_cache
-
-        def flush_cache():
-            if not self.hold_waiting:
-                return flush()
-            held = scheduler.waiting_queue
-            owning = [r.rid for r in held if r.req_pool_idx is not None]
-            if owning:
-                return False, f"{len(owning)} waiting request(s) own KV cache", 0
-            scheduler.waiting_queue = []
-            try:
-                return flush()
-            finally:
-                scheduler.waiting_queue = held + scheduler.waiting_queue
-                self.held = len(held)
-
-        scheduler.flush_cache = flush_cache
-        mapping = scheduler._request_dispatcher._mapping
-        index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
-        pause = mapping[index][1]
-
-        def pause_generation(recv_req):
-            last = scheduler.last_batch
-            out = pause(recv_req)
-            self.retracted_prefills = 0
-            self.paused_requests = None
-            if recv_req.mode == "retract" and last is not None and last is not scheduler.running_batch \
-                    and last.forward_mode.is_extend():
-                last.filter_batch()  # finished requests are already released
-                if not last.is_empty():
-                    for req in last.retract_all(scheduler.server_args):
-                        scheduler._add_request_to_queue(req)
-                        self.retracted_prefills += 1
-                scheduler.last_batch = scheduler.cur_batch = None
-            running = 0 if scheduler.running_batch.is_empty() else scheduler.running_batch.batch_size()
-            self.paused_requests = len(scheduler.waiting_queue) if running == 0 else None  # None: not paused
-            self.pauses += 1
-            return out
-
-        mapping[index] = (mapping[index][0], pause_generation)
-        self.retracted_prefills = 0
-        self.pauses = 0  # pause requests the scheduler has handled (its own thread)
-        self.paused_requests: int | None = None  # requests it held at the last pause (None: still running some)
-        for owner in (scheduler, scheduler.tp_worker):
-            if hasattr(owner, "parent_process"):
-                owner.parent_process = psutil.Process()
-
-    def forward_counts(self) -> dict:
-        return {"forwards": self.forwards, "forwards_mixed": len(self.mixed),
-                "forwards_by_weights": {str(k): v for k, v in sorted(self.by_weights.items())}}
 
 
 class ParamSwapper:
@@ -1880,21 +2274,18 @@ class ParamSwapper:
 
     def __init__(self, engine, num_kv_heads: int | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
                  transpose: str = "auto"):
-        if not (engine.scheduler_info or {}).get("scheduler"):
+        probe_sglang()  # exit 2 if the installed sglang-jax lacks what the adapter uses
+        if engine_scheduler(engine) is None:
             raise ToolError("arguments", "the engine has no in-process scheduler (not enable_single_process, or "
                             "rank >= 1 of several hosts started with Engine(...))", "start it with "
                             "enable_single_process=True; on several hosts with run_param_swap.start_engine(kwargs)")
-        scheduler = engine.scheduler_info["scheduler"]
-        model_runner = scheduler.tp_worker.worker.model_runner
-        if "request_recorder" not in engine.scheduler_info:  # generate() reads the scheduler's own ids from it
-            engine.scheduler_info["request_recorder"] = RequestRecorder(scheduler)
-        if "serve_guard" not in engine.scheduler_info:
-            engine.scheduler_info["serve_guard"] = ServeGuard(scheduler, model_runner)
+        model_runner = engine_model_runner(engine)
+        request_recorder(engine)  # generate() reads the scheduler's own ids from it
         self.engine, self.state = engine, EngineState(model_runner)
-        self.guard: ServeGuard = engine.scheduler_info["serve_guard"]
-        self.num_kv_heads = num_kv_heads or model_runner.model_config.get_total_num_kv_heads()
-        self.arch = (getattr(model_runner.model_config.hf_config, "architectures", None) or [None])[0]
-        self.moe_backend = getattr(model_runner.model_config.hf_config, "moe_backend", None)
+        self.guard = serve_guard(engine)
+        facts = runner_facts(model_runner)
+        self.num_kv_heads = num_kv_heads or facts["num_kv_heads"]
+        self.arch, self.moe_backend = facts["arch"], facts["moe_backend"]
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
         self.undo_to: tuple | None = None  # (swaps, previous, Rollback) before the swap, until the hosts agree
@@ -1907,8 +2298,7 @@ class ParamSwapper:
         self.transpose = TRANSPOSE_ON.get(platform, "device") if transpose == "auto" else transpose
         # where the engine's weights came from, when a failed swap can re-create them for free (Rollback):
         # ("dummy",) at start with load_format="dummy", ("source", tree, plan) after a read-only host tree
-        load_format = getattr(getattr(engine, "server_args", None), "load_format", None)
-        dummy = str(load_format) in ("dummy", "LoadFormat.DUMMY") and self.holds_dummy_weights()
+        dummy = engine_loaded_dummy(engine) and self.holds_dummy_weights()
         self.previous: tuple | None = ("dummy",) if dummy else None
 
     @property
@@ -1929,12 +2319,13 @@ class ParamSwapper:
     def run_on_loop(self, coro):
         """Run a coroutine of this swapper on the engine's event loop from synchronous code (the loop must
         not be running: sglang-jax's own sync calls have the same rule)."""
-        if self.engine.loop.is_running():
+        loop = engine_loop(self.engine)
+        if loop.is_running():
             coro.close()
             raise ToolError("arguments", "the engine's event loop is running (a generation or a swap is in "
                             "progress on it)", "from a coroutine on engine.loop, await swapper.swap_async(...); "
                             "from synchronous code, call swap() while no engine call runs")
-        return self.engine.loop.run_until_complete(coro)
+        return loop.run_until_complete(coro)
 
     def swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
              rollback: bool | None = None) -> dict:
@@ -1984,6 +2375,7 @@ class ParamSwapper:
                 error.details["generation"] = "paused: the engine is half-swapped"
             raise error
         memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
+        split = self.memory_split(flat, memory)  # with the paused batch's buffers as they are now
         t2 = time.perf_counter()
         held = await self.flush()
         t3 = time.perf_counter()
@@ -1997,7 +2389,7 @@ class ParamSwapper:
                   "rollback": rollback != "off", "rollback_kind": rollback, **stats.as_json(),
                   "bytes_in_use_sum_before_swap": before,
                   "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
-                  "leaves_unchanged": ok, **self.memory_split(flat, memory), "memory": memory}
+                  "leaves_unchanged": ok, **split, "memory": memory}
         report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4),
                       serving_stopped_s=round(stopped, 4),
                       serving_stopped_ratio=round(stopped / max(report["seconds"], 1e-9), 3),
@@ -2024,7 +2416,7 @@ class ParamSwapper:
         undo_to, self.undo_to = self.undo_to, None  # a rollback's copies live no longer than this
         if not HOSTS.multi:
             return error
-        leaves, where = self.state.model_runner.model_state_leaves, self.state.leaf_index
+        leaves, where = self.state.leaves(), self.state.leaf_index
         held = sum(self.state.params[p].get_value() is a and leaves[where[p]] is a for p, a in param_dict.items())
         seen = HOSTS.agree("swap_done", {"swaps": self.swaps, "plan": plan_fingerprint(plan), "params_held": held,
                                          "error": error.record() if error is not None else None})
@@ -2068,10 +2460,8 @@ class ParamSwapper:
         left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the
         scheduler records when it is done). Returns the requests the scheduler holds. Rank >= 1 of several
         hosts: rank 0's pause reaches this host's scheduler too (it forwards every request); wait for it."""
-        from sgl_jax.srt.managers.io_struct import PauseGenerationReqInput
-
         if HOSTS.rank == 0:
-            await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
+            await self.guard.send_pause()
         deadline = time.perf_counter() + PAUSE_WAIT_S
         while self.guard.pauses == pauses or self.guard.paused_requests is None:
             if time.perf_counter() > deadline:
@@ -2090,23 +2480,17 @@ class ParamSwapper:
         Rank >= 1 of several hosts: rank 0's flush reaches this host's scheduler; 0."""
         if HOSTS.rank:
             return 0
-        self.guard.hold_waiting = True
-        try:
-            answer = await self.engine.tokenizer_manager.flush_cache()
-        finally:
-            self.guard.hold_waiting = False
-        if not answer.success:
-            raise ToolError("swap_flush", f"the radix cache flush was refused: {answer.error_msg}",
+        success, message, held = await self.guard.send_flush()
+        if not success:
+            raise ToolError("swap_flush", f"the radix cache flush was refused: {message}",
                             "generation stays paused: the cache may hold prefix KV of the previous weights",
                             EXIT_ENGINE, generation="paused")
-        return self.guard.held
+        return held
 
     async def resume(self) -> None:
-        from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
-
         if HOSTS.rank:  # rank 0's reaches this host's scheduler
             return
-        await self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput())
+        await self.guard.send_continue()
 
     def prepare(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
         """Everything checked before the engine is touched: mode, plan, live sources, alias, rollback.
@@ -2196,9 +2580,11 @@ class ParamSwapper:
         return param_dict, stats, before, time.perf_counter() - t - stats.meter_s
 
     def memory_split(self, mllm_params: Mapping[str, Any] | None = None, memory: dict | None = None) -> dict:
-        """Device bytes in use (now, or in the `memory` sample), split: the trainer's arrays (a device source),
-        the part of them the engine does not share (trainer_only), and the rest (the engine: its weights, KV
-        cache, everything else). Several hosts: summed over every host (collective: every rank calls it)."""
+        """Device bytes in use (now, or in the `memory` sample just taken), split: the trainer's arrays (a device
+        source), the part of them the engine does not share (trainer_only), the buffers the batch of a paused
+        or idle scheduler still holds (serving: ServeGuard.serving_bytes), and the rest (the engine: its
+        weights, KV cache, everything else). Several hosts: summed over every host (collective: every rank
+        calls it)."""
         total = bytes_in_use_sum(memory or device_memory())
         engine_buffers = {(d.id, p) for v in self.state.params.values() for d, p, _ in device_buffers(v.get_value())}
         trainer: dict[tuple[int, int], int] = {}
@@ -2207,14 +2593,12 @@ class ParamSwapper:
                 if on_devices(a) and not a.is_deleted():
                     trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
         trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
+        serving = self.guard.serving_bytes(engine_buffers | set(trainer))
         split = {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
-                 "trainer_only_bytes_sum": trainer_only, "engine_bytes_sum": total - trainer_only}
+                 "trainer_only_bytes_sum": trainer_only, "serving_bytes_sum": serving,
+                 "engine_bytes_sum": total - trainer_only - serving}
         hosts = HOSTS.agree("memory_split", split)
         return {k: sum(h[k] for h in hosts) for k in split}
-
-    def deleted_weights(self) -> list[str]:
-        leaves = self.state.model_runner.model_state_leaves
-        return [self.state.leaf_paths[i] for i, leaf in enumerate(leaves) if on_devices(leaf) and leaf.is_deleted()]
 
     def check_live(self) -> None:
         """Raise a clear ToolError if any engine weight buffer was deleted (a trainer donated an aliased array)."""
@@ -2292,8 +2676,8 @@ def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], stats: S
     import jax
     from flax import nnx
 
-    leaves = state.model_runner.model_state_leaves
-    treedef = jax.tree_util.tree_flatten(nnx.split(state.model_runner.model)[1])[1]
+    leaves = state.leaves()
+    treedef = jax.tree_util.tree_flatten(nnx.split(runner_model(state.model_runner))[1])[1]
     stale = [p for p in param_dict
              if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
     deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
@@ -2313,7 +2697,7 @@ def buffer_pointers(arr) -> list[tuple[int, int]]:
 def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
     """For EVERY path: the engine's Param value and its model_state_leaves entry are the dict's very
     jax.Array (identity), and every addressable shard sits on the same device buffer."""
-    leaves = state.model_runner.model_state_leaves
+    leaves = state.leaves()
     not_identical, not_same_buffer, shards = [], [], 0
     for path, arr in param_dict.items():
         param_value, leaf = state.params[path].get_value(), leaves[state.leaf_index[path]]
@@ -2336,53 +2720,14 @@ def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[
 # ----------------------------------------------------------------------------------------------
 
 
-class RequestRecorder:
-    """The scheduler's own record of every finished request: prompt ids, generated ids and their logprobs.
-
-    sglang-jax 0.0.3rc99's answer to a non-streaming `generate` is not the generated sequence once it spans
-    the scheduler's forced 50-token chunk: the detokenizer re-sends ids it already sent whenever its
-    incremental text ends in an incomplete UTF-8 character (64 tokens came back as 114 ids), it drops
-    special tokens such as a generated EOS, and `meta_info.output_token_logprobs` holds 50 + N entries for N
-    tokens. The scheduler's `Req` (`origin_input_ids`, `output_ids`, `output_token_logprobs_val`) is right.
-    In single-process mode the scheduler runs in this process: wrap its `stream_output` (the one place every
-    finished request passes) and copy those lists before they are sent. Records nobody takes (requests sent
-    to the engine by others) are dropped oldest first past `keep`."""
-
-    def __init__(self, scheduler, keep: int = 1024):
-        self.finished: dict[str, dict] = {}
-        original = scheduler.stream_output
-
-        def stream_output(reqs, *args, **kwargs):
-            for req in reqs:
-                if req.finished() and req.rid not in self.finished:
-                    self.finished[req.rid] = {
-                        "prompt_ids": [int(t) for t in req.origin_input_ids],
-                        "output_ids": [int(t) for t in req.output_ids],
-                        "output_logprobs": ([float(v) for v in req.output_token_logprobs_val]
-                                            if req.output_token_logprobs_val is not None else None)}
-                    while len(self.finished) > keep:
-                        self.finished.pop(next(iter(self.finished)))
-            return original(reqs, *args, **kwargs)
-
-        scheduler.stream_output = stream_output
-
-    def take(self, rid: str) -> dict:
-        if rid not in self.finished:
-            raise ToolError("generate", f"the scheduler kept no record of request {rid}",
-                            "sglang-jax's scheduler no longer passes finished requests through stream_output: "
-                            "this tool needs the pinned sglang-jax", EXIT_ENGINE)
-        return self.finished.pop(rid)
-
-
 def check_live(engine) -> None:
     """Every weight the forward reads is a live buffer. An engine Param aliased to a trainer array (--alias)
     dies when the trainer donates that buffer to its next step (jit donate_argnums); generating then would
     crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent. An engine
     without an in-process scheduler (not enable_single_process) has no Params this tool could have swapped."""
-    scheduler = (engine.scheduler_info or {}).get("scheduler")
-    if scheduler is None:
+    if engine_scheduler(engine) is None:
         return
-    leaves = scheduler.tp_worker.worker.model_runner.model_state_leaves
+    leaves = leaves_of(engine_model_runner(engine))
     deleted = sum(on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
     if deleted:
         raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
@@ -2403,14 +2748,6 @@ def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -
         prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
 
 
-async def agenerate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
-    """generate() for a coroutine on engine.loop (while other requests are in flight)."""
-    check_live(engine)
-    return answer_of(engine, await engine.async_generate(prompt=prompt, return_logprob=logprobs,
-                                                         sampling_params=greedy(max_new_tokens)),
-                     max_new_tokens, logprobs)
-
-
 def greedy(max_new_tokens: int) -> dict:
     return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
 
@@ -2418,9 +2755,9 @@ def greedy(max_new_tokens: int) -> dict:
 def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
     """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate())."""
     meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
-    record = engine.scheduler_info["request_recorder"].take(meta["id"])
+    record = request_recorder(engine).take(meta["id"])
     ids = record["output_ids"]
-    decoded = engine.tokenizer_manager.tokenizer.decode(ids, skip_special_tokens=True)
+    decoded = engine_tokenizer(engine).decode(ids, skip_special_tokens=True)
     problems = []
     if not len(ids) == meta.get("completion_tokens") == max_new_tokens:
         problems.append(f"{len(ids)} ids, completion_tokens {meta.get('completion_tokens')}, "
@@ -2478,23 +2815,6 @@ def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-class LoaderTap:
-    """Stands in for one Param of the model that sglang-jax's own loader fills. The loader reads the Param's
-    shape and dtype through `.value` (an abstract value: the model is built with nnx.eval_shape) and its
-    assignment `.value = array` goes to `compare` and is dropped: only one loaded tensor exists at a time."""
-
-    def __init__(self, path: str, abstract, compare):
-        self._path, self._abstract, self._compare = path, abstract, compare
-
-    @property
-    def value(self):
-        return self._abstract
-
-    @value.setter
-    def value(self, array) -> None:
-        self._compare(self._path, array)
-
-
 @functools.cache
 def bits_diff():
     """jitted (a, b) -> (differing elements, first differing flat index, max |a - b|), on the devices.
@@ -2539,39 +2859,41 @@ def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, sw
     """Every engine Param against what sglang-jax's OWN loader (its model file's weight mappings, its
     WeightLoader) makes of the checkpoint at `model_path`, in this process and on these devices: values
     bit for bit, shape, dtype, sharding. The loader runs tensor by tensor through LoaderTap, so the extra
-    device memory is one loaded tensor, not a second set."""
-    import copy
-
+    device memory is one loaded tensor, not a second set. Exact while the engine serves: the meter skips a KV
+    buffer a forward donates mid-walk, and nothing raised here reaches the loader (which would take it for its
+    own failure and load that tensor again: run_own_loader); a failure of the oracle itself is exit 3."""
     log_.begin("weights_verified")
-    from sgl_jax.srt.configs.load_config import LoadConfig
-    from sgl_jax.srt.model_loader.loader import JAXModelLoader
-    from sgl_jax.srt.utils.weight_utils import WeightLoader
-
     t = time.perf_counter()
     base_rss, base = process_rss_bytes(), bytes_in_use_sum(device_memory())
     peak, peak_rss = base, base_rss
     differing: dict[str, dict] = {}
     loaded: dict[str, int] = {}
+    failed: list[str] = []  # the oracle's own errors, raised after the loader is done
+    lock = threading.Lock()
 
-    def compare(path: str, array) -> None:
+    def on_assign(path: str, array) -> None:
         nonlocal peak, peak_rss
-        loaded[path] = loaded.get(path, 0) + 1
-        if path in state.params:
-            problems = compare_arrays(state.params[path].get_value(), array)
-            if problems:
-                differing[path] = problems
-        peak = max(peak, bytes_in_use_sum(device_memory(collect=False)))
-        peak_rss = max(peak_rss, process_rss_bytes())
+        with lock:
+            loaded[path] = loaded.get(path, 0) + 1
+            try:
+                if path in state.params:
+                    problems = compare_arrays(state.params[path].get_value(), array)
+                    if problems:
+                        differing[path] = problems
+                peak = max(peak, bytes_in_use_sum(device_memory(collect=False)))
+                peak_rss = max(peak_rss, process_rss_bytes())
+            except Exception as e:  # noqa: BLE001 - never into the loader (run_own_loader); raised below
+                failed.append(f"{path}: {type(e).__name__}: {e}")
 
-    original = WeightLoader._get_param
-    WeightLoader._get_param = lambda self, params, path: LoaderTap(path, original(self, params, path).value, compare)
     try:
-        model_config = copy.copy(state.model_runner.model_config)
-        model_config.model_path = model_path
-        model_config._dummy_mode = False  # the engine's config says "dummy": the loader would make dummies
-        JAXModelLoader(LoadConfig(load_format="auto"), state.model_runner.mesh).load_model(model_config=model_config)
-    finally:
-        WeightLoader._get_param = original
+        run_own_loader(state.model_runner, model_path, on_assign)
+    except Exception as e:  # noqa: BLE001 - sglang-jax's loader failing on the checkpoint is the oracle failing
+        raise ToolError("weights_verified", f"sglang-jax's own loader failed on {model_path}: {type(e).__name__}: "
+                        f"{e}", "see the traceback on stderr; the swap itself is done", EXIT_ENGINE) from e
+    if failed:
+        raise ToolError("weights_verified", f"the weights oracle failed while comparing {failed[0]}"
+                        + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""),
+                        "the oracle itself failed, not a check: see stderr", EXIT_ENGINE, oracle_errors=failed[:10])
     not_loaded = sorted(set(state.params) - set(loaded))
     unknown = sorted(set(loaded) - set(state.params))
     twice = sorted(p for p, n in loaded.items() if n > 1)
@@ -2765,7 +3087,7 @@ class ServeLoad:
         self.engine, self.swapper, self.args, self.clients = engine, swapper, args, args.serve_load
         m = args.max_new_tokens
         self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
-        self.prompts = load_prompts(engine.tokenizer_manager.tokenizer, args.prompt) if self.clients else []
+        self.prompts = load_prompts(engine_tokenizer(engine), args.prompt) if self.clients else []
         self.requests: list[dict] = []  # every finished load request
         self.in_flight = 0
         self.tasks: list = []
@@ -2782,7 +3104,7 @@ class ServeLoad:
         return round(time.perf_counter() - self.t0, 3)
 
     async def client(self, i: int) -> None:
-        recorder, k = self.engine.scheduler_info["request_recorder"], 0
+        recorder, k = request_recorder(self.engine), 0
         while True:
             await self.go.wait()
             if self.stopping:
@@ -3280,9 +3602,7 @@ class Stopper:
             f()
         sys.stdout.flush()
         sys.stderr.flush()
-        from sgl_jax.srt.utils.common_utils import kill_process_tree
-
-        kill_process_tree(os.getpid(), include_parent=False)
+        kill_engine_children()
         HOSTS.shutdown()
         os._exit(code)
 
@@ -3294,14 +3614,19 @@ class Stopper:
 
 def check_single_copy(log_: PhaseLog, tolerance: float, phases: list[str]) -> bool:
     """The engine never holds two sets: device bytes in use, less what only a trainer holds (its arrays the
-    engine does not share: trainer_only_bytes_sum, 0 without a trainer), stay within the dummy engine's."""
+    engine does not share: trainer_only_bytes_sum, 0 without a trainer) and less the buffers the batch of a
+    paused scheduler still holds (serving_bytes_sum: its last forward's inputs, 0 on an engine that never
+    served), stay within the dummy engine's x tolerance. Both are counted, never estimated: a second copy of
+    any weight is neither."""
     base = log_.memory_of("engine_ready_dummy")
     records = {r["phase"]: r for r in log_.records if r["phase"] in phases and "memory" in r}
     seen = {p: bytes_in_use_sum(records[p]["memory"]) - records[p].get("trainer_only_bytes_sum", 0)
-            for p in phases if p in records}
+            - records[p].get("serving_bytes_sum", 0) for p in phases if p in records}
     limit = int(base * tolerance) if base else None
     ok = bool(base) and bool(seen) and all(v <= limit for v in seen.values())
-    return log_.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen)
+    return log_.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen,
+                      counted_apart={p: {k: records[p].get(k, 0) for k in ("trainer_only_bytes_sum", "serving_bytes_sum")}
+                                     for p in seen})
 
 
 def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
@@ -3322,6 +3647,7 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
     validate_checkpoint(info)
     validate_parallelism(info, args.tp_size)
+    probe_sglang((info.architecture, args.moe_backend))  # what only this family needs of sglang-jax
     if args.rounds and args.model_id_b:
         info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
         validate_checkpoint(info_b)

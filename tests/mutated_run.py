@@ -27,6 +27,11 @@ Layout errors that every structural check passes (the oracles --verify-weights /
   kernel_shifted      layer 0's down_proj shifted by one column
   norm_left_dummy     layer 0's post_attention_layernorm scale swapped in as a new array holding the dummy values
   no_torch            torch is not installed (as find_spec sees it)
+The weights oracle itself:
+  loader_loads_twice  sglang-jax's own loader assigns model.norm.scale twice (weights_equal_loader: loaded_twice)
+  compare_raises      the oracle's compare of one tensor raises once (exit 3: the oracle failed; the loader must
+                      not see it, or its fast path would load that tensor again)
+  sglang_lacks_pause  the installed sglang-jax has no Scheduler.pause_generation (the probe: exit 2)
 """
 
 import os
@@ -213,6 +218,32 @@ def apply(mutation: str) -> None:
 
         original_find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "torch" else original_find_spec(name, *a)
+    elif mutation == "loader_loads_twice":
+        original_loader = rps.run_own_loader
+
+        def run_own_loader(model_runner, model_path, on_assign):
+            def twice(path, array):
+                on_assign(path, array)
+                if path == "model.norm.scale":
+                    on_assign(path, array)
+
+            original_loader(model_runner, model_path, twice)
+
+        rps.run_own_loader = run_own_loader
+    elif mutation == "compare_raises":
+        original_compare, calls = rps.compare_arrays, [0]
+
+        def compare_arrays(ours, theirs):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected failure of the oracle's compare")
+            return original_compare(ours, theirs)
+
+        rps.compare_arrays = compare_arrays
+    elif mutation == "sglang_lacks_pause":
+        from sgl_jax.srt.managers.scheduler import Scheduler
+
+        del Scheduler.pause_generation
     elif mutation == "rollback_from_b":
         original_arrays = rps.Rollback.arrays
 

@@ -66,6 +66,16 @@ def test_usage_errors(checkpoint, args, words):
     assert_error(run, 2, "arguments", *words)
 
 
+def test_an_sglang_jax_without_what_the_swap_needs_is_bad_input_before_the_engine_starts(checkpoint):
+    """The capability probe: one attribute the adapter uses is missing (as in the registry's 0.0.2, which also
+    lacks others: tests/test_compat.py runs it)."""
+    run = run_tool("sglang_lacks_pause", "--model-id", checkpoint(), *CPU4, script=MUTATED)
+    error = assert_error(run, 2, "sglang_jax", "Scheduler.pause_generation", "0.0.3rc99", "supported stack")
+    assert error["versions"]["sglang-jax"] == "0.0.3rc99" and error["missing"] == [
+        "sgl_jax.srt.managers.scheduler.Scheduler.pause_generation"]
+    assert set(error["supported_stacks"]) == set(rps.SUPPORTED_STACKS) and "engine_ready_dummy" not in run.phases()
+
+
 def test_json_out_in_missing_folder(checkpoint, tmp_path):
     run = run_tool("--model-id", checkpoint(), *CPU4, "--json-out", str(tmp_path / "nope" / "out.jsonl"))
     assert_error(run, 2, "arguments", "--json-out", "folder")

@@ -59,6 +59,16 @@ def test_weights_check_fails_every_mismatched_round_and_keeps_the_first_failure(
     assert run.summary["checks"]["rounds_consistent"]["ok"]  # the defect is the same every time: invisible there
 
 
+def test_a_failure_of_the_oracle_itself_is_exit_3_and_never_reaches_the_loader(checkpoint):
+    """An exception inside the oracle's compare is the oracle failing (exit 3), not a check verdict; it must not
+    reach sglang-jax's loader, whose fast path would take it for its own failure and load the tensor again
+    (which the oracle then counted as loaded_twice: the serving demo's false failure)."""
+    run = run_tool("compare_raises", *swap_args(checkpoint(tied=True, num_kv_heads=2), 4, "--verify-weights"),
+                   script=MUTATED)
+    assert_error(run, 3, "weights_verified", "oracle failed", "injected failure")
+    assert "weights_equal_loader" not in run.summary["checks"] and "Fast load failed" not in run.stderr
+
+
 def test_eos_first_checkpoint_passes(checkpoint, tmp_path):
     """A checkpoint whose EOS is the first token the swapped engine picks: the answer used to be empty
     (check generate failed, exit 1) although sglang-jax's own loader answers the same. With ignore_eos every
