@@ -268,7 +268,8 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     "Array has been deleted" (its shard's buffer is gone; is_deleted() can still say no for a moment) or a
     TypeError (its buffer list went away mid-read). Such an array is skipped, never an error (its memory now
     belongs to the forward's output), and the walk is taken again, at most WALK_TRIES times, until one sees no
-    donation: the sample is then one consistent set of buffers (tests/meter_race_probe.py)."""
+    donation: the sample is then one consistent set of buffers (tests/meter_race_probe.py). A shard still being
+    computed is counted without waiting for it (device_buffers(wait=False))."""
     import jax
 
     for _ in range(WALK_TRIES):
@@ -277,7 +278,7 @@ def live_array_bytes_per_device() -> dict[Any, int]:
         donated = 0
         for arr in jax.live_arrays():
             try:
-                buffers = [] if arr.is_deleted() else device_buffers(arr)
+                buffers = [] if arr.is_deleted() else device_buffers(arr, wait=False)
             except (RuntimeError, TypeError) as e:  # XlaRuntimeError is a RuntimeError
                 if not (arr.is_deleted() or "deleted" in str(e) or "donated" in str(e)):
                     raise
@@ -292,14 +293,18 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     return per_device
 
 
-def device_buffers(arr) -> list[tuple[Any, int, int]]:
+def device_buffers(arr, wait: bool = True) -> list[tuple[Any, Any, int]]:
     """(device, buffer pointer, bytes) of each addressable shard. Reads the per-device arrays without
     `addressable_shards`: its cached Shard list keeps the buffers alive past the array's death until the next gc.collect(),
-    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak."""
+    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak.
+    wait=False: a shard still being computed (a forward in flight in another thread) is not waited for, its
+    pointer is ("pending", id(arr), i): JAX 0.11's CPU client blocks in unsafe_buffer_pointer() until the shard
+    is ready, holding the GIL, which the thread computing it needs (the serving demo hung so)."""
     out = []
     for i in range(len(arr.sharding.addressable_devices)):
         data = arr.addressable_data(i)
-        out.append((next(iter(data.devices())), data.unsafe_buffer_pointer(), data.nbytes))
+        ptr = data.unsafe_buffer_pointer() if wait or data.is_ready() else ("pending", id(arr), i)
+        out.append((next(iter(data.devices())), ptr, data.nbytes))
     return out
 
 
@@ -1382,7 +1387,7 @@ class ServeGuard:
                 if old is not None and old() is arr:
                     continue
                 try:
-                    buffers = device_buffers(arr)
+                    buffers = device_buffers(arr, wait=False)
                 except (RuntimeError, TypeError):  # deleted since (a forward donated it): not held any more
                     continue
                 for device, ptr, nbytes in buffers:
@@ -1538,7 +1543,7 @@ def engine_leaf_paths(model_runner):
 
 def param_bytes_sum(arrays) -> int:
     """Bytes of the arrays' addressable shards, summed over devices (replicated data counted per device)."""
-    return sum(nbytes for a in arrays for _, _, nbytes in device_buffers(a))
+    return sum(nbytes for a in arrays for _, _, nbytes in device_buffers(a, wait=False))
 
 
 class EngineState:
