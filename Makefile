@@ -1,13 +1,20 @@
 # make demo: tiny random Qwen2 on 4 virtual CPU devices, the whole verification.
-# make test: the test suite (CPU, virtual devices; builds its own checkpoints).
-# Both create .venv with Python >= 3.12 and install requirements-cpu.txt first when needed.
+# make test: ruff and the test suite on the pinned stack (CPU, virtual devices; builds its own checkpoints).
+# make test-compat: the tool on every other supported sglang-jax stack (and the refusal of the unsupported one).
+# make stress: the documented serving command, 5 runs in a row on each supported stack.
+# All create .venv with Python >= 3.12 and install requirements-cpu.txt first when needed; the other stacks
+# are small overlays (stacks/*.txt, installed --no-deps into .stacks/NAME) put in front of .venv on PYTHONPATH.
 
 VENV := .venv
 PY := $(VENV)/bin/python
 REQ := requirements-cpu.txt
 STAMP := $(VENV)/.installed
+STACKS_DIR := .stacks
+COMPAT_STACKS := bd09a87 0.1.0rc0 0.1.0rc0-jax0.11 registry-0.0.2
+STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
+STRESS_RUNS := 5
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-compat stacks stress lint bench check-requirements clean
 
 setup: $(STAMP)
 
@@ -30,9 +37,43 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# one overlay per stack, built once (rebuilt when its stacks/NAME.txt changes); `make clean` removes them
+$(STACKS_DIR)/%/.installed: stacks/%.txt $(STAMP)
+	rm -rf $(STACKS_DIR)/$*
+	$(PY) -m pip install --quiet --no-deps --target $(STACKS_DIR)/$* -r stacks/$*.txt
+	@du -sh $(STACKS_DIR)/$* | sed 's/^/overlay: /'
+	touch $@
+
+stacks: $(COMPAT_STACKS:%=$(STACKS_DIR)/%/.installed)
+
+test-compat: $(STAMP) stacks
+	@set -e; for s in $(COMPAT_STACKS); do \
+	  echo "=== stack $$s"; start=$$(date +%s); \
+	  PARAM_SWAP_STACK=$$s PYTHONPATH=$(CURDIR)/$(STACKS_DIR)/$$s $(PY) -m pytest -q -p no:cacheprovider tests/test_compat.py; \
+	  echo "=== stack $$s: $$(( $$(date +%s) - start )) s"; \
+	done
+
+# `--demo --rounds 4 --serve-load 8` (oracles on, default tolerance) STRESS_RUNS times in a row on each stack
+stress: $(STAMP) stacks
+	@set -e; mkdir -p out/stress; for s in $(STRESS_STACKS); do \
+	  path=$$( [ $$s = 0.0.3rc99 ] || echo $(CURDIR)/$(STACKS_DIR)/$$s ); \
+	  for i in $$(seq 1 $(STRESS_RUNS)); do \
+	    start=$$(date +%s); \
+	    log=out/stress/$$s-$$i; \
+	    PYTHONPATH=$$path $(PY) run_param_swap.py --demo --rounds 4 --serve-load 8 > $$log.jsonl 2> $$log.err \
+	      && code=0 || code=$$?; \
+	    echo "stack $$s run $$i: exit $$code in $$(( $$(date +%s) - start )) s"; \
+	    if [ $$code != 0 ]; then tail -2 $$log.jsonl | cut -c1-2000; exit 1; fi; \
+	  done; \
+	done
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(PY) bench/bench_swap.py
 
+# every requirements-tpu*.txt resolves (pip --dry-run, Linux x86_64, Python 3.12: the TPU VM's)
+check-requirements: $(STAMP)
+	bash stacks/check_requirements.sh $(PY)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(STACKS_DIR) .pytest_cache
