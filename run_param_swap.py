@@ -209,8 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "failure is a warning, never a failed run)")
     p.add_argument("--wandb-project", default="param-swap")
     p.add_argument("--demo", action="store_true",
-                   help="build a tiny random-weight checkpoint (--arch) and run the whole verification on 4 virtual "
-                        "CPU devices with --keep-param-dict --verify-param-sharing --verify-weights --verify-logits")
+                   help="build a tiny random-weight checkpoint (--arch) and run the whole verification with "
+                        "--keep-param-dict --verify-param-sharing --verify-weights --verify-logits: on 4 virtual CPU "
+                        "devices, or with --device gpu|tpu on all of that platform's devices")
     p.add_argument("--demo-dir", default=None, help="where --demo writes its checkpoint (kept); default: a temp folder")
     p.add_argument("--arch", choices=[f.arch for f in FAMILIES.values()], default="qwen2",
                    help="--demo: the model family of the tiny checkpoint (default: %(default)s)")
@@ -238,10 +239,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="Qwen3-MoE: sglang-jax's expert layout (default: %(default)s, sglang-jax's own; fused "
                           "is a TPU kernel); the swap maps to whichever the engine uses")
     args = p.parse_args(argv)
-    if args.demo:
-        args.device, args.keep_param_dict, args.verify_param_sharing = "cpu", True, True
-        args.verify_weights = args.verify_logits = True
-        args.tp_size = args.tp_size or 4
+    if args.demo:  # 4 virtual CPU devices unless --device names another platform (then all its devices)
+        args.device = args.device or "cpu"
+        args.keep_param_dict = args.verify_param_sharing = args.verify_weights = args.verify_logits = True
+        args.tp_size = args.tp_size or (4 if args.device == "cpu" else 0)
         args.bucket_mb = 1.0 if args.bucket_mb is None else args.bucket_mb
     args.bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
     return args
@@ -502,11 +503,9 @@ def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
                         "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
                         "makes --tp-size virtual devices)")
     args.tp_size = tp
-    stack = probe_sglang()  # before anything else: the installed sglang-jax has what the swap uses (exit 2)
     log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
                device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size,
-               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()],
-               sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
+               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
     return device
 
 
@@ -1495,7 +1494,7 @@ def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_f
     )
 
 
-def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
+def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str, stack: dict):
     log_.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
@@ -1505,7 +1504,8 @@ def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str):
     params = swapper.state.params
     log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
                load_format="dummy", num_leaves=len(leaves_of(model_runner)), num_params=len(params),
-               param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()))
+               param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()),
+               sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
     return engine, swapper
 
 
@@ -3652,7 +3652,6 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
     validate_checkpoint(info)
     validate_parallelism(info, args.tp_size)
-    probe_sglang((info.architecture, args.moe_backend))  # what only this family needs of sglang-jax
     if args.rounds and args.model_id_b:
         info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
         validate_checkpoint(info_b)
@@ -3662,8 +3661,9 @@ def run(log_: PhaseLog, args: argparse.Namespace) -> None:
     if args.chat:
         args.prompt = chat_prompt(info.path, args.prompt)
     validate_token_budget(args, info)
+    stack = probe_sglang((info.architecture, args.moe_backend))  # what the swap uses of sglang-jax (exit 2)
     HOSTS.agree("checkpoint")  # several hosts: every one has validated its copy before any engine starts
-    engine, swapper = engine_ready_dummy(log_, args, info, device)
+    engine, swapper = engine_ready_dummy(log_, args, info, device, stack)
     state = swapper.state
     serve = ServeLoad(engine, swapper, args)  # --serve-load 0: every swap and generation calls straight through
     try:

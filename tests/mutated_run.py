@@ -14,6 +14,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
   device_copy_kept  a device-to-device swap keeps an extra copy of every placed array (single_copy_memory)
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
+  slow_engine_start  inside Engine(), once its scheduler exists: writes the file $PARAM_SWAP_MARKER, sleeps 10 s
+                  (not a defect: a window to send a signal while the engine starts)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
   skip_swap       this process's swap touches nothing but reports success (on one rank of several hosts: a
                   partial swap, which swap_agreement must turn into exit 1 on every rank)
@@ -135,6 +137,23 @@ def apply(mutation: str) -> None:
             return original_place(*args, **kwargs)
 
         rps.place = place
+    elif mutation == "slow_engine_start":
+        import functools
+        import pathlib
+        import time
+
+        import sgl_jax.srt.entrypoints.engine as engine_module
+
+        original_create = engine_module.run_scheduler_loop_thread_after_create
+
+        @functools.wraps(original_create)  # the probe reads its signature
+        def create(*args, **kwargs):
+            made = original_create(*args, **kwargs)
+            pathlib.Path(os.environ["PARAM_SWAP_MARKER"]).touch()
+            time.sleep(10)
+            return made
+
+        engine_module.run_scheduler_loop_thread_after_create = create
     elif mutation == "sigquit_in_generate":
         import signal
         import threading

@@ -30,7 +30,7 @@ def test_swaps_under_load_pass_the_serve_checks(checkpoint):
     assert len(load["swaps"]) == 5 and all(s["requests_paused"] > 0 for s in load["swaps"])
     assert checks["serve_no_mixed_forward"]["forwards_while_serving"] > 0
     assert load["requests_completed"] == checks["serve_no_lost_requests"]["requests"] > 0
-    assert load["requests_per_s_without_swaps"] > 0 and load["requests_per_s_with_swaps"] > 0
+    assert load["forward_steps_per_s_without_swaps"] > 0 and load["forward_steps_per_s_with_swaps"] > 0
     for name in ("weights_swapped_from_mllm", "swap_round"):
         r = run.phase(name)
         assert r["pause_mode"] == "retract" and r["requests_paused"] > 0

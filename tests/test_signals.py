@@ -17,26 +17,39 @@ CPU4 = ["--device", "cpu", "--tp-size", "4"]
 STOP_BOUND_S = 20  # seconds from the signal to the exit (a swap in progress may take ~8 s here: slow_place)
 
 
-def stop_run(argv: list, after_phase: str, sig: int, tmp_path, delay: float = 0.5) -> dict:
-    """Start the tool, wait for `after_phase`'s line (then `delay`), send `sig`; the lines, code, timing."""
+def stop_run(argv: list, after_phase: str | None, sig: int, tmp_path, delay: float = 0.5, marker=None) -> dict:
+    """Start the tool, wait for `after_phase`'s line (or, with after_phase None, for the file `marker` that a
+    mutation writes), then `delay`, send `sig`; the lines, code, timing."""
     json_out = tmp_path / "run.jsonl"
+    env = {**clean_env(compile_cache=False), **({"PARAM_SWAP_MARKER": str(marker)} if marker else {})}
     proc = subprocess.Popen([sys.executable, *argv, "--json-out", str(json_out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=clean_env(compile_cache=False), cwd=ROOT)
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     lines, sent, family = [], None, []
+
+    def stop() -> None:
+        nonlocal sent, family
+        time.sleep(delay)
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        sent = time.perf_counter()
+        proc.send_signal(sig)
+
     try:
+        if after_phase is None:
+            deadline = time.monotonic() + 120
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if marker.exists():
+                stop()
         for line in proc.stdout:
             lines.append(json.loads(line))
             if lines[-1]["phase"] == after_phase:
-                time.sleep(delay)
-                family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-                sent = time.perf_counter()
-                proc.send_signal(sig)
+                stop()
                 break
         lines += [json.loads(line) for line in proc.stdout]
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert sent is not None, f"no {after_phase} line: {[r['phase'] for r in lines]}"
+    assert sent is not None, f"no {after_phase or marker}: {[r['phase'] for r in lines]}"
     return {"code": code, "seconds": time.perf_counter() - sent, "lines": lines, "family": family,
             "json_out": json_out.read_text().splitlines()}
 
@@ -55,12 +68,12 @@ def assert_stopped(run: dict, sig: int, code: int, interrupted: str) -> dict:
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stop_while_the_engine_starts(checkpoint, tmp_path, sig, code):
-    """3 s after jax_ready: validation takes 1-2 s here and the engine's start 6-10 s, so the signal lands in
-    the engine's start (validation on a slower machine: then that is the phase named, and no engine runs)."""
-    run = stop_run([TOOL, "--model-id", checkpoint(), *CPU4], "jax_ready", sig, tmp_path, delay=3.0)
-    error = assert_stopped(run, sig, code, run["lines"][-2]["interrupted_phase"])
-    assert (error["interrupted_phase"], error["engine_holds"]) in (("engine_ready_dummy", "the engine was starting"),
-                                                                   ("checkpoint", "no engine was running"))
+    """Inside sglang-jax's Engine(): its scheduler exists (the mutation writes the marker, then takes 10 s more)
+    and the engine has not returned yet."""
+    run = stop_run([MUTATED, "slow_engine_start", "--model-id", checkpoint(), *CPU4], None, sig, tmp_path,
+                   marker=tmp_path / "scheduler_made")
+    error = assert_stopped(run, sig, code, "engine_ready_dummy")
+    assert error["engine_holds"] == "the engine was starting"
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
