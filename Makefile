@@ -14,7 +14,7 @@ COMPAT_STACKS := bd09a87 0.1.0rc0 0.1.0rc0-jax0.11 registry-0.0.2
 STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
 
-.PHONY: setup demo test test-compat stacks stress lint bench check-requirements clean
+.PHONY: setup demo test test-compat stacks stress lint bench check-requirements device-kit device-rehearsal clean
 
 setup: $(STAMP)
 
@@ -75,5 +75,14 @@ bench: $(STAMP)
 check-requirements: $(STAMP)
 	bash stacks/check_requirements.sh $(PY)
 
+# the lent GPU machine's run (bench/device/run.sh, docs/benchmarks.md "The device run"): its wheels, and the
+# same runner here on CPU with the image's versions and a 2-layer checkpoint (a few minutes)
+device-kit: $(STAMP)
+	bash bench/device/kit.sh $(PY)
+
+device-rehearsal: $(STAMP) device-kit $(STACKS_DIR)/device-image/.installed
+	DEVICE=cpu TP=4 LAYERS=2 PYTHON=$(PY) IMAGE=$(STACKS_DIR)/device-image OUT=out/device-rehearsal \
+	  BUDGET_S=1800 STEP_S=900 bash bench/device/run.sh
+
 clean:
-	rm -rf $(VENV) $(STACKS_DIR) .pytest_cache
+	rm -rf $(VENV) $(STACKS_DIR) .whl .pytest_cache

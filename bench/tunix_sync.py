@@ -82,10 +82,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-id", required=True)
     p.add_argument("--tp-size", type=int, default=4)
+    p.add_argument("--device", choices=["cpu", "gpu", "tpu"], default="cpu")
     p.add_argument("--source", choices=["device", "host"], default="device")
     p.add_argument("--max-new-tokens", type=int, default=8)
     a = p.parse_args()
-    args = rps.parse_args(["--model-id", a.model_id, "--device", "cpu", "--tp-size", str(a.tp_size)])
+    args = rps.parse_args(["--model-id", a.model_id, "--device", a.device, "--tp-size", str(a.tp_size)])
     device = rps.configure_platform(args)
     import jax
     import numpy as np
