@@ -69,7 +69,10 @@ def main() -> None:
         oracle = next((x for x in r["records"] if x.get("phase") == "weights_verified"), {})
         single = next((x for x in r["records"] if x.get("phase") == "summary"), {}).get("checks", {}).get(
             "single_copy_memory", {}).get("ok")
-        ratio = (lambda b: f"{place / b:.2f}" if place and b else "-")
+
+        def ratio(bound, place=place) -> str:
+            return f"{place / bound:.2f}" if place and bound else "-"
+
         print(f"| {name} | {swap.get('swap_s')} | {place} | {ratio(bounds.get('device_put_gb_per_s'))} | "
               f"{ratio(bounds.get('d2d_copy_gb_per_s'))} | {swap.get('swap_peak_extra_ratio')} | {single} | "
               f"{oracle.get('seconds', '-')} |")
