@@ -47,11 +47,13 @@ $(STACKS_DIR)/%/.installed: stacks/%.txt $(STAMP)
 stacks: $(COMPAT_STACKS:%=$(STACKS_DIR)/%/.installed)
 
 test-compat: $(STAMP) stacks
-	@set -e; for s in $(COMPAT_STACKS); do \
+	@failed=""; for s in $(COMPAT_STACKS); do \
 	  echo "=== stack $$s"; start=$$(date +%s); \
-	  PARAM_SWAP_STACK=$$s PYTHONPATH=$(CURDIR)/$(STACKS_DIR)/$$s $(PY) -m pytest -q -p no:cacheprovider tests/test_compat.py; \
+	  PARAM_SWAP_STACK=$$s PYTHONPATH=$(CURDIR)/$(STACKS_DIR)/$$s $(PY) -m pytest -q -p no:cacheprovider tests/test_compat.py \
+	    || failed="$$failed $$s"; \
 	  echo "=== stack $$s: $$(( $$(date +%s) - start )) s"; \
-	done
+	done; \
+	if [ -n "$$failed" ]; then echo "test-compat failed on:$$failed"; exit 1; fi
 
 # `--demo --rounds 4 --serve-load 8` (oracles on, default tolerance) STRESS_RUNS times in a row on each stack
 stress: $(STAMP) stacks

@@ -980,12 +980,13 @@ SGLANG_NEEDS = [  # (module, attribute, need) -- need: "fields:a,b" dataclass fi
     (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "call:params,weight_mappings"),
     (SGL + "utils.common_utils", "kill_process_tree", "call:parent_pid,include_parent"),
 ]
-FAMILY_NEEDS = {  # HF architecture (and MoE backend) -> SGLANG_NEEDS rows only that family needs
+FAMILY_NEEDS = {  # (HF architecture, MoE backend) -> rows only that family needs, each with why it is needed
     # "lacks:" the code must not hold this text. bd09a87's dummy initialiser builds the experts' mesh only when
     # ep_size > 1 and puts the expert axis on the main mesh otherwise: a Qwen3-MoE engine with load_format
     # "dummy" (epmoe, ep_size 1) cannot start there ("Resource axis: expert ... is not found"); 0.0.3rc99 fixed it
     ("Qwen3MoeForCausalLM", "epmoe"): [
-        (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "lacks:if ep_size > 1:")],
+        (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "lacks:if ep_size > 1:",
+         "a Qwen3-MoE engine with dummy weights cannot start; fixed in 0.0.3rc99")],
 }
 
 
@@ -1001,8 +1002,8 @@ def installed_versions() -> dict[str, str | None]:
     return {dist: version(dist) for dist in ("sglang-jax", "jax", "jaxlib", "flax")}
 
 
-def missing_need(module: str, name: str, need: str) -> list[str]:
-    """What of one SGLANG_NEEDS row the installed sglang-jax lacks (empty: it has it)."""
+def missing_need(module: str, name: str, need: str, why: str = "") -> list[str]:
+    """What of one SGLANG_NEEDS (or FAMILY_NEEDS) row the installed sglang-jax lacks (empty: it has it)."""
     import importlib
     import inspect
 
@@ -1027,8 +1028,7 @@ def missing_need(module: str, name: str, need: str) -> list[str]:
             params = {}
         return [f"{module}.{name}({n}=...)" for n in wanted if n not in params]
     if kind == "lacks":
-        return [f"{name} still has `{names}` (a Qwen3-MoE engine with dummy weights cannot start; fixed in "
-                "0.0.3rc99)"] if names in inspect.getsource(obj) else []
+        return [f"{name} still has `{names}`" + (f" ({why})" if why else "")] if names in inspect.getsource(obj) else []
     source = inspect.getsource(inspect.getmodule(obj) or source_module)
     if kind == "reads":
         return [f"{name} never reads {n}" for n in wanted if n not in source]
@@ -1172,10 +1172,6 @@ def rebind_leaves(model_runner, leaves: list) -> None:
 
 def runner_model(model_runner):
     return model_runner.model
-
-
-def runner_mesh(model_runner):
-    return model_runner.mesh
 
 
 def runner_facts(model_runner) -> dict:
