@@ -76,7 +76,7 @@ def test_stop_while_the_engine_starts(checkpoint, tmp_path, sig, code):
     assert error["engine_holds"] == "the engine was starting"
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130)])  # SIGTERM: mid-swap below, and in make test-compat
 def test_stop_during_a_generation(checkpoint, tmp_path, sig, code):
     run = stop_run([TOOL, "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "400"], "engine_ready_dummy",
                    sig, tmp_path)
