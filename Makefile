@@ -2,19 +2,22 @@
 # make test: ruff and the test suite on the pinned stack (CPU, virtual devices; builds its own checkpoints).
 # make test-compat: the tool on every other supported sglang-jax stack (and the refusal of the unsupported one).
 # make stress: the documented serving command, 5 runs in a row on each supported stack.
-# All create .venv with Python >= 3.12 and install requirements-cpu.txt first when needed; the other stacks
+# make test-fast: ruff, the engine-free tests and one end-to-end run (a few minutes): the edit-test loop.
+# All create .venv with Python >= 3.12 and install the project into it first when needed (editable, with the
+# extras cpu, torch, test, plot, wandb: requirements-{cpu,torch,test,plot,wandb}.txt); the other stacks
 # are small overlays (stacks/*.txt, installed --no-deps into .stacks/NAME) put in front of .venv on PYTHONPATH.
 
 VENV := .venv
 PY := $(VENV)/bin/python
-REQ := requirements-cpu.txt
+REQ := pyproject.toml requirements-cpu.txt requirements-torch.txt requirements-test.txt requirements-plot.txt requirements-wandb.txt
+EXTRAS := cpu,torch,test,plot,wandb
 STAMP := $(VENV)/.installed
 STACKS_DIR := .stacks
 COMPAT_STACKS := bd09a87 0.1.0rc0 0.1.0rc0-jax0.11 registry-0.0.2
 STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
 
-.PHONY: setup demo test test-compat stacks stress lint bench check-requirements device-kit device-rehearsal clean
+.PHONY: setup demo test test-fast test-compat stacks stress lint bench check-requirements check-install device-kit device-rehearsal clean
 
 setup: $(STAMP)
 
@@ -27,7 +30,7 @@ $(STAMP): $(REQ)
 	  test -n "$$py" || { echo "need Python >= 3.12 (sglang-jax requires it)" >&2; exit 1; }; \
 	  echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r $(REQ)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,6 +39,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not engine or fast"
 
 # one overlay per stack, built once (rebuilt when its stacks/NAME.txt changes); `make clean` removes them
 $(STACKS_DIR)/%/.installed: stacks/%.txt $(STAMP)
@@ -76,6 +83,11 @@ bench: $(STAMP)
 # every requirements-tpu*.txt resolves (pip --dry-run, Linux x86_64, Python 3.12: the TPU VM's)
 check-requirements: $(STAMP)
 	bash stacks/check_requirements.sh $(PY)
+
+# a fresh venv outside the repo: pip install ".[cpu]", run-param-swap --demo and the API's import from another
+# folder (about 5 minutes, not in CI)
+check-install: $(STAMP)
+	bash stacks/check_install.sh "$$($(PY) -c 'import sys; print(sys._base_executable)')"
 
 # the lent GPU machine's run (bench/device/run.sh, docs/benchmarks.md "The device run"): its wheels, and the
 # same runner here on CPU with the image's versions and a 2-layer checkpoint (a few minutes)

@@ -63,7 +63,9 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-if __name__ == "__main__":  # before numpy (OpenBLAS) or anything else starts a thread: see Stopper
+CONSOLE_SCRIPT = "run-param-swap"  # pyproject.toml's [project.scripts]: imports this module, then calls cli()
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == CONSOLE_SCRIPT:
+    # before numpy (OpenBLAS) or anything else starts a thread: see Stopper. Not when imported as the API.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})
 
 import numpy as np  # noqa: E402
@@ -3791,9 +3793,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(demo_tmp, ignore_errors=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python run_param_swap.py` and the console script `run-param-swap`: main(), then exit at once."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
     HOSTS.shutdown()
     os._exit(code)  # sglang-jax's threads can hang or abort interpreter teardown; everything is written
+
+
+if __name__ == "__main__":
+    cli()

@@ -25,7 +25,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import run_param_swap as rps  # noqa: E402
 
 QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
@@ -37,7 +36,6 @@ OTHER_SOURCES = [("streaming", "torch", ()), ("bulk", "torch", ()), ("streaming"
                  ("streaming", "trainer", ("--trainer-sharding", "engine", "--alias"))]
 D2D_COPY = """
 import json, sys, time
-sys.path.insert(0, {root!r})
 import jax, numpy as np
 import run_param_swap as rps
 info = rps.read_checkpoint_info({folder!r})
@@ -66,7 +64,7 @@ def device_copy_gbps(folder: str, tp: int) -> dict:
     a wait after each, as the swap does."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={tp}")
-    proc = subprocess.run([sys.executable, "-c", D2D_COPY.format(root=ROOT, folder=folder)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", D2D_COPY.format(folder=folder)], capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"device copy failed:\n{proc.stderr[-3000:]}")

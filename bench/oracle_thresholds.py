@@ -17,7 +17,6 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import run_param_swap as rps  # noqa: E402
 
 # (engine dtype, tp, checkpoint keywords). fp32 engines run at tp 1: at tp 4, and sometimes at tp 2, a float32

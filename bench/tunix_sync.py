@@ -31,8 +31,6 @@ import threading
 import time
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import run_param_swap as rps  # noqa: E402
 
 PROMPT = "The quick brown fox"

@@ -13,12 +13,12 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import run_param_swap as rps  # noqa: E402
 
 TOOL = os.path.join(ROOT, "run_param_swap.py")
 REFERENCE = os.path.join(ROOT, "tests", "reference_generate.py")
 MUTATED = os.path.join(ROOT, "tests", "mutated_run.py")
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "run-param-swap")  # the installed entry point
 PROMPT = "The quick brown fox"
 MAX_NEW = 12
 ENGINE_TIMEOUT = 600
@@ -61,9 +61,12 @@ class ToolRun:
         return self.phase("summary")
 
 
-def run_tool(*args: str, script: str = TOOL, env: dict | None = None, timeout: int = ENGINE_TIMEOUT) -> ToolRun:
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env=env or clean_env(), timeout=timeout, cwd=ROOT)
+def run_tool(*args: str, script: str = TOOL, env: dict | None = None, timeout: int = ENGINE_TIMEOUT,
+             cwd: str = ROOT) -> ToolRun:
+    """`python SCRIPT ARGS` (or the console script itself, script=CONSOLE_SCRIPT), its JSON lines parsed."""
+    command = [script] if script == CONSOLE_SCRIPT else [sys.executable, script]
+    proc = subprocess.run([*command, *args], capture_output=True, text=True,
+                          env=env or clean_env(), timeout=timeout, cwd=cwd)
     records = []
     for line in proc.stdout.splitlines():
         line = line.strip()

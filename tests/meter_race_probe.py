@@ -5,13 +5,11 @@ and how many walks of the tool's meter ran, and failed, in 3 s. Usage: python te
 
 import json
 import os
-import sys
 import threading
 import time
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

@@ -41,7 +41,6 @@ import signal
 import sys
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})  # as run_param_swap.py
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
 mutations, argv = sys.argv[1], sys.argv[2:]

@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
 

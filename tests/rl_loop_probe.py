@@ -21,7 +21,6 @@ import shutil
 import sys
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_param_swap as rps  # noqa: E402
 
 PROMPT, MAX_NEW = "The quick brown fox", 12  # conftest's

@@ -17,7 +17,7 @@ import run_param_swap as rps
 
 STACK = os.environ.get("PARAM_SWAP_STACK")
 UNSUPPORTED = "registry-0.0.2"
-pytestmark = pytest.mark.skipif(not STACK, reason="make test-compat runs these, one stack at a time")
+pytestmark = [pytest.mark.skipif(not STACK, reason="make test-compat runs these, one stack at a time"), pytest.mark.engine]
 supported = pytest.mark.skipif(STACK == UNSUPPORTED, reason=f"{UNSUPPORTED} is refused (test_registry_0_0_2...)")
 FAST = ["--max-new-tokens", "16"]
 

@@ -1,7 +1,9 @@
 """The demo end to end, and the swapped engine against sglang-jax's own loader (the heart)."""
 
 import pytest
-from conftest import MAX_NEW, MUTATED, PROMPT, clean_env, reference_output_ids, run_tool
+from conftest import CONSOLE_SCRIPT, MAX_NEW, MUTATED, PROMPT, clean_env, reference_output_ids, run_tool
+
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
 DEMO_PHASES = ["jax_ready", "engine_ready_dummy", "generate_before_swap", "mllm_params_cpu_ready",
                "sglang_param_dict_ready", "weights_swapped_from_mllm", "param_sharing_check", "weights_verified",
@@ -15,10 +17,13 @@ def swap_args(folder, tp, *extra):
             "--max-new-tokens", str(MAX_NEW), *extra]
 
 
+@pytest.mark.fast
 def test_demo(tmp_path):
+    """The demo as an installed user runs it: the console script `run-param-swap`, from another folder."""
     env = {**clean_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     run = run_tool("--demo", "--demo-dir", str(tmp_path / "demo"), "--json-out", str(tmp_path / "demo.jsonl"),
-                   "--plot", str(tmp_path / "memory.png"), "--wandb", env=env)
+                   "--plot", str(tmp_path / "memory.png"), "--wandb", env=env, script=CONSOLE_SCRIPT,
+                   cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     # the human-readable table on stderr, the plot, the offline W&B run
     table = run.stderr[run.stderr.index("device bytes in use (sum)"):]

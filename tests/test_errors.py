@@ -233,6 +233,7 @@ TENSORS = 26  # the tiny tied 2-layer checkpoint's plan: a swap places 26 tensor
     (TENSORS + 10, ["--bucket-mb", "1", "--rounds", "1", "--weights-source", "trainer", "--rollback"], "copy", 8),
     (5, ["--swap-mode", "bulk"], "kept", 0),  # bulk assigns only once every tensor is placed
 ])
+@pytest.mark.engine
 def test_failure_mid_swap_restores_previous_weights(checkpoint, fail_at, extra, kind, assigned):
     run = run_tool(f"fail_swap_at_{fail_at}", "--model-id", checkpoint(), *CPU4, *extra, script=MUTATED)
     error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
@@ -240,6 +241,7 @@ def test_failure_mid_swap_restores_previous_weights(checkpoint, fail_at, extra, 
     assert f"after {assigned} of {TENSORS} tensors were assigned" in error["error"]  # 1 MB buckets: a real restore
 
 
+@pytest.mark.engine
 def test_wrong_rollback_is_seen(checkpoint):
     """Planted: the rollback re-creates B (0.02 - A) instead of A: the answer after the restore differs."""
     run = run_tool(f"fail_swap_at_{TENSORS + 10}+rollback_from_b", "--model-id", checkpoint(), *CPU4,
@@ -248,6 +250,7 @@ def test_wrong_rollback_is_seen(checkpoint):
     assert error["restored"] is True and error["previous_weights_answer_matches"] is False
 
 
+@pytest.mark.engine
 def test_failure_mid_swap_without_rollback_is_reported(checkpoint):
     run = run_tool("fail_swap_at_5", "--model-id", checkpoint(), *CPU4, "--bucket-mb", "1", "--no-rollback",
                    script=MUTATED)
@@ -255,11 +258,13 @@ def test_failure_mid_swap_without_rollback_is_reported(checkpoint):
     assert error["restored"] is False and error["rollback"] == "off"
 
 
+@pytest.mark.engine
 def test_engine_crash_is_exit_3_not_137(checkpoint):
     run = run_tool("sigquit_in_generate", "--model-id", checkpoint(), *CPU4, script=MUTATED)
     assert_error(run, 3, "engine_crash", "SIGQUIT", "--watchdog-timeout")
 
 
+@pytest.mark.engine
 def test_scheduler_start_failure_is_exit_3_with_the_engines_message(checkpoint):
     """A failure inside Engine(...) (sglang-jax SIGQUITs and SIGKILLs the process tree: 137) is one error line
     naming the engine's own message, the summary and exit 3."""
@@ -268,12 +273,14 @@ def test_scheduler_start_failure_is_exit_3_with_the_engines_message(checkpoint):
     assert "engine_ready_dummy" not in run.phases()
 
 
+@pytest.mark.engine
 def test_other_host_dtype_is_cast_and_still_shared(checkpoint):
     run = run_tool("--model-id", checkpoint(), *CPU4, "--mllm-param-dtype", "float16", "--verify-param-sharing")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.summary["checks"]["param_sharing"]["ok"]
 
 
+@pytest.mark.engine
 def test_demo_leaves_nothing_behind(tmp_path):
     env = {**clean_env(), "TMPDIR": str(tmp_path)}
     run = run_tool("--demo", "--max-new-tokens", "2", env=env)

@@ -30,6 +30,7 @@ def probe(*cases: str, plant: str | None = None, env_extra: dict | None = None) 
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.engine
 def test_every_family_places_arrays_equal_to_sglang_loader():
     results = probe(*MATRIX)
     assert [r["case"] for r in results] == MATRIX
@@ -48,6 +49,7 @@ def test_every_family_places_arrays_equal_to_sglang_loader():
             assert 0 < r["largest_tensor_ratio"] < 0.25  # a layer's stacked experts: the streaming peak
 
 
+@pytest.mark.engine
 def test_rollback_recreates_the_dummy_weights_of_every_family():
     """Rollback "dummy": dummy_weights() re-creates every Param of a load_format="dummy" model bit for bit, in its
     sharding (one case per family and MoE backend)."""
@@ -61,6 +63,7 @@ def test_rollback_recreates_the_dummy_weights_of_every_family():
     ("qk_norm_swapped", "qwen3:2:1:2", {"model.layers.0.self_attn.q_norm.scale", "model.layers.0.self_attn.k_norm.scale"}),
     ("experts_gate_up_swapped", "qwen3_moe:2:1:2:0:epmoe", {"model.layers.1.mlp.wi_0", "model.layers.1.mlp.wi_1"}),
 ])
+@pytest.mark.engine
 def test_planted_family_layout_errors_are_named(plant, case, named):
     (r,) = probe(case, plant=plant)
     assert set(r["mismatched"]) == {f"{n} ({t})" for n in named for t in ("device", "host")}
@@ -87,6 +90,7 @@ def test_checkpoint_validation_covers_every_family(tmp_path):
             rps.validate_checkpoint(rps.read_checkpoint_info(folder))
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen3_moe"])
 def test_demo_of_each_family(arch, tmp_path):
     """--demo --arch X: both oracles, --rounds 1, exit 0; its greedy tokens are the own loader's."""

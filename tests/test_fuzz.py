@@ -137,6 +137,7 @@ ODD_BUT_VALID = st.fixed_dictionaries({
 @settings(max_examples=2, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=ODD_BUT_VALID)
+@pytest.mark.engine
 def test_odd_configs_through_the_whole_tool(base, edits):
     config = {**json.load(open(os.path.join(base, "config.json"))), **edits}
     folder = variant(base, config)

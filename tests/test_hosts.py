@@ -8,7 +8,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool
+
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
 HOSTS_TIMEOUT = 420
 

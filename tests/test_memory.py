@@ -36,6 +36,7 @@ def test_an_array_donated_mid_walk_is_skipped_and_the_walk_taken_again(monkeypat
         rps.live_array_bytes_per_device()
 
 
+@pytest.mark.engine
 def test_the_meter_walks_while_another_thread_donates_a_sharded_kv_cache():
     """The race itself (4 devices: the shard of a donated array is what raises): a naive walk meets it (the
     serving demo's exit 3 before this fix), the meter never fails."""

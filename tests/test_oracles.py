@@ -9,6 +9,8 @@ from conftest import MAX_NEW, MUTATED, PROMPT, reference_output_ids, run_tool
 from test_end_to_end import ORACLES, swap_args
 from test_errors import assert_error
 
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
+
 ORACLE_CHECKS = ("weights_equal_loader", "logits_match_reference")
 
 # mutation -> the engine paths weights_equal_loader must name (all of them, and no other)

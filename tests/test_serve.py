@@ -7,6 +7,8 @@ from conftest import MUTATED, PROMPT, run_tool
 
 import run_param_swap as rps
 
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
+
 # The oracles on and the default --single-copy-tolerance (1.02), as docs tell users to run it. Under load the
 # paused engine still holds its last batch's input arrays when the swap's memory is sampled (up to 1.05 MB of
 # this tiny model's 27.8 MB in use: +3.8%, past the tolerance): counted apart as serving_bytes_sum, never

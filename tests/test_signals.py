@@ -11,19 +11,23 @@ import time
 
 import psutil
 import pytest
-from conftest import MUTATED, ROOT, TOOL, clean_env
+from conftest import CONSOLE_SCRIPT, MUTATED, ROOT, TOOL, clean_env
+
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
 CPU4 = ["--device", "cpu", "--tp-size", "4"]
 STOP_BOUND_S = 20  # seconds from the signal to the exit (a swap in progress may take ~8 s here: slow_place)
 
 
-def stop_run(argv: list, after_phase: str | None, sig: int, tmp_path, delay: float = 0.5, marker=None) -> dict:
-    """Start the tool, wait for `after_phase`'s line (or, with after_phase None, for the file `marker` that a
+def stop_run(argv: list, after_phase: str | None, sig: int, tmp_path, delay: float = 0.5, marker=None,
+             cwd: str = ROOT) -> dict:
+    """Start the tool (`python ARGV`, or ARGV itself when it starts with the console script), wait for `after_phase`'s line (or, with after_phase None, for the file `marker` that a
     mutation writes), then `delay`, send `sig`; the lines, code, timing."""
     json_out = tmp_path / "run.jsonl"
     env = {**clean_env(compile_cache=False), **({"PARAM_SWAP_MARKER": str(marker)} if marker else {})}
-    proc = subprocess.Popen([sys.executable, *argv, "--json-out", str(json_out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    command = argv if argv[0] == CONSOLE_SCRIPT else [sys.executable, *argv]
+    proc = subprocess.Popen([*command, "--json-out", str(json_out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=cwd)
     lines, sent, family = [], None, []
 
     def stop() -> None:
@@ -78,8 +82,10 @@ def test_stop_while_the_engine_starts(checkpoint, tmp_path, sig, code):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130)])  # SIGTERM: mid-swap below, and in make test-compat
 def test_stop_during_a_generation(checkpoint, tmp_path, sig, code):
-    run = stop_run([TOOL, "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "400"], "engine_ready_dummy",
-                   sig, tmp_path)
+    """Through the console script, from another folder: its signal mask must be in place before numpy starts
+    OpenBLAS's threads too (else Python's KeyboardInterrupt, a traceback and no verdict)."""
+    run = stop_run([CONSOLE_SCRIPT, "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "400"],
+                   "engine_ready_dummy", sig, tmp_path, cwd=str(tmp_path))
     error = assert_stopped(run, sig, code, "generate_before_swap")
     assert error["engine_holds"] == "the dummy weights (no swap yet)"
 

@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ENGINE_TIMEOUT, ROOT, clean_env
 
 import run_param_swap as rps
 
 
+@pytest.mark.engine
 def test_reported_ids_equal_an_independent_greedy_decode(checkpoint):
     folder = checkpoint(tied=False, num_kv_heads=2)
     proc = subprocess.run([sys.executable, "tests/greedy_probe.py", "--model-id", folder, "--device", "cpu",

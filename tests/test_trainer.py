@@ -11,6 +11,8 @@ import pytest
 from conftest import ENGINE_TIMEOUT, MUTATED, ROOT, clean_env, reference_output_ids, run_tool
 from test_end_to_end import swap_args
 
+pytestmark = pytest.mark.engine  # make test-fast leaves these out
+
 GATE_BYTES = 512 * 1024 * 2  # the largest tensor of the test checkpoints: gate/up/down [512, 1024] bf16
 
 

@@ -10,7 +10,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import run_param_swap as rps  # noqa: E402
 
 

@@ -29,7 +29,7 @@ work=$(mktemp -d /tmp/param_swap_device.XXXXXX)
 trap 'rm -rf "$site" "$work"' EXIT
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
   || { echo "the wheels in .whl/ did not install (make device-kit builds them)" | tee -a "$OUT/summary.txt"; exit 1; }
-export PYTHONPATH="$site${IMAGE:+:$(pwd)/$IMAGE}"
+export PYTHONPATH="$site:$(pwd)${IMAGE:+:$(pwd)/$IMAGE}"  # $(pwd): run_param_swap, not installed there
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR="$work/jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 {
   echo "date: $(date -u +%FT%TZ)  device: $DEVICE  tp: $TP  layers: $LAYERS  python: $("$PYTHON" -V 2>&1)"

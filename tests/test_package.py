@@ -1,0 +1,74 @@
+"""`pip install` gives the module, the console script and one extra per use, each pinning what its
+requirements file pins (engine-free: builds the wheel and reads it; the demo through the installed console
+script runs in tests/test_end_to_end.py::test_demo, a stop through it in tests/test_signals.py)."""
+
+import email.parser
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import ROOT, clean_env
+
+EXTRAS = {"cpu": "requirements-cpu.txt", "tpu": "requirements-tpu.txt", "torch": "requirements-torch.txt",
+          "test": "requirements-test.txt", "plot": "requirements-plot.txt", "wandb": "requirements-wandb.txt"}
+
+
+def requirement_lines(name: str) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in open(os.path.join(ROOT, name)))
+    return [line for line in lines if line]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    """Built from a copy of what pyproject.toml names (setuptools writes build/ beside the sources)."""
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ["pyproject.toml", "README.md", "run_param_swap.py", *EXTRAS.values()]:
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--wheel-dir", str(out), str(src)], capture_output=True, text=True, timeout=300,
+                          cwd=str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("run_param_swap-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def dist_file(wheel: zipfile.ZipFile, name: str) -> str:
+    (path,) = [n for n in wheel.namelist() if n.endswith(".dist-info/" + name)]
+    return wheel.read(path).decode()
+
+
+def test_the_wheel_holds_the_module_and_nothing_else_of_the_repo(wheel):
+    code = [n for n in wheel.namelist() if ".dist-info/" not in n]
+    assert code == ["run_param_swap.py"]
+    assert wheel.read("run_param_swap.py") == open(os.path.join(ROOT, "run_param_swap.py"), "rb").read()
+
+
+def test_the_console_script_is_cli(wheel):
+    entry_points = dist_file(wheel, "entry_points.txt")
+    assert "[console_scripts]\nrun-param-swap = run_param_swap:cli" in entry_points
+    import run_param_swap as rps
+
+    assert rps.CONSOLE_SCRIPT == "run-param-swap" and callable(rps.cli)
+
+
+def test_each_extra_pins_what_its_requirements_file_pins(wheel):
+    meta = email.parser.Parser().parsestr(dist_file(wheel, "METADATA"))
+    assert sorted(meta.get_all("Provides-Extra")) == sorted(EXTRAS)
+    requires = meta.get_all("Requires-Dist")
+    for extra, name in EXTRAS.items():
+        marker = f'; extra == "{extra}"'
+        pinned = sorted(r.removesuffix(marker).replace(" ", "") for r in requires if r.endswith(marker))
+        assert pinned == sorted(line.replace(" ", "") for line in requirement_lines(name)), extra
+    assert sorted(r for r in requires if "extra ==" not in r) == ["numpy", "safetensors"]
+    assert meta["Requires-Python"] == ">=3.12"
+
+
+def test_the_api_imports_from_another_folder_without_path_edits(tmp_path):
+    """The installed module (make setup installs it editable), not a file next to the caller."""
+    proc = subprocess.run([sys.executable, "-c", "import run_param_swap as r; print(r.__file__, r.ParamSwapper)"],
+                          capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == os.path.join(ROOT, "run_param_swap.py")
