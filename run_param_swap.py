@@ -240,14 +240,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--moe-backend", choices=["epmoe", "fused", "auto"], default="epmoe",
                      help="Qwen3-MoE: sglang-jax's expert layout (default: %(default)s, sglang-jax's own; fused "
                           "is a TPU kernel); the swap maps to whichever the engine uses")
-    args = p.parse_args(argv)
-    if args.demo:  # 4 virtual CPU devices unless --device names another platform (then all its devices)
-        args.device = args.device or "cpu"
-        args.keep_param_dict = args.verify_param_sharing = args.verify_weights = args.verify_logits = True
-        args.tp_size = args.tp_size or (4 if args.device == "cpu" else 0)
-        args.bucket_mb = 1.0 if args.bucket_mb is None else args.bucket_mb
-    args.bucket_mb = DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb
-    return args
+    return p.parse_args(argv)
+
+
+class RunConfig(argparse.Namespace):
+    """The run's settings: the flags (same names), with every default that depends on another flag resolved
+    (run_config, before anything starts), then the facts only the run can know filled in once (resolved(),
+    in run(): the mesh size, the demo's checkpoint folder, the chat-wrapped prompt) before the engine starts.
+    Frozen: nothing changes it afterwards."""
+
+    def __init__(self, **settings):
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"RunConfig is frozen ({name}): run_config() and resolved() make it")
+
+    def resolved(self, **facts) -> RunConfig:
+        return RunConfig(**{**vars(self), **facts})
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The flags as parsed -> the run's frozen settings. --demo: 4 virtual CPU devices unless --device names
+    another platform (then all its devices), both oracles, --keep-param-dict --verify-param-sharing, 1 MB
+    buckets (its 11 MB of params would fit one default bucket)."""
+    derived = {"bucket_mb": DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb,
+               "trainer_sharding": args.trainer_sharding or ("fsdp" if args.weights_source == "trainer" else None)}
+    if args.demo:
+        device = args.device or "cpu"
+        derived.update(device=device, tp_size=args.tp_size or (4 if device == "cpu" else 0),
+                       bucket_mb=1.0 if args.bucket_mb is None else args.bucket_mb, keep_param_dict=True,
+                       verify_param_sharing=True, verify_weights=True, verify_logits=True)
+    return RunConfig(**{**vars(args), **derived})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,110 +429,6 @@ class PhaseLog:
 # ----------------------------------------------------------------------------------------------
 # Phase 1: JAX up (platform chosen before JAX starts)
 # ----------------------------------------------------------------------------------------------
-
-
-def validate_args(args: argparse.Namespace) -> None:
-    """Usage errors, found before JAX or the engine start."""
-    problems = []
-    if not args.prompt:
-        problems.append(("--prompt is empty", "give a non-empty prompt: the check compares generated tokens"))
-    if args.max_new_tokens < 1:
-        problems.append((f"--max-new-tokens {args.max_new_tokens} < 1", "generate at least one token"))
-    if args.tp_size < 0:
-        problems.append((f"--tp-size {args.tp_size} < 0", "0 means all devices"))
-    if args.dp_size != 1:
-        problems.append((f"--dp-size {args.dp_size}: only 1 is supported",
-                         "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
-    if args.rounds < 0:
-        problems.append((f"--rounds {args.rounds} < 0", "0 turns rounds off"))
-    if args.arch != "qwen2" and not args.demo:
-        problems.append((f"--arch {args.arch} without --demo", "--arch picks the family of the demo checkpoint; "
-                         "a real checkpoint's config.json names its own"))
-    if args.serve_load < 0:
-        problems.append((f"--serve-load {args.serve_load} < 0", "0 turns the load off"))
-    if not args.serve_seconds > 0:
-        problems.append((f"--serve-seconds {args.serve_seconds} <= 0", "seconds per requests/s window, e.g. 10"))
-    if args.weights_source == "trainer":
-        args.trainer_sharding = args.trainer_sharding or "fsdp"
-    elif args.alias or args.trainer_sharding:
-        problems.append(("--alias and --trainer-sharding need --weights-source trainer",
-                         "a host tree is always copied to the devices"))
-    if args.max_running_requests < args.dp_size:
-        problems.append((f"--max-running-requests {args.max_running_requests} < --dp-size {args.dp_size}",
-                         "sglang-jax needs at least one running request per data-parallel rank"))
-    if not 0 < args.mem_fraction_static <= 1:
-        problems.append((f"--mem-fraction-static {args.mem_fraction_static} is not in (0, 1]",
-                         "the fraction of device memory for weights and KV cache, e.g. 0.8"))
-    for flag in ("max_prefill_tokens", "max_total_tokens"):
-        if getattr(args, flag) < 1:
-            problems.append((f"--{flag.replace('_', '-')} {getattr(args, flag)} < 1", "a token budget must be positive"))
-    if args.watchdog_timeout <= 0:
-        problems.append((f"--watchdog-timeout {args.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
-    if not args.bucket_mb >= 0:
-        problems.append((f"--bucket-mb {args.bucket_mb} < 0", "0 places one tensor at a time"))
-    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
-        problems.append((f"--nnodes {args.nnodes} --node-rank {args.node_rank}", "ranks are 0 .. nnodes-1"))
-    elif args.nnodes > 1:
-        if not re.fullmatch(r"[^\s:]+:\d+", args.dist_init_addr or ""):
-            problems.append((f"--nnodes {args.nnodes} needs --dist-init-addr HOST:PORT (got {args.dist_init_addr})",
-                             "rank 0's address, the same on every host, e.g. the first worker's IP and a free port"))
-        if args.tp_size % args.nnodes:
-            problems.append((f"--tp-size {args.tp_size} is not a multiple of --nnodes {args.nnodes}",
-                             "give --tp-size: every host holds tp/nnodes devices of the mesh"))
-        unsupported = [f for f, on in (("--serve-load", args.serve_load), ("--demo", args.demo),
-                                       ("--weights-source torch", args.weights_source == "torch")) if on]
-        if unsupported:
-            problems.append((f"{', '.join(unsupported)} with --nnodes > 1 is not supported",
-                             "multi-host runs swap safetensors read on every host (or that tree on the devices: "
-                             "--weights-source trainer), on an idle engine"))
-    if args.single_copy_tolerance < 1.0:
-        problems.append((f"--single-copy-tolerance {args.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
-    if args.verify_logits:
-        import importlib.util
-
-        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            problems.append((f"--verify-logits needs {' and '.join(missing)}, which is not installed",
-                             "pip install torch==2.9.1 transformers (the reference forward runs on the host CPU; "
-                             "any torch build works)"))
-    if problems:
-        raise ToolError("arguments", "; ".join(p for p, _ in problems), "; ".join(h for _, h in problems))
-
-
-def configure_platform(args: argparse.Namespace) -> str:
-    """Pick the platform and, for cpu, ask XLA for --tp-size virtual devices. Must run before JAX starts."""
-    env_platform = os.environ.get("JAX_PLATFORMS", "")
-    if args.device and env_platform and env_platform != args.device:
-        raise ToolError("arguments", f"--device {args.device} conflicts with JAX_PLATFORMS={env_platform}",
-                        "unset JAX_PLATFORMS or make it equal to --device (sglang-jax asserts they match)")
-    device = args.device or env_platform or ""
-    if args.device == "cpu" and args.tp_size > 0:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        count = args.tp_size * args.dp_size // args.nnodes  # this host's share of the mesh
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    if device:
-        os.environ["JAX_PLATFORMS"] = device
-    return device
-
-
-def jax_ready(log_: PhaseLog, args: argparse.Namespace) -> str:
-    log_.begin("jax_ready")
-    import jax
-
-    HOSTS.start(args.nnodes, args.node_rank, args.dist_init_addr, args.watchdog_timeout,  # before JAX's backend
-                args.device or os.environ.get("JAX_PLATFORMS", ""))
-    device = args.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
-    devices = jax.devices()
-    tp = args.tp_size or len(devices) // args.dp_size
-    if tp * args.dp_size != len(devices):
-        raise ToolError("arguments", f"tp_size x dp_size = {tp} x {args.dp_size} != {len(devices)} devices",
-                        "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
-                        "makes --tp-size virtual devices)")
-    args.tp_size = tp
-    log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
-               device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=args.dp_size,
-               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
-    return device
 
 
 HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
@@ -679,6 +599,109 @@ class Hosts:
 
 
 HOSTS = Hosts()  # one host unless HOSTS.start(...) (jax_ready, from --nnodes)
+
+
+def validate_args(cfg: RunConfig) -> None:
+    """Usage errors, found before JAX or the engine start."""
+    problems = []
+    if not cfg.prompt:
+        problems.append(("--prompt is empty", "give a non-empty prompt: the check compares generated tokens"))
+    if cfg.max_new_tokens < 1:
+        problems.append((f"--max-new-tokens {cfg.max_new_tokens} < 1", "generate at least one token"))
+    if cfg.tp_size < 0:
+        problems.append((f"--tp-size {cfg.tp_size} < 0", "0 means all devices"))
+    if cfg.dp_size != 1:
+        problems.append((f"--dp-size {cfg.dp_size}: only 1 is supported",
+                         "sglang-jax's single-process engine (which the in-place swap needs) runs dp_size 1"))
+    if cfg.rounds < 0:
+        problems.append((f"--rounds {cfg.rounds} < 0", "0 turns rounds off"))
+    if cfg.arch != "qwen2" and not cfg.demo:
+        problems.append((f"--arch {cfg.arch} without --demo", "--arch picks the family of the demo checkpoint; "
+                         "a real checkpoint's config.json names its own"))
+    if cfg.serve_load < 0:
+        problems.append((f"--serve-load {cfg.serve_load} < 0", "0 turns the load off"))
+    if not cfg.serve_seconds > 0:
+        problems.append((f"--serve-seconds {cfg.serve_seconds} <= 0", "seconds per requests/s window, e.g. 10"))
+    if cfg.weights_source != "trainer" and (cfg.alias or cfg.trainer_sharding):
+        problems.append(("--alias and --trainer-sharding need --weights-source trainer",
+                         "a host tree is always copied to the devices"))
+    if cfg.max_running_requests < cfg.dp_size:
+        problems.append((f"--max-running-requests {cfg.max_running_requests} < --dp-size {cfg.dp_size}",
+                         "sglang-jax needs at least one running request per data-parallel rank"))
+    if not 0 < cfg.mem_fraction_static <= 1:
+        problems.append((f"--mem-fraction-static {cfg.mem_fraction_static} is not in (0, 1]",
+                         "the fraction of device memory for weights and KV cache, e.g. 0.8"))
+    for flag in ("max_prefill_tokens", "max_total_tokens"):
+        if getattr(cfg, flag) < 1:
+            problems.append((f"--{flag.replace('_', '-')} {getattr(cfg, flag)} < 1", "a token budget must be positive"))
+    if cfg.watchdog_timeout <= 0:
+        problems.append((f"--watchdog-timeout {cfg.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
+    if not cfg.bucket_mb >= 0:
+        problems.append((f"--bucket-mb {cfg.bucket_mb} < 0", "0 places one tensor at a time"))
+    if cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
+        problems.append((f"--nnodes {cfg.nnodes} --node-rank {cfg.node_rank}", "ranks are 0 .. nnodes-1"))
+    elif cfg.nnodes > 1:
+        if not re.fullmatch(r"[^\s:]+:\d+", cfg.dist_init_addr or ""):
+            problems.append((f"--nnodes {cfg.nnodes} needs --dist-init-addr HOST:PORT (got {cfg.dist_init_addr})",
+                             "rank 0's address, the same on every host, e.g. the first worker's IP and a free port"))
+        if cfg.tp_size % cfg.nnodes:
+            problems.append((f"--tp-size {cfg.tp_size} is not a multiple of --nnodes {cfg.nnodes}",
+                             "give --tp-size: every host holds tp/nnodes devices of the mesh"))
+        unsupported = [f for f, on in (("--serve-load", cfg.serve_load), ("--demo", cfg.demo),
+                                       ("--weights-source torch", cfg.weights_source == "torch")) if on]
+        if unsupported:
+            problems.append((f"{', '.join(unsupported)} with --nnodes > 1 is not supported",
+                             "multi-host runs swap safetensors read on every host (or that tree on the devices: "
+                             "--weights-source trainer), on an idle engine"))
+    if cfg.single_copy_tolerance < 1.0:
+        problems.append((f"--single-copy-tolerance {cfg.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
+    if cfg.verify_logits:
+        import importlib.util
+
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            problems.append((f"--verify-logits needs {' and '.join(missing)}, which is not installed",
+                             "pip install torch==2.9.1 transformers (the reference forward runs on the host CPU; "
+                             "any torch build works)"))
+    if problems:
+        raise ToolError("arguments", "; ".join(p for p, _ in problems), "; ".join(h for _, h in problems))
+
+
+def configure_platform(cfg: RunConfig) -> str:
+    """Pick the platform and, for cpu, ask XLA for --tp-size virtual devices. Must run before JAX starts."""
+    env_platform = os.environ.get("JAX_PLATFORMS", "")
+    if cfg.device and env_platform and env_platform != cfg.device:
+        raise ToolError("arguments", f"--device {cfg.device} conflicts with JAX_PLATFORMS={env_platform}",
+                        "unset JAX_PLATFORMS or make it equal to --device (sglang-jax asserts they match)")
+    device = cfg.device or env_platform or ""
+    if cfg.device == "cpu" and cfg.tp_size > 0:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        count = cfg.tp_size * cfg.dp_size // cfg.nnodes  # this host's share of the mesh
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    if device:
+        os.environ["JAX_PLATFORMS"] = device
+    return device
+
+
+def jax_ready(log_: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
+    """Phase 1: JAX's devices (several hosts: the coordination service first). Returns the platform and the
+    tensor-parallel size (--tp-size 0: every device)."""
+    log_.begin("jax_ready")
+    import jax
+
+    HOSTS.start(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr, cfg.watchdog_timeout,  # before JAX's backend
+                cfg.device or os.environ.get("JAX_PLATFORMS", ""))
+    device = cfg.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
+    devices = jax.devices()
+    tp = cfg.tp_size or len(devices) // cfg.dp_size
+    if tp * cfg.dp_size != len(devices):
+        raise ToolError("arguments", f"tp_size x dp_size = {tp} x {cfg.dp_size} != {len(devices)} devices",
+                        "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
+                        "makes --tp-size virtual devices)")
+    log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
+               device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=cfg.dp_size,
+               nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
+    return device, tp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -880,34 +903,34 @@ def chat_prompt(path: str, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def validate_token_budget(args, info: CheckpointInfo) -> None:
+def validate_token_budget(cfg, info: CheckpointInfo) -> None:
     """sglang-jax refuses a request whose prompt and new tokens do not fit its token budget or the model's
     context; count the prompt with the checkpoint's tokenizer and say so before anything starts."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.path)
-        prompt_tokens = len(tokenizer(args.prompt)["input_ids"])
+        prompt_tokens = len(tokenizer(cfg.prompt)["input_ids"])
     except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer cannot be served either
         raise ToolError("checkpoint", f"cannot load the tokenizer of {info.path}: {type(e).__name__}: {e}",
                         "the engine needs the checkpoint's tokenizer files") from e
-    if args.serve_load:
-        prompts = load_prompts(tokenizer, args.prompt)
+    if cfg.serve_load:
+        prompts = load_prompts(tokenizer, cfg.prompt)
         if not prompts:
             raise ToolError("arguments", "--serve-load: every load prompt starts with the same token as --prompt",
                             "start --prompt with another word")
-        longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + 2 * args.max_new_tokens
-        if longest >= min(args.max_total_tokens, info.context_len):
+        longest = max(len(tokenizer(p)["input_ids"]) for p in prompts) + 2 * cfg.max_new_tokens
+        if longest >= min(cfg.max_total_tokens, info.context_len):
             raise ToolError("arguments", f"--serve-load: its longest request ({longest} tokens: a load prompt + 2 x "
-                            f"--max-new-tokens) does not fit --max-total-tokens {args.max_total_tokens} or the "
+                            f"--max-new-tokens) does not fit --max-total-tokens {cfg.max_total_tokens} or the "
                             f"model's context of {info.context_len}", "lower --max-new-tokens")
-    total = prompt_tokens + args.max_new_tokens
-    problems = [(f"--max-total-tokens {args.max_total_tokens}", "raise --max-total-tokens")
-                for _ in [0] if total >= args.max_total_tokens]
+    total = prompt_tokens + cfg.max_new_tokens
+    problems = [(f"--max-total-tokens {cfg.max_total_tokens}", "raise --max-total-tokens")
+                for _ in [0] if total >= cfg.max_total_tokens]
     problems += [(f"the model's context of {info.context_len} tokens (max_position_embeddings)",
                   "shorten the prompt or --max-new-tokens") for _ in [0] if total >= info.context_len]
     if problems:
-        raise ToolError("arguments", f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {args.max_new_tokens} "
+        raise ToolError("arguments", f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {cfg.max_new_tokens} "
                         f"= {total} tokens do not fit " + " nor ".join(p for p, _ in problems),
                         "; ".join(h for _, h in problems))
 
@@ -1478,33 +1501,18 @@ def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def engine_kwargs(args: argparse.Namespace, model_path: str, device: str, load_format: str) -> dict:
+def engine_kwargs(cfg: RunConfig, model_path: str, device: str, load_format: str) -> dict:
     """sglang-jax ServerArgs for this run (shared with the tests' reference engine)."""
     return dict(
         model_path=model_path, load_format=load_format, enable_single_process=True, device=device,
-        tp_size=args.tp_size, dp_size=args.dp_size, dtype=args.dtype, download_dir=args.download_dir,
-        mem_fraction_static=args.mem_fraction_static, max_prefill_tokens=args.max_prefill_tokens,
-        max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
-        disable_precompile=not args.precompile, watchdog_timeout=args.watchdog_timeout,
-        random_seed=args.random_seed, moe_backend=args.moe_backend, log_level="warning",
-        **({"nnodes": args.nnodes, "node_rank": args.node_rank, "dist_init_addr": args.dist_init_addr}
-           if args.nnodes > 1 else {}),
+        tp_size=cfg.tp_size, dp_size=cfg.dp_size, dtype=cfg.dtype, download_dir=cfg.download_dir,
+        mem_fraction_static=cfg.mem_fraction_static, max_prefill_tokens=cfg.max_prefill_tokens,
+        max_total_tokens=cfg.max_total_tokens, max_running_requests=cfg.max_running_requests,
+        disable_precompile=not cfg.precompile, watchdog_timeout=cfg.watchdog_timeout,
+        random_seed=cfg.random_seed, moe_backend=cfg.moe_backend, log_level="warning",
+        **({"nnodes": cfg.nnodes, "node_rank": cfg.node_rank, "dist_init_addr": cfg.dist_init_addr}
+           if cfg.nnodes > 1 else {}),
     )
-
-
-def engine_ready_dummy(log_: PhaseLog, args, info: CheckpointInfo, device: str, stack: dict):
-    log_.begin("engine_ready_dummy")
-    t = time.perf_counter()
-    engine, model_runner = start_engine(engine_kwargs(args, info.path, device, "dummy"))
-    swapper = ParamSwapper(engine, info.num_kv_heads, args.bucket_mb, args.transpose)
-    if log_.stopper is not None:
-        log_.stopper.swapper = swapper
-    params = swapper.state.params
-    log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
-               load_format="dummy", num_leaves=len(leaves_of(model_runner)), num_params=len(params),
-               param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()),
-               sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
-    return engine, swapper
 
 
 def path_str(path) -> str:
@@ -1576,6 +1584,90 @@ class EngineState:
             raise ToolError("swap", "the model's state structure changed during the swap",
                             "a swapped Param changed the nnx tree; this would recompile or fail", EXIT_ENGINE)
         rebind_leaves(self.model_runner, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: greedy, always max_new_tokens tokens, the ids as the scheduler generated them
+# ----------------------------------------------------------------------------------------------
+
+
+def check_live(engine) -> None:
+    """Every weight the forward reads is a live buffer. An engine Param aliased to a trainer array (--alias)
+    dies when the trainer donates that buffer to its next step (jit donate_argnums); generating then would
+    crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent. An engine
+    without an in-process scheduler (not enable_single_process) has no Params this tool could have swapped."""
+    if engine_scheduler(engine) is None:
+        return
+    leaves = leaves_of(engine_model_runner(engine))
+    deleted = sum(on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
+    if deleted:
+        raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
+                        "deleted before generation", "a trainer step donated arrays the engine aliases (alias=True "
+                        "/ --alias): swap again after the step, swap without alias, or do not donate them",
+                        EXIT_ENGINE)
+
+
+def generate_greedy(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+    """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
+    an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
+    = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
+    ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    if HOSTS.rank:  # rank 0 sends the request (its scheduler hands it on to this host's); its answer
+        return HOSTS.from_rank0("generate")
+    check_live(engine)
+    return HOSTS.from_rank0("generate", answer_of(engine, engine.generate(
+        prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
+
+
+def greedy(max_new_tokens: int) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+
+
+def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
+    """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate())."""
+    meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
+    record = request_recorder(engine).take(meta["id"])
+    ids = record["output_ids"]
+    decoded = engine_tokenizer(engine).decode(ids, skip_special_tokens=True)
+    problems = []
+    if not len(ids) == meta.get("completion_tokens") == max_new_tokens:
+        problems.append(f"{len(ids)} ids, completion_tokens {meta.get('completion_tokens')}, "
+                        f"max_new_tokens {max_new_tokens}")
+    if logprobs and len(record["output_logprobs"] or []) != len(ids):
+        problems.append(f"{len(record['output_logprobs'] or [])} logprobs for {len(ids)} ids")
+    if out["text"] != decoded:
+        problems.append("the engine's text is not the decoding of the generated ids")
+    result = {"text": out["text"], "output_ids": ids, "num_tokens": len(ids),
+              "finish_reason": meta.get("finish_reason"), "prompt_ids": record["prompt_ids"],
+              "api_output_ids_match": list(out.get("output_ids", [])) == ids,
+              "consistent": not problems, "consistency_problems": problems, "meta_info": meta}
+    if logprobs:
+        result["output_logprobs"] = record["output_logprobs"]
+    return result
+
+
+def check_generate(log_: PhaseLog) -> bool:
+    """Every answer so far was consistent (see generate()): a wrong count or a text that is not the ids'
+    decoding means the engine's answer cannot be trusted, whatever the weights."""
+    bad = {phase: out["consistency_problems"] for phase, out in log_.answers if not out["consistent"]}
+    return log_.check("generate", bool(log_.answers) and not bad, answers_checked=len(log_.answers),
+                      num_tokens=[out["num_tokens"] for _, out in log_.answers], inconsistent=bad)
+
+
+def check_restored(error: ToolError, engine, cfg, previous_output: dict) -> None:
+    """After a failed swap was rolled back, the engine must answer exactly as it did with those weights."""
+    if error.details.get("restored"):
+        if HOSTS.rank == 0:  # reaches every host's scheduler
+            engine.flush_cache()
+        out = generate_greedy(engine, cfg.prompt, cfg.max_new_tokens)
+        error.details["previous_weights_answer_matches"] = out["output_ids"] == previous_output["output_ids"]
+
+
+def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
+    """The same prompt and greedy sampling must answer differently once the real weights are in: a swap the
+    forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
+    return log_.check("swap_effective", before["output_ids"] != after["output_ids"],
+                      before_swap_output_ids=before["output_ids"], after_swap_output_ids=after["output_ids"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1731,12 +1823,12 @@ def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
     return dict(model.state_dict())
 
 
-def read_mllm_tree(args, info: CheckpointInfo) -> tuple[dict, float]:
+def read_mllm_tree(cfg, info: CheckpointInfo) -> tuple[dict, float]:
     """The MLLM-JAX params tree of a checkpoint, and the seconds spent reading the files."""
     t = time.perf_counter()
-    tensors = read_torch_state_dict(info) if args.weights_source == "torch" else read_safetensors(info)
+    tensors = read_torch_state_dict(info) if cfg.weights_source == "torch" else read_safetensors(info)
     read_s = time.perf_counter() - t
-    flat = hf_to_mllm(tensors, info.tie_word_embeddings, args.mllm_param_dtype)
+    flat = hf_to_mllm(tensors, info.tie_word_embeddings, cfg.mllm_param_dtype)
     for arr in flat.values():  # nobody changes it in place: the swapper may keep it as a free rollback (read_only)
         arr.flags.writeable = False
     return nest(flat), read_s
@@ -1749,13 +1841,13 @@ def load_mllm_params(path: str, dtype: str = "bfloat16", source: str = "safetens
     return read_mllm_tree(argparse.Namespace(weights_source=source, mllm_param_dtype=dtype), info)[0]
 
 
-def mllm_params_cpu_ready(log_: PhaseLog, args, info: CheckpointInfo) -> dict:
+def mllm_params_cpu_ready(log_: PhaseLog, cfg, info: CheckpointInfo) -> dict:
     log_.begin("mllm_params_cpu_ready")
     t = time.perf_counter()
-    tree, read_s = read_mllm_tree(args, info)
+    tree, read_s = read_mllm_tree(cfg, info)
     flat = flatten(tree)
     seconds = time.perf_counter() - t
-    log_.phase("mllm_params_cpu_ready", weights_source=args.weights_source, dtype=args.mllm_param_dtype,
+    log_.phase("mllm_params_cpu_ready", weights_source=cfg.weights_source, dtype=cfg.mllm_param_dtype,
                num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()), read_s=round(read_s, 4),
                convert_s=round(seconds - read_s, 4), seconds=round(seconds, 4), sample_keys=sorted(flat)[:3])
     return tree
@@ -2043,7 +2135,7 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
         else:
             arr = put(host, item.sharding)
     if stats is not None:
-        stats.placed_bytes_sum += item.nbytes_sum
+        stats.copied_bytes_sum += item.nbytes_sum
         stats.transposed_bytes_sum += item.nbytes_sum if transposed else 0
     return arr
 
@@ -2069,7 +2161,7 @@ class SwapStats:
     backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
     meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
     transposed_bytes_sum: int = 0  # kernels transposed on the devices
-    placed_bytes_sum: int = 0  # device bytes of the arrays made for the engine (copied_bytes_sum in the JSON)
+    copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)
     aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
     device_put_reshards: int = 0  # device sources on another device order than the engine's mesh (place_device)
     peak_bytes_in_use_sum: int = 0
@@ -2097,7 +2189,7 @@ class SwapStats:
 
     def as_json(self) -> dict:
         def gbps(seconds):
-            return round(self.placed_bytes_sum / seconds / 1e9, 3) if seconds else None
+            return round(self.copied_bytes_sum / seconds / 1e9, 3) if seconds else None
 
         place_s = self.host_s + self.put_s
         return {"swap_mode": self.mode, "source": self.source, "transpose": self.transpose,
@@ -2105,7 +2197,7 @@ class SwapStats:
                 "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
                 "meter_s": round(self.meter_s, 4),
-                "placed_bytes_sum": self.placed_bytes_sum, "copied_bytes_sum": self.placed_bytes_sum,
+                "copied_bytes_sum": self.copied_bytes_sum,
                 "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
                 "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
                 "transposed_bytes_sum": self.transposed_bytes_sum,
@@ -2166,8 +2258,8 @@ class Rollback:
         raise RuntimeError(f"no rollback ({self.kind})")
 
 
-def swap(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
-         stats: SwapStats, rollback: Rollback, alias: bool = False) -> dict:
+def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
+                     stats: SwapStats, rollback: Rollback, alias: bool = False) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
@@ -2253,12 +2345,271 @@ def source_arrays(flat: Mapping[str, Any]) -> list:
     return list(getattr(flat, "base", flat).values())
 
 
+# ----------------------------------------------------------------------------------------------
+# Pausing generation around a swap: pause (retract), flush the radix cache, continue (ServeGuard's hooks)
+# ----------------------------------------------------------------------------------------------
+
 PAUSE_WAIT_S = 120.0  # how long a swap waits for the scheduler to confirm it paused
 
 
+async def continue_generation(guard: ServeGuard) -> None:
+    if HOSTS.rank:  # rank 0's reaches this host's scheduler
+        return
+    await guard.send_continue()
+
+
+async def pause_generation(guard: ServeGuard, pauses: int) -> int:
+    """pause_generation(retract), then wait until the scheduler's own thread has handled it with nothing
+    left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the scheduler
+    records when it is done). `pauses`: the guard's count before this pause. Returns the requests the
+    scheduler holds. Rank >= 1 of several hosts: rank 0's pause reaches this host's scheduler too (it
+    forwards every request); wait for it."""
+    if HOSTS.rank == 0:
+        await guard.send_pause()
+    deadline = time.perf_counter() + PAUSE_WAIT_S
+    while guard.pauses == pauses or guard.paused_requests is None:
+        if time.perf_counter() > deadline:
+            await continue_generation(guard)
+            error = ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
+                              + ("" if guard.pauses == pauses else " (requests were still running)"),
+                              "nothing was swapped; generation continues", EXIT_ENGINE)
+            HOSTS.fail(error)
+            raise error
+        await asyncio.sleep(0.002)
+    return guard.paused_requests
+
+
+async def flush_radix_cache(guard: ServeGuard) -> int:
+    """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
+    (stale prefix KV of the old weights would survive). Returns how many requests were held aside.
+    Rank >= 1 of several hosts: rank 0's flush reaches this host's scheduler; 0."""
+    if HOSTS.rank:
+        return 0
+    success, message, held = await guard.send_flush()
+    if not success:
+        raise ToolError("swap_flush", f"the radix cache flush was refused: {message}",
+                        "generation stays paused: the cache may hold prefix KV of the previous weights",
+                        EXIT_ENGINE, generation="paused")
+    return held
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollback: which kind a swap gets, chosen before it starts (Rollback, above, does it)
+# ----------------------------------------------------------------------------------------------
+
+
+def holds_dummy_weights(state: EngineState) -> bool:
+    """The engine's smallest Param equals sglang-jax's dummy initialiser run again (then a failed first
+    swap can re-create the dummy weights instead of copying them: Rollback "dummy")."""
+    path, param = min(state.params.items(), key=lambda kv: param_bytes_sum([kv[1].get_value()]))
+    try:
+        again = dummy_weights(state.model_runner, {path})[path]
+    except (RuntimeError, AttributeError, TypeError, KeyError, ValueError) as e:  # another sglang-jax version
+        log(f"sglang-jax's dummy initialiser could not be run again ({type(e).__name__}: {e}): a rollback "
+            "will copy the dummy weights")
+        return False
+    mine, theirs = host_shards(param.get_value()), host_shards(again)
+    if mine.keys() != theirs.keys() or not all(np.array_equal(mine[k], theirs[k]) for k in mine):
+        log(f"the engine's {path} is not sglang-jax's dummy initialisation: a rollback will copy it")
+        return False
+    return True
+
+
+def choose_rollback(mode: str, rollback: bool | None, device: bool, free: Rollback | None,
+                    model_runner) -> Rollback:
+    """The swap's Rollback. bulk: "kept" (the replaced arrays stay alive until every one is assigned).
+    rollback None: the free kind where there is one (`free`: the engine's weights can be re-created, "dummy"
+    or "source"), else a host copy of each replaced array for host sources and none for device sources (a
+    copy would go device->host; without one the swap runs under JAX's device-to-host transfer guard, which
+    proves on TPU/GPU that nothing leaves the devices). True: a copy where nothing is free. False: none."""
+    if mode == "bulk":
+        return Rollback("kept")
+    if rollback is False:
+        return Rollback("off")
+    if free is not None:
+        return dataclasses.replace(free)
+    return Rollback("copy" if rollback or not device else "off", model_runner=model_runner)
+
+
+@dataclasses.dataclass
+class UndoPoint:
+    """Taken just before a swap changes the engine; agree_swapped undoes the swap with it if the hosts
+    disagree, and drops it otherwise (a rollback's copies live no longer than the swap)."""
+    swaps: int  # swaps completed before this one
+    free_rollback: Rollback | None  # how the weights before this swap could be re-created for free
+    rollback: Rollback  # this swap's
+
+
+# ----------------------------------------------------------------------------------------------
+# Several hosts: every host swaps the same plan and completes it, or none keeps it
+# ----------------------------------------------------------------------------------------------
+
+
+def agree_plan(plan: list[SwapItem]) -> None:
+    """Several hosts: every host is about to swap the same plan, or none touches its engine."""
+    plans = HOSTS.agree("swap_plan", plan_fingerprint(plan))
+    if len(set(plans)) > 1:
+        raise ToolError("swap_agreement", "the hosts planned different swaps: " + ", ".join(
+            f"rank {r} {p}" for r, p in enumerate(plans)), "every host must swap the same tree (names, shapes, "
+            "dtypes) into the same engine; nothing was swapped", EXIT_BAD_INPUT, plans=plans)
+
+
+def undo_swap(swapper: ParamSwapper, plan: list[SwapItem], undo: UndoPoint) -> bool:
+    """Put back the weights a completed swap replaced (with its Rollback), as if it had failed."""
+    swapper.guard.changing = True
+    restored = restore(swapper.state, plan, {}, undo.rollback)
+    swapper.last_swap_restored = restored
+    swapper.guard.changing = not restored
+    if restored:
+        swapper.swaps, swapper.free_rollback, swapper.guard.weights_id = undo.swaps, undo.free_rollback, undo.swaps
+    else:
+        swapper.free_rollback = None
+    return restored
+
+
+def agree_swapped(swapper: ParamSwapper, plan: list[SwapItem], param_dict: Mapping[str, Any],
+                  error: ToolError | None, undo: UndoPoint | None) -> ToolError | None:
+    """Several hosts: every host completed this swap, or none keeps it. Each host's completed swaps, plan,
+    error, and how many of its engine's Params (and their model_state_leaves entries) are now this swap's
+    arrays (what the engine holds, not what the swap says it did) are compared; on any difference every
+    host puts its previous weights back (undo_swap), and all raise the same error: the first failed host's,
+    else swap_agreement (exit 1: a partial swap, which would otherwise generate with mixed weights and no
+    error at all). One host: `error` as it is."""
+    if not HOSTS.multi:
+        return error
+    state = swapper.state
+    leaves, where = state.leaves(), state.leaf_index
+    held = sum(state.params[p].get_value() is a and leaves[where[p]] is a for p, a in param_dict.items())
+    seen = HOSTS.agree("swap_done", {"swaps": swapper.swaps, "plan": plan_fingerprint(plan), "params_held": held,
+                                     "error": error.record() if error is not None else None})
+    if error is None and all(s == seen[0] for s in seen) and held == len(plan):
+        return None
+    restored = undo_swap(swapper, plan, undo) if error is None else bool(error.details.get("restored"))
+    everywhere = all(HOSTS.agree("swap_undone", restored))
+    failed = [(r, s["error"]) for r, s in enumerate(seen) if s["error"]]
+    hosts = [{"rank": r, "swaps_completed": s["swaps"], "plan": s["plan"], "params_held": s["params_held"],
+              "error": s["error"]["error"] if s["error"] else None} for r, s in enumerate(seen)]
+    if failed:
+        r, rec = failed[0]
+        out = ToolError(rec["stage"], f"rank {r}: {rec['error']}", rec["hint"], rec["exit_code"], failed_rank=r)
+    else:
+        short = [r for r, s in enumerate(seen) if s["params_held"] != len(plan)] or \
+            [r for r, s in enumerate(seen) if (s["swaps"], s["plan"]) != (seen[0]["swaps"], seen[0]["plan"])]
+        out = ToolError("swap_agreement", f"the hosts did not all complete the swap: rank(s) {short} differ ("
+                        + "; ".join(f"rank {h['rank']}: {h['params_held']} of {len(plan)} Params swapped, "
+                                    f"{h['swaps_completed']} swaps completed" for h in hosts) + ")",
+                        "a partial swap (a host skipped or lost part of it); the previous weights were put back "
+                        "on every host" if everywhere else "a partial swap: the engine holds mixed weights",
+                        EXIT_CHECK_FAILED, failed_rank=short[0] if short else 0)
+    out.details.update(restored=everywhere, rollback=undo.rollback.kind, hosts=hosts)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The swap's figures: the memory split and the report (the phase JSON's weights_swapped_from_mllm)
+# ----------------------------------------------------------------------------------------------
+
+
+def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], stats: SwapStats) -> tuple[bool, dict]:
+    """Same leaf count and treedef as the dummy engine; every swapped Param and leaf is the dict's array; no
+    leaf is a deleted buffer; and every array the swap replaced is gone (nothing still references it)."""
+    import jax
+    from flax import nnx
+
+    leaves = state.leaves()
+    treedef = jax.tree_util.tree_flatten(nnx.split(runner_model(state.model_runner))[1])[1]
+    stale = [p for p in param_dict
+             if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
+    deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
+    alive = stats.still_alive()
+    ok = (len(leaves) == len(state.leaf_paths) and treedef == state.treedef and not stale and not deleted
+          and alive == 0 and len(param_dict) == len(state.params))
+    return ok, {"num_leaves": len(leaves), "expected_leaves": len(state.leaf_paths),
+                "treedef_equal": treedef == state.treedef, "params_swapped": len(param_dict),
+                "params_in_model": len(state.params), "not_the_new_array": stale[:10], "deleted": deleted[:10],
+                "replaced_still_alive": alive}
+
+
+def memory_split(state: EngineState, guard: ServeGuard, mllm_params: Mapping[str, Any] | None = None,
+                 memory: dict | None = None) -> dict:
+    """Device bytes in use (now, or in the `memory` sample just taken), split: the trainer's arrays (a device
+    source), the part of them the engine does not share (trainer_only), the buffers the batch of a paused
+    or idle scheduler still holds (serving: ServeGuard.serving_bytes), and the rest (the engine: its
+    weights, KV cache, everything else). Several hosts: summed over every host (collective: every rank
+    calls it)."""
+    total = bytes_in_use_sum(memory or device_memory())
+    engine_buffers = {(d.id, p) for v in state.params.values() for d, p, _ in device_buffers(v.get_value())}
+    trainer: dict[tuple[int, int], int] = {}
+    if mllm_params is not None:
+        for a in source_arrays(as_flat(mllm_params)):
+            if on_devices(a) and not a.is_deleted():
+                trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
+    trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
+    serving = guard.serving_bytes(engine_buffers | set(trainer))
+    split = {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
+             "trainer_only_bytes_sum": trainer_only, "serving_bytes_sum": serving,
+             "engine_bytes_sum": total - trainer_only - serving}
+    hosts = HOSTS.agree("memory_split", split)
+    return {k: sum(h[k] for h in hosts) for k in split}
+
+
+@dataclasses.dataclass
+class SwapTimes:
+    """perf_counter marks of one swap: start, paused, swapped (changed + memory taken), flushed, continued."""
+    start: float
+    paused: float
+    change_s: float  # the engine's change itself (place, assign, rebind), the memory samples left out
+    flush_start: float
+    flushed: float
+    continued: float
+
+
+def swap_report(plan: list[SwapItem], swapped: int, stats: SwapStats, before: int, times: SwapTimes, alias: bool,
+                rollback: Rollback, leaves_ok: bool, split: dict, memory: dict, paused: int, held: int,
+                guard: ServeGuard) -> dict:
+    """What one swap did and cost: the phase JSON's weights_swapped_from_mllm (docs/phases.md, docs/api.md)."""
+    param_bytes = sum(i.nbytes_sum for i in plan)
+    swap_s = times.change_s + times.flushed - times.flush_start
+    stopped = times.continued - times.start
+    return {"swap_s": round(swap_s, 4), "flush_s": round(times.flushed - times.flush_start, 4),
+            "num_swapped": swapped, "param_bytes_sum": param_bytes, "alias": alias,
+            "rollback": rollback.kind != "off", "rollback_kind": rollback.kind, **stats.as_json(),
+            "bytes_in_use_sum_before_swap": before,
+            "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
+            "leaves_unchanged": leaves_ok, **split, "memory": memory,
+            "pause_mode": PAUSE_MODE, "pause_s": round(times.paused - times.start, 4),
+            "serving_stopped_s": round(stopped, 4), "serving_stopped_ratio": round(stopped / max(swap_s, 1e-9), 3),
+            "requests_paused": paused, "requests_held_in_flush": held,
+            "prefill_requests_retracted": guard.retracted_prefills}
+
+
+def run_on_engine_loop(engine, coro):
+    """Run a coroutine on the engine's event loop from synchronous code (the loop must not be running:
+    sglang-jax's own sync calls have the same rule)."""
+    loop = engine_loop(engine)
+    if loop.is_running():
+        coro.close()
+        raise ToolError("arguments", "the engine's event loop is running (a generation or a swap is in "
+                        "progress on it)", "from a coroutine on engine.loop, await swapper.swap_async(...); "
+                        "from synchronous code, call swap() while no engine call runs")
+    return loop.run_until_complete(coro)
+
+
+# ----------------------------------------------------------------------------------------------
+# ParamSwapper: the API an RL loop imports (the CLI runs on it too)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SwapResult:
+    report: dict  # swap_report: what swap() and swap_async() return
+    arrays: dict  # {nnx path: the engine's new array} (the CLI's --keep-param-dict, param_sharing_check)
+    leaves: dict  # the leaves_unchanged check's details
+
+
 class ParamSwapper:
-    """Swap MLLM-JAX param trees into a running sglang-jax Engine, in place. The API an RL loop imports; the
-    CLI runs on it too. docs/api.md has the contract and an example.
+    """Swap MLLM-JAX param trees into a running sglang-jax Engine, in place. docs/api.md has the contract
+    and an example.
 
         swapper = ParamSwapper(engine)
         report = swapper.swap(mllm_params, mode="streaming", alias=False)   # the phase JSON's dict
@@ -2291,7 +2642,6 @@ class ParamSwapper:
         self.arch, self.moe_backend = facts["arch"], facts["moe_backend"]
         self.plans: dict[tuple, list[SwapItem]] = {}
         self.swaps = 0  # swaps completed
-        self.undo_to: tuple | None = None  # (swaps, previous, Rollback) before the swap, until the hosts agree
         self.shared_ids: set[int] = set()  # ids of the engine's arrays taken from a trainer by the last swap
         self.idle = threading.Event()  # clear while a swap changes the engine (the Stopper waits for it)
         self.idle.set()
@@ -2299,10 +2649,10 @@ class ParamSwapper:
         self.bucket_mb = bucket_mb  # streaming: MB placed before they are assigned (0: one tensor at a time)
         platform = next(iter(self.state.params.values())).get_value().sharding.mesh.devices.flat[0].platform
         self.transpose = TRANSPOSE_ON.get(platform, "device") if transpose == "auto" else transpose
-        # where the engine's weights came from, when a failed swap can re-create them for free (Rollback):
-        # ("dummy",) at start with load_format="dummy", ("source", tree, plan) after a read-only host tree
-        dummy = engine_loaded_dummy(engine) and self.holds_dummy_weights()
-        self.previous: tuple | None = ("dummy",) if dummy else None
+        # how the engine's weights can be re-created for free when a swap fails: sglang-jax's dummy initialiser
+        # at start (load_format="dummy"), the previous read-only host tree after a swap; None: they cannot
+        dummy = engine_loaded_dummy(engine) and holds_dummy_weights(self.state)
+        self.free_rollback: Rollback | None = Rollback("dummy", model_runner=model_runner) if dummy else None
 
     @property
     def mesh(self):
@@ -2319,188 +2669,71 @@ class ParamSwapper:
             self.plans[key] = plan_swap(flat, self.state.params, self.num_kv_heads, self.arch, self.moe_backend)
         return self.plans[key]
 
-    def run_on_loop(self, coro):
-        """Run a coroutine of this swapper on the engine's event loop from synchronous code (the loop must
-        not be running: sglang-jax's own sync calls have the same rule)."""
-        loop = engine_loop(self.engine)
-        if loop.is_running():
-            coro.close()
-            raise ToolError("arguments", "the engine's event loop is running (a generation or a swap is in "
-                            "progress on it)", "from a coroutine on engine.loop, await swapper.swap_async(...); "
-                            "from synchronous code, call swap() while no engine call runs")
-        return loop.run_until_complete(coro)
-
     def swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
              rollback: bool | None = None) -> dict:
         """Swap the tree in; returns the report (seconds, bytes, peak, serving stop, checks). Raises ToolError
         on bad input (nothing touched) or a failed swap (restored says whether the previous weights are back)."""
-        return self.run_on_loop(self.swap_arrays_async(mllm_params, mode, alias, rollback))[0]
+        return run_on_engine_loop(self.engine, self.swap_async(mllm_params, mode, alias, rollback))
 
     async def swap_async(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
                          rollback: bool | None = None) -> dict:
         """swap() for a coroutine on engine.loop, e.g. while async_generate requests are in flight."""
-        return (await self.swap_arrays_async(mllm_params, mode, alias, rollback))[0]
+        return (await self._swap(mllm_params, mode, alias, rollback)).report
 
-    def swap_arrays(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
-                    rollback: bool | None = None, plan: list[SwapItem] | None = None) -> tuple[dict, dict, dict]:
-        """swap(), also returning {nnx path: the engine's new array} and the leaves_unchanged details."""
-        return self.run_on_loop(self.swap_arrays_async(mllm_params, mode, alias, rollback, plan))
+    def generate(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+        """Greedy generation through the tool's path (checks the weights are live; the scheduler's own ids)."""
+        return generate_greedy(self.engine, prompt, max_new_tokens, logprobs)
 
-    async def swap_arrays_async(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
-                                rollback: bool | None = None, plan: list[SwapItem] | None = None
-                                ) -> tuple[dict, dict, dict]:
-        """Validate, then pause generation, swap, flush the radix cache, continue. A failed swap that was
-        rolled back flushes and continues too (requests finish on the previous weights); one that could not
-        be rolled back leaves generation paused (the engine is half-swapped) and says so."""
+    def check_live(self) -> None:
+        """Raise a clear ToolError if any engine weight buffer was deleted (a trainer donated an aliased array)."""
+        check_live(self.engine)
+
+    async def _swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
+                    rollback: bool | None = None, plan: list[SwapItem] | None = None) -> SwapResult:
+        """The one path of every swap (swap(), swap_async(), the CLI): validate, then pause generation, change
+        the engine, flush the radix cache, continue. A failed swap that was rolled back flushes and continues
+        too (requests finish on the previous weights); one that could not be rolled back leaves generation
+        paused (the engine is half-swapped) and says so."""
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
-            flat, plan, device, rollback = self.prepare(mllm_params, mode, alias, rollback, plan)
+            flat, plan, device, rollback = self._validate(mllm_params, mode, alias, rollback, plan)
         except ToolError as e:
             HOSTS.fail(e)  # several hosts: the others stop at the next step
             raise
-        self.agree_plan(plan)
-        t0 = time.perf_counter()
-        paused = await self.pause(pauses)
+        agree_plan(plan)
+        start = time.perf_counter()
+        paused = await pause_generation(self.guard, pauses)
         HOSTS.agree("swap_paused")
-        t1 = time.perf_counter()
+        paused_at = time.perf_counter()
         error, param_dict = None, {}
+        undo = UndoPoint(self.swaps, self.free_rollback, rollback)  # agree_swapped may undo the swap with it
         try:
-            param_dict, stats, before, seconds = self.swap_now(flat, plan, device, mode, alias, rollback)
+            param_dict, stats, before, change_s = self._change_engine(flat, plan, device, mode, alias, rollback)
         except ToolError as e:
             error = e
-        error = self.agree_swapped(plan, param_dict, error)
+        error = agree_swapped(self, plan, param_dict, error, undo)
         if error is not None:
             if error.details.get("restored"):
-                await self.flush()
-                await self.resume()
+                await flush_radix_cache(self.guard)
+                await continue_generation(self.guard)
                 error.details["generation"] = "continued on the previous weights"
             else:
                 error.details["generation"] = "paused: the engine is half-swapped"
             raise error
         memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
-        split = self.memory_split(flat, memory)  # with the paused batch's buffers as they are now
-        t2 = time.perf_counter()
-        held = await self.flush()
-        t3 = time.perf_counter()
-        await self.resume()
-        stopped = time.perf_counter() - t0
+        split = memory_split(self.state, self.guard, flat, memory)  # the paused batch's buffers as they are now
+        flush_start = time.perf_counter()
+        held = await flush_radix_cache(self.guard)
+        flushed = time.perf_counter()
+        await continue_generation(self.guard)
+        times = SwapTimes(start, paused_at, change_s, flush_start, flushed, time.perf_counter())
         ok, details = leaves_unchanged(self.state, param_dict, stats)  # read-only: after serving goes on
-        param_bytes = sum(i.nbytes_sum for i in plan)
-        swap_s = seconds + t3 - t2
-        report = {"swap_s": round(swap_s, 4), "seconds": round(swap_s, 4), "flush_s": round(t3 - t2, 4),
-                  "num_swapped": len(param_dict), "param_bytes_sum": param_bytes, "alias": alias,
-                  "rollback": rollback != "off", "rollback_kind": rollback, **stats.as_json(),
-                  "bytes_in_use_sum_before_swap": before,
-                  "swap_peak_extra_ratio": round((stats.peak_bytes_in_use_sum - before) / param_bytes, 4),
-                  "leaves_unchanged": ok, **split, "memory": memory}
-        report.update(pause_mode=PAUSE_MODE, pause_s=round(t1 - t0, 4),
-                      serving_stopped_s=round(stopped, 4),
-                      serving_stopped_ratio=round(stopped / max(report["seconds"], 1e-9), 3),
-                      requests_paused=paused, requests_held_in_flush=held,
-                      prefill_requests_retracted=self.guard.retracted_prefills)
-        return report, param_dict, details
+        report = swap_report(plan, len(param_dict), stats, before, times, alias, rollback, ok, split, memory, paused,
+                             held, self.guard)
+        return SwapResult(report, param_dict, details)
 
-    def agree_plan(self, plan: list[SwapItem]) -> None:
-        """Several hosts: every host is about to swap the same plan, or none touches its engine."""
-        plans = HOSTS.agree("swap_plan", plan_fingerprint(plan))
-        if len(set(plans)) > 1:
-            raise ToolError("swap_agreement", "the hosts planned different swaps: " + ", ".join(
-                f"rank {r} {p}" for r, p in enumerate(plans)), "every host must swap the same tree (names, shapes, "
-                "dtypes) into the same engine; nothing was swapped", EXIT_BAD_INPUT, plans=plans)
-
-    def agree_swapped(self, plan: list[SwapItem], param_dict: Mapping[str, Any],
-                      error: ToolError | None) -> ToolError | None:
-        """Several hosts: every host completed this swap, or none keeps it. Each host's completed swaps, plan,
-        error, and how many of its engine's Params (and their model_state_leaves entries) are now this swap's
-        arrays (what the engine holds, not what the swap says it did) are compared; on any difference every
-        host puts its previous weights back (undo), and all raise the same error: the first failed host's,
-        else swap_agreement (exit 1: a partial swap, which would otherwise generate with mixed weights and no
-        error at all). One host: `error` as it is."""
-        undo_to, self.undo_to = self.undo_to, None  # a rollback's copies live no longer than this
-        if not HOSTS.multi:
-            return error
-        leaves, where = self.state.leaves(), self.state.leaf_index
-        held = sum(self.state.params[p].get_value() is a and leaves[where[p]] is a for p, a in param_dict.items())
-        seen = HOSTS.agree("swap_done", {"swaps": self.swaps, "plan": plan_fingerprint(plan), "params_held": held,
-                                         "error": error.record() if error is not None else None})
-        if error is None and all(s == seen[0] for s in seen) and held == len(plan):
-            return None
-        restored = self.undo(plan, undo_to) if error is None else bool(error.details.get("restored"))
-        everywhere = all(HOSTS.agree("swap_undone", restored))
-        failed = [(r, s["error"]) for r, s in enumerate(seen) if s["error"]]
-        hosts = [{"rank": r, "swaps_completed": s["swaps"], "plan": s["plan"], "params_held": s["params_held"],
-                  "error": s["error"]["error"] if s["error"] else None} for r, s in enumerate(seen)]
-        if failed:
-            r, rec = failed[0]
-            out = ToolError(rec["stage"], f"rank {r}: {rec['error']}", rec["hint"], rec["exit_code"], failed_rank=r)
-        else:
-            short = [r for r, s in enumerate(seen) if s["params_held"] != len(plan)] or \
-                [r for r, s in enumerate(seen) if (s["swaps"], s["plan"]) != (seen[0]["swaps"], seen[0]["plan"])]
-            out = ToolError("swap_agreement", f"the hosts did not all complete the swap: rank(s) {short} differ ("
-                            + "; ".join(f"rank {h['rank']}: {h['params_held']} of {len(plan)} Params swapped, "
-                                        f"{h['swaps_completed']} swaps completed" for h in hosts) + ")",
-                            "a partial swap (a host skipped or lost part of it); the previous weights were put back "
-                            "on every host" if everywhere else "a partial swap: the engine holds mixed weights",
-                            EXIT_CHECK_FAILED, failed_rank=short[0] if short else 0)
-        out.details.update(restored=everywhere, rollback=undo_to[2].kind, hosts=hosts)
-        return out
-
-    def undo(self, plan: list[SwapItem], undo_to: tuple) -> bool:
-        """Put back the weights a completed swap replaced (with its Rollback), as if it had failed."""
-        swaps, previous, rollback = undo_to
-        self.guard.changing = True
-        restored = restore(self.state, plan, {}, rollback)
-        self.last_swap_restored = restored
-        self.guard.changing = not restored
-        if restored:
-            self.swaps, self.previous, self.guard.weights_id = swaps, previous, swaps
-        else:
-            self.previous = None
-        return restored
-
-    async def pause(self, pauses: int) -> int:
-        """pause_generation(retract), then wait until the scheduler's own thread has handled it with nothing
-        left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the
-        scheduler records when it is done). Returns the requests the scheduler holds. Rank >= 1 of several
-        hosts: rank 0's pause reaches this host's scheduler too (it forwards every request); wait for it."""
-        if HOSTS.rank == 0:
-            await self.guard.send_pause()
-        deadline = time.perf_counter() + PAUSE_WAIT_S
-        while self.guard.pauses == pauses or self.guard.paused_requests is None:
-            if time.perf_counter() > deadline:
-                await self.resume()
-                error = ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
-                                  + ("" if self.guard.pauses == pauses else " (requests were still running)"),
-                                  "nothing was swapped; generation continues", EXIT_ENGINE)
-                HOSTS.fail(error)
-                raise error
-            await asyncio.sleep(0.002)
-        return self.guard.paused_requests
-
-    async def flush(self) -> int:
-        """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
-        (stale prefix KV of the old weights would survive). Returns how many requests were held aside.
-        Rank >= 1 of several hosts: rank 0's flush reaches this host's scheduler; 0."""
-        if HOSTS.rank:
-            return 0
-        success, message, held = await self.guard.send_flush()
-        if not success:
-            raise ToolError("swap_flush", f"the radix cache flush was refused: {message}",
-                            "generation stays paused: the cache may hold prefix KV of the previous weights",
-                            EXIT_ENGINE, generation="paused")
-        return held
-
-    async def resume(self) -> None:
-        if HOSTS.rank:  # rank 0's reaches this host's scheduler
-            return
-        await self.guard.send_continue()
-
-    def prepare(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
-        """Everything checked before the engine is touched: mode, plan, live sources, alias, rollback.
-        rollback None: the free kind where there is one (rollback_kind), else a host copy of each replaced
-        array for host sources and none for device sources (a copy would go device->host; without one the
-        swap runs under JAX's device-to-host transfer guard, which proves on TPU/GPU that nothing leaves the
-        devices). True: a copy where nothing is free. False: none."""
+    def _validate(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
+        """Everything checked before the engine is touched: mode, plan, live sources, alias; the Rollback."""
         if mode not in ("streaming", "bulk"):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = as_flat(mllm_params)
@@ -2514,43 +2747,13 @@ class ParamSwapper:
         if alias and not device:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
-        if mode == "bulk":
-            kind = "kept"  # the replaced arrays stay alive until every one is assigned
-        elif rollback is False:
-            kind = "off"
-        else:
-            kind = self.free_rollback() or ("copy" if rollback or not device else "off")
-        return flat, plan, device, kind
+        return flat, plan, device, choose_rollback(mode, rollback, device, self.free_rollback, self.state.model_runner)
 
-    def holds_dummy_weights(self) -> bool:
-        """The engine's smallest Param equals sglang-jax's dummy initialiser run again (then a failed first
-        swap can re-create the dummy weights instead of copying them: Rollback "dummy")."""
-        path, param = min(self.state.params.items(), key=lambda kv: param_bytes_sum([kv[1].get_value()]))
-        try:
-            again = dummy_weights(self.state.model_runner, {path})[path]
-        except (RuntimeError, AttributeError, TypeError, KeyError, ValueError) as e:  # another sglang-jax version
-            log(f"sglang-jax's dummy initialiser could not be run again ({type(e).__name__}: {e}): a rollback "
-                "will copy the dummy weights")
-            return False
-        mine, theirs = host_shards(param.get_value()), host_shards(again)
-        if mine.keys() != theirs.keys() or not all(np.array_equal(mine[k], theirs[k]) for k in mine):
-            log(f"the engine's {path} is not sglang-jax's dummy initialisation: a rollback will copy it")
-            return False
-        return True
-
-    def free_rollback(self) -> str | None:
-        """"source" or "dummy" when the current weights can be re-created without a copy (Rollback)."""
-        return self.previous[0] if self.previous else None
-
-    def rollback_for(self, kind: str) -> Rollback:
-        if kind == "source":
-            return Rollback("source", source=self.previous[1], plan=self.previous[2], num_kv_heads=self.num_kv_heads)
-        return Rollback(kind, model_runner=self.state.model_runner)
-
-    def swap_now(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
-                 rollback: str) -> tuple[dict, SwapStats, int, float]:
-        """The swap itself, with generation paused: place, assign, rebind, release (swap()). Returns the new
-        arrays, the stats, the bytes in use before and the seconds it took (the memory samples left out)."""
+    def _change_engine(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
+                       rollback: Rollback) -> tuple[dict, SwapStats, int, float]:
+        """The engine's change, with generation paused: place, assign, rebind, release (place_and_assign).
+        Returns the new arrays, the stats, the bytes in use before and the seconds it took (the memory
+        samples left out)."""
         import contextlib
 
         import jax
@@ -2559,57 +2762,320 @@ class ParamSwapper:
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids,
                           transpose="device" if device else self.transpose, bucket_bytes=bucket)
         before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
-        guard = jax.transfer_guard_device_to_host("disallow") if device and rollback != "copy" else contextlib.nullcontext()
+        no_host = device and rollback.kind != "copy"
+        guard = jax.transfer_guard_device_to_host("disallow") if no_host else contextlib.nullcontext()
         t = time.perf_counter()
         self.idle.clear()
         self.guard.changing = True
-        self.undo_to = (self.swaps, self.previous, self.rollback_for(rollback))  # agree_swapped may undo it
         try:
             with guard:
-                param_dict = swap(self.state, plan, flat, self.num_kv_heads, stats, self.undo_to[2], alias)
+                param_dict = place_and_assign(self.state, plan, flat, self.num_kv_heads, stats, rollback, alias)
             self.swaps += 1
             self.guard.weights_id = self.swaps
             self.guard.changing = False
             self.shared_ids, self.last_swap_restored = stats.aliased, None
-            self.previous = ("source", flat, plan) if read_only(flat) else None
+            self.free_rollback = Rollback("source", source=flat, plan=plan, num_kv_heads=self.num_kv_heads) \
+                if read_only(flat) else None
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
             self.guard.changing = not self.last_swap_restored  # restored: the previous set, whole again
             if not self.last_swap_restored:
-                self.previous = None
+                self.free_rollback = None
             raise
         finally:
             self.idle.set()
         return param_dict, stats, before, time.perf_counter() - t - stats.meter_s
 
-    def memory_split(self, mllm_params: Mapping[str, Any] | None = None, memory: dict | None = None) -> dict:
-        """Device bytes in use (now, or in the `memory` sample just taken), split: the trainer's arrays (a device
-        source), the part of them the engine does not share (trainer_only), the buffers the batch of a paused
-        or idle scheduler still holds (serving: ServeGuard.serving_bytes), and the rest (the engine: its
-        weights, KV cache, everything else). Several hosts: summed over every host (collective: every rank
-        calls it)."""
-        total = bytes_in_use_sum(memory or device_memory())
-        engine_buffers = {(d.id, p) for v in self.state.params.values() for d, p, _ in device_buffers(v.get_value())}
-        trainer: dict[tuple[int, int], int] = {}
-        if mllm_params is not None:
-            for a in source_arrays(as_flat(mllm_params)):
-                if on_devices(a) and not a.is_deleted():
-                    trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
-        trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
-        serving = self.guard.serving_bytes(engine_buffers | set(trainer))
-        split = {"bytes_in_use_sum_after_swap": total, "trainer_bytes_sum": sum(trainer.values()),
-                 "trainer_only_bytes_sum": trainer_only, "serving_bytes_sum": serving,
-                 "engine_bytes_sum": total - trainer_only - serving}
-        hosts = HOSTS.agree("memory_split", split)
-        return {k: sum(h[k] for h in hosts) for k in split}
 
-    def check_live(self) -> None:
-        """Raise a clear ToolError if any engine weight buffer was deleted (a trainer donated an aliased array)."""
-        check_live(self.engine)
+# ----------------------------------------------------------------------------------------------
+# --serve-load: requests in flight across every swap, and the three checks on them
+# ----------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
-        """Greedy generation through the tool's path (checks the weights are live; the scheduler's own ids)."""
-        return generate(self.engine, prompt, max_new_tokens, logprobs)
+LOAD_PROMPTS = [  # --serve-load: the clients' prompts (those sharing a first token with --prompt are left out)
+    "Write a short poem about sharded arrays.",
+    "List three reasons to pause generation before changing weights.",
+    "Summarize the story of the lazy dog in two sentences.",
+    "What does a radix cache store?",
+    "Count from one to twenty in words.",
+    "Describe a tensor parallel mesh of four devices.",
+    "Why do rollout engines keep many requests in flight?",
+    "Translate 'the weights were swapped' into French.",
+]
+SERVE_WAIT_S = 300.0  # longest wait for load requests to reach the scheduler or to finish
+
+
+def load_prompts(tokenizer, prompt: str) -> list[str]:
+    """The load prompts whose first token differs from the checked prompt's: then no load request shares a
+    cached prefix with it, and its answer after a swap is computed from scratch, like its reference."""
+    first = tokenizer(prompt)["input_ids"][:1]
+    return [p for p in LOAD_PROMPTS if tokenizer(p)["input_ids"][:1] != first]
+
+
+class ServeLoad:
+    """--serve-load N (made only then, by start_serve_load): N clients on the engine's event loop, each sending
+    greedy requests one after another (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens), kept in
+    flight across the first swap and every --rounds swap (each request in flight at a pause spans that swap).
+    The checked prompt runs through generate_alone(): the clients hold and the requests in flight finish
+    first, so its answer is computed alone, like its reference (batched bf16 answers differ from solo ones at
+    near-ties)."""
+
+    def __init__(self, engine, swapper: ParamSwapper, cfg):
+        self.engine, self.swapper, self.cfg, self.clients = engine, swapper, cfg, cfg.serve_load
+        m = cfg.max_new_tokens
+        self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
+        self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt) if self.clients else []
+        self.requests: list[dict] = []  # every finished load request
+        self.in_flight = 0
+        self.tasks: list = []
+        self.go = None  # asyncio.Event: clients may send (cleared by drain())
+        self.stopping = False
+        self.t0 = time.perf_counter()
+        self.forwards_at_start = 0
+        self.swaps: list[dict] = []  # every swap made while the load ran
+        self.fresh: list[dict] = []  # the checked prompt's answer right after each swap: {swap, weights, answer}
+        self.pending: tuple | None = None  # (swap label, weights) whose answer has not been taken yet
+        self.unfinished = 0
+
+    def now(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)
+
+    async def client(self, i: int) -> None:
+        recorder, k = request_recorder(self.engine), 0
+        while True:
+            await self.go.wait()
+            if self.stopping:
+                return
+            j, n = (i + k) % len(self.prompts), self.lengths[(i + k) % len(self.lengths)]
+            k += 1
+            rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
+            self.in_flight += 1
+            try:
+                out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params=greedy(n))
+                meta = out["meta_info"]
+                rec.update(finish=(meta.get("finish_reason") or {}).get("type"), completion_tokens=meta.get(
+                    "completion_tokens"), tokens=len(recorder.take(meta["id"])["output_ids"]))
+            except Exception as e:  # noqa: BLE001 - a request that errors is what serve_no_lost_requests counts
+                rec["error"] = f"{type(e).__name__}: {e}"
+            finally:
+                self.in_flight -= 1
+                rec["done_s"] = self.now()
+                self.requests.append(rec)
+
+    async def wait_for(self, what: str, ready) -> None:
+        deadline = time.perf_counter() + SERVE_WAIT_S
+        while not ready():
+            if time.perf_counter() > deadline:
+                raise ToolError("serve_load", f"{what} did not happen within {SERVE_WAIT_S:.0f} s",
+                                "the engine stopped serving the load", EXIT_ENGINE)
+            await asyncio.sleep(0.01)
+
+    async def busy(self) -> None:
+        """Every client has a request in flight and the engine ran forward steps since."""
+        self.go.set()
+        await self.wait_for("every client sending a request", lambda: self.in_flight >= self.clients)
+        start = self.swapper.guard.forwards
+        await self.wait_for("forward steps with the load", lambda: self.swapper.guard.forwards >= start + 2)
+
+    def start(self, log_: PhaseLog) -> None:
+        async def start():
+            self.go = asyncio.Event()
+            self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients)]
+            await self.busy()
+
+        log_.begin("serve_load_started")
+        self.forwards_at_start = self.swapper.guard.forwards
+        run_on_engine_loop(self.engine, start())
+        log_.phase("serve_load_started", clients=self.clients, prompts=self.prompts, max_new_tokens=self.lengths,
+                   in_flight=self.in_flight, pause_mode=PAUSE_MODE)
+
+    async def swap_async(self, source, plan, alias: bool, label: str, weights: str, fresh: bool = True):
+        await self.busy()
+        entry = {"swap": label, "weights": weights, "start_s": self.now()}
+        self.swaps.append(entry)
+        try:
+            result = await self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback, plan)
+        except ToolError as e:
+            g = self.swapper.guard
+            entry.update(failed=e.error, restored=e.details.get("restored"), end_s=self.now(),
+                         forwards_at_failure=g.forwards, on_previous_at_failure=g.by_weights.get(g.weights_id, 0))
+            raise
+        report = result.report
+        entry.update(end_s=self.now(), swap_s=report["swap_s"], serving_stopped_s=report["serving_stopped_s"],
+                     serving_stopped_ratio=report["serving_stopped_ratio"], requests_paused=report["requests_paused"])
+        self.pending = (label, weights) if fresh else None
+        return result
+
+    def swap(self, source, plan, alias: bool, label: str, weights: str) -> SwapResult:
+        """One swap through the API's path (pause, change, flush, continue), with the load in flight."""
+        return run_on_engine_loop(self.engine, self.swap_async(source, plan, alias, label, weights))
+
+    def hold(self) -> None:
+        """Hold the clients and let the requests in flight finish (the next generate() lets them go)."""
+        if not self.stopping:
+            run_on_engine_loop(self.engine, self.drain())
+
+    async def drain(self) -> None:
+        self.go.clear()
+        await self.wait_for("the load's requests in flight finishing", lambda: self.in_flight == 0)
+
+    def generate_alone(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+        """generate_greedy(), alone: with the load held and its requests in flight finished first."""
+        if self.stopping:
+            return generate_greedy(self.engine, prompt, max_new_tokens, logprobs)
+        run_on_engine_loop(self.engine, self.drain())
+        try:
+            out = generate_greedy(self.engine, prompt, max_new_tokens, logprobs)
+        finally:
+            self.go.set()
+        if self.pending:
+            self.fresh.append({"swap": self.pending[0], "weights": self.pending[1], "answer": out})
+            self.pending = None
+        return out
+
+    def finish(self) -> None:
+        """Stop the clients and let every request in flight complete."""
+        if self.stopping:
+            return
+
+        async def finish():
+            self.stopping = True
+            self.go.set()
+            done, pending = await asyncio.wait(self.tasks, timeout=SERVE_WAIT_S)
+            self.unfinished = len(pending)
+
+        run_on_engine_loop(self.engine, finish())
+
+    def throughput(self, seconds: float, swaps: list[tuple]) -> dict:
+        """Requests completed per second in a window of `seconds` without a swap, then in one as long with
+        `swaps` ((source, plan, alias, weights), evenly spaced) made while serving."""
+        async def window(with_swaps: list) -> tuple[float, int, int]:
+            await self.busy()
+            t, n, f = time.perf_counter(), len(self.requests), self.swapper.guard.forwards
+            for k, (source, plan, alias, weights) in enumerate(with_swaps):
+                await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
+                await self.swap_async(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
+            await asyncio.sleep(max(0.0, t + seconds - time.perf_counter()))
+            return time.perf_counter() - t, len(self.requests) - n, self.swapper.guard.forwards - f
+
+        s0, n0, f0 = run_on_engine_loop(self.engine, window([]))
+        s1, n1, f1 = run_on_engine_loop(self.engine, window(swaps))
+        return {"window_s": seconds, "window_without_swaps_s": round(s0, 3), "requests_without_swaps": n0,
+                "requests_per_s_without_swaps": round(n0 / s0, 3), "forward_steps_without_swaps": f0,
+                "requests_with_swaps": n1, "swaps_in_window": len(swaps), "window_with_swaps_s": round(s1, 3),
+                "forward_steps_with_swaps": f1,
+                "requests_per_s_with_swaps": round(n1 / s1, 3),
+                "requests_per_s_ratio": round((n1 / s1) / (n0 / s0), 3) if n0 else None,
+                "forward_steps_per_s_without_swaps": round(f0 / s0, 3), "forward_steps_per_s_with_swaps":
+                round(f1 / s1, 3), "forward_steps_per_s_ratio": round((f1 / s1) / (f0 / s0), 3) if f0 else None}
+
+    def references(self, log_: PhaseLog, sources: dict[str, tuple]) -> dict[str, dict]:
+        """The checked prompt's answer for each weight set, on the idle engine: swapped in, then sglang-jax's
+        own flush_cache (its answer must be success: nothing runs), then generated from an empty cache."""
+        log_.begin("serve_reference")
+        refs = {}
+        for weights, (source, plan, alias) in sources.items():
+            run_on_engine_loop(self.engine, self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback,
+                                                               plan))
+            flushed = self.engine.flush_cache()
+            if not flushed.success:
+                raise ToolError("serve_reference", f"flush_cache refused on the idle engine: {flushed.error_msg}",
+                                "no request should be running once the load has finished", EXIT_ENGINE)
+            refs[weights] = generate_greedy(self.engine, self.cfg.prompt, self.cfg.max_new_tokens)
+        log_.phase("serve_reference", weights=sorted(refs), output_ids={w: r["output_ids"] for w, r in refs.items()})
+        return refs
+
+    def check_requests(self, log_: PhaseLog) -> None:
+        """serve_no_lost_requests: every load request returned all its tokens, none errored or was aborted,
+        and every swap had requests in flight (else the load proved nothing)."""
+        lost = [r for r in self.requests if r.get("error") or r.get("finish") != "length"
+                or not r.get("tokens") == r.get("completion_tokens") == r["max_new_tokens"]]
+        idle_swaps = [s["swap"] for s in self.swaps if not s.get("requests_paused") and "failed" not in s]
+        log_.check("serve_no_lost_requests", bool(self.requests) and not lost and not self.unfinished and not idle_swaps,
+                   requests=len(self.requests), lost=len(lost), lost_examples=lost[:5], unfinished=self.unfinished,
+                   swaps_with_no_request_in_flight=idle_swaps,
+                   requests_paused_per_swap={s["swap"]: s.get("requests_paused") for s in self.swaps})
+
+    def check_forwards(self, log_: PhaseLog) -> None:
+        """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights."""
+        g = self.swapper.guard
+        log_.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
+                   forwards_while_serving=g.forwards - self.forwards_at_start, **g.forward_counts(),
+                   mixed_examples=g.mixed[:5])
+
+    def check_fresh(self, log_: PhaseLog, refs: dict[str, dict]) -> None:
+        """serve_fresh_after_swap: the checked prompt, sent after each swap, answers exactly as its reference
+        for that weight set (computed from an empty cache on the idle engine)."""
+        rows = []
+        for f in self.fresh:
+            ids, ref = f["answer"]["output_ids"], refs[f["weights"]]["output_ids"]
+            rows.append({"swap": f["swap"], "weights": f["weights"], "equal": ids == ref,
+                         "first_difference": next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b),
+                                                  None),
+                         "cached_tokens": f["answer"]["meta_info"].get("cached_tokens")})
+        log_.check("serve_fresh_after_swap", bool(rows) and all(r["equal"] for r in rows), swaps=rows)
+
+    def report(self, log_: PhaseLog, throughput: dict | None) -> None:
+        done = [r for r in self.requests if "error" not in r]
+        log_.phase("serve_load", clients=self.clients, requests_completed=len(done), **(throughput or {}),
+                   swaps=self.swaps, **self.swapper.guard.forward_counts())
+
+    def after_failure(self, log_: PhaseLog, error: ToolError) -> None:
+        """A swap failed while serving. Rolled back: generation went on with the previous weights; every
+        request in flight must complete on them (forward steps after the failure: that weight set only)."""
+        self.check_forwards(log_)
+        if not error.details.get("restored"):
+            return  # generation stays paused: the requests in flight cannot finish
+        g, failed = self.swapper.guard, self.swaps[-1]
+        in_flight = self.in_flight
+        self.finish()
+        self.check_requests(log_)
+        error.details["serving"] = {
+            "requests_in_flight_at_failure": in_flight, "requests_completed": len(self.requests),
+            "requests_lost": log_.checks["serve_no_lost_requests"]["lost"] + self.unfinished,
+            "forwards_after_failure": g.forwards - failed["forwards_at_failure"],
+            "forwards_after_failure_on_previous_weights":
+                g.by_weights.get(g.weights_id, 0) - failed["on_previous_at_failure"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's phases on the API: the engine, the answers, the trainer's tree, the plan, the first swap
+# ----------------------------------------------------------------------------------------------
+
+
+def engine_ready_dummy(log_: PhaseLog, cfg: RunConfig, info: CheckpointInfo, device: str,
+                       stack: dict) -> tuple[Any, ParamSwapper]:
+    """Phase 2: the Engine with load_format="dummy", and the ParamSwapper on it (the Stopper's view of it)."""
+    log_.begin("engine_ready_dummy")
+    t = time.perf_counter()
+    engine, model_runner = start_engine(engine_kwargs(cfg, info.path, device, "dummy"))
+    swapper = ParamSwapper(engine, info.num_kv_heads, cfg.bucket_mb, cfg.transpose)
+    if log_.stopper is not None:
+        log_.stopper.swapper = swapper
+    params = swapper.state.params
+    log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
+               load_format="dummy", num_leaves=len(leaves_of(model_runner)), num_params=len(params),
+               param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()),
+               sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
+    return engine, swapper
+
+
+def answer(engine, cfg: RunConfig, load: ServeLoad | None, logprobs: bool = False) -> dict:
+    """The checked prompt's greedy answer (alone, with --serve-load: the load held, its requests finished)."""
+    if load is not None:
+        return load.generate_alone(cfg.prompt, cfg.max_new_tokens, logprobs)
+    return generate_greedy(engine, cfg.prompt, cfg.max_new_tokens, logprobs)
+
+
+def generate_result(log_: PhaseLog, cfg: RunConfig, engine, load: ServeLoad | None = None,
+                    phase: str = "generate_result", logprobs: bool = False) -> dict:
+    """generate_before_swap (the dummy engine's answer) and generate_result (the swapped engine's)."""
+    log_.begin(phase)
+    t = time.perf_counter()
+    out = answer(engine, cfg, load, logprobs)
+    fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
+    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=cfg.prompt, **fields)
+    log_.answers.append((phase, out))
+    return out
 
 
 def trainer_sharding(item: SwapItem, shape: tuple, how: str):
@@ -2626,71 +3092,60 @@ def trainer_sharding(item: SwapItem, shape: tuple, how: str):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if split else None))
 
 
-def mllm_params_device_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
+def mllm_params_device_ready(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
     """--weights-source trainer: put the host tree on the devices as a trainer holds it (--trainer-sharding;
     engine: also in the engine's dtype), so that the swap runs device to device. Returns the nested tree."""
-
     log_.begin("mllm_params_device_ready")
     t = time.perf_counter()
     flat = flatten(tree)
     on_device, aliasable = {}, 0
     for item in swapper.plan(flat):
         src = flat[item.source]
-        dtype = item.dtype if args.trainer_sharding == "engine" else src.dtype
-        arr = put(src.astype(dtype, copy=False), trainer_sharding(item, src.shape, args.trainer_sharding))
+        dtype = item.dtype if cfg.trainer_sharding == "engine" else src.dtype
+        arr = put(src.astype(dtype, copy=False), trainer_sharding(item, src.shape, cfg.trainer_sharding))
         on_device[item.source] = arr.block_until_ready()
         aliasable += item.nbytes_sum if can_alias(item, arr) else 0
-    split = swapper.memory_split(on_device)
-    log_.phase("mllm_params_device_ready", trainer_sharding=args.trainer_sharding,
+    split = memory_split(swapper.state, swapper.guard, on_device)
+    log_.phase("mllm_params_device_ready", trainer_sharding=cfg.trainer_sharding,
                dtypes=sorted({str(a.dtype) for a in on_device.values()}), num_tensors=len(on_device),
                trainer_bytes_sum=split["trainer_bytes_sum"], aliasable_bytes_sum=aliasable,
                seconds=round(time.perf_counter() - t, 4))
     return nest(on_device)
 
 
-def sglang_param_dict_ready(log_: PhaseLog, args, swapper: ParamSwapper, tree: Mapping[str, Any]):
+def sglang_param_dict_ready(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]):
     """Validate the whole plan against the engine before anything touches it (placement happens in the swap,
     in both modes: streaming a bucket at a time, bulk all of them first)."""
     log_.begin("sglang_param_dict_ready")
     t = time.perf_counter()
     plan = swapper.plan(tree)
-    log_.phase("sglang_param_dict_ready", swap_mode=args.swap_mode, num_arrays=len(plan),
-               bucket_mb=None if args.swap_mode == "bulk" else args.bucket_mb, transpose=swapper.transpose,
+    log_.phase("sglang_param_dict_ready", swap_mode=cfg.swap_mode, num_arrays=len(plan),
+               bucket_mb=None if cfg.swap_mode == "bulk" else cfg.bucket_mb, transpose=swapper.transpose,
                param_bytes_sum=sum(i.nbytes_sum for i in plan), seconds=round(time.perf_counter() - t, 4))
     return plan
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, args, serve: ServeLoad, tree: Mapping[str, Any], plan):
+def swap_in(cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, tree, plan, alias: bool, label: str,
+            weights: str) -> SwapResult:
+    """One swap through the API's path (pause, change, flush, continue), under the load when there is one."""
+    if load is not None:
+        return load.swap(tree, plan, alias, label, weights)
+    return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan))
+
+
+def weights_swapped_from_mllm(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None,
+                              tree: Mapping[str, Any], plan) -> dict:
+    """The first swap (A). Returns {nnx path: the engine's new array}."""
     log_.begin("weights_swapped_from_mllm")
-    report, param_dict, details = serve.swap(tree, plan, args.alias, "first swap", "A")
-    log_.check("leaves_unchanged", report["leaves_unchanged"], **details)
-    log_.phase("weights_swapped_from_mllm", **report)
-    return param_dict
+    result = swap_in(cfg, swapper, load, tree, plan, cfg.alias, "first swap", "A")
+    log_.check("leaves_unchanged", result.report["leaves_unchanged"], **result.leaves)
+    log_.phase("weights_swapped_from_mllm", **result.report)
+    return result.arrays
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
-
-
-def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], stats: SwapStats) -> tuple[bool, dict]:
-    """Same leaf count and treedef as the dummy engine; every swapped Param and leaf is the dict's array; no
-    leaf is a deleted buffer; and every array the swap replaced is gone (nothing still references it)."""
-    import jax
-    from flax import nnx
-
-    leaves = state.leaves()
-    treedef = jax.tree_util.tree_flatten(nnx.split(runner_model(state.model_runner))[1])[1]
-    stale = [p for p in param_dict
-             if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
-    deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
-    alive = stats.still_alive()
-    ok = (len(leaves) == len(state.leaf_paths) and treedef == state.treedef and not stale and not deleted
-          and alive == 0 and len(param_dict) == len(state.params))
-    return ok, {"num_leaves": len(leaves), "expected_leaves": len(state.leaf_paths),
-                "treedef_equal": treedef == state.treedef, "params_swapped": len(param_dict),
-                "params_in_model": len(state.params), "not_the_new_array": stale[:10], "deleted": deleted[:10],
-                "replaced_still_alive": alive}
 
 
 def buffer_pointers(arr) -> list[tuple[int, int]]:
@@ -2716,101 +3171,6 @@ def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[
     log_.phase("param_sharing_check", ok=ok, paths_checked=len(param_dict), shards_checked=shards,
                not_identical=len(not_identical), not_same_buffer=len(not_same_buffer))
     return ok
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation: greedy, always max_new_tokens tokens, the ids as the scheduler generated them
-# ----------------------------------------------------------------------------------------------
-
-
-def check_live(engine) -> None:
-    """Every weight the forward reads is a live buffer. An engine Param aliased to a trainer array (--alias)
-    dies when the trainer donates that buffer to its next step (jit donate_argnums); generating then would
-    crash the scheduler (exit 137) or worse. One clear error instead, before the request is sent. An engine
-    without an in-process scheduler (not enable_single_process) has no Params this tool could have swapped."""
-    if engine_scheduler(engine) is None:
-        return
-    leaves = leaves_of(engine_model_runner(engine))
-    deleted = sum(on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
-    if deleted:
-        raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
-                        "deleted before generation", "a trainer step donated arrays the engine aliases (alias=True "
-                        "/ --alias): swap again after the step, swap without alias, or do not donate them",
-                        EXIT_ENGINE)
-
-
-def generate(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
-    """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
-    an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
-    = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
-    ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
-    if HOSTS.rank:  # rank 0 sends the request (its scheduler hands it on to this host's); its answer
-        return HOSTS.from_rank0("generate")
-    check_live(engine)
-    return HOSTS.from_rank0("generate", answer_of(engine, engine.generate(
-        prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
-
-
-def greedy(max_new_tokens: int) -> dict:
-    return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
-
-
-def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
-    """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate())."""
-    meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
-    record = request_recorder(engine).take(meta["id"])
-    ids = record["output_ids"]
-    decoded = engine_tokenizer(engine).decode(ids, skip_special_tokens=True)
-    problems = []
-    if not len(ids) == meta.get("completion_tokens") == max_new_tokens:
-        problems.append(f"{len(ids)} ids, completion_tokens {meta.get('completion_tokens')}, "
-                        f"max_new_tokens {max_new_tokens}")
-    if logprobs and len(record["output_logprobs"] or []) != len(ids):
-        problems.append(f"{len(record['output_logprobs'] or [])} logprobs for {len(ids)} ids")
-    if out["text"] != decoded:
-        problems.append("the engine's text is not the decoding of the generated ids")
-    result = {"text": out["text"], "output_ids": ids, "num_tokens": len(ids),
-              "finish_reason": meta.get("finish_reason"), "prompt_ids": record["prompt_ids"],
-              "api_output_ids_match": list(out.get("output_ids", [])) == ids,
-              "consistent": not problems, "consistency_problems": problems, "meta_info": meta}
-    if logprobs:
-        result["output_logprobs"] = record["output_logprobs"]
-    return result
-
-
-def generate_result(log_: PhaseLog, args, serve: ServeLoad, phase: str = "generate_result",
-                    logprobs: bool = False) -> dict:
-    log_.begin(phase)
-    t = time.perf_counter()
-    out = serve.generate(args.prompt, args.max_new_tokens, logprobs)
-    fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
-    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=args.prompt, **fields)
-    log_.answers.append((phase, out))
-    return out
-
-
-def check_generate(log_: PhaseLog) -> bool:
-    """Every answer so far was consistent (see generate()): a wrong count or a text that is not the ids'
-    decoding means the engine's answer cannot be trusted, whatever the weights."""
-    bad = {phase: out["consistency_problems"] for phase, out in log_.answers if not out["consistent"]}
-    return log_.check("generate", bool(log_.answers) and not bad, answers_checked=len(log_.answers),
-                      num_tokens=[out["num_tokens"] for _, out in log_.answers], inconsistent=bad)
-
-
-def check_restored(error: ToolError, engine, args, previous_output: dict) -> None:
-    """After a failed swap was rolled back, the engine must answer exactly as it did with those weights."""
-    if error.details.get("restored"):
-        if HOSTS.rank == 0:  # reaches every host's scheduler
-            engine.flush_cache()
-        out = generate(engine, args.prompt, args.max_new_tokens)
-        error.details["previous_weights_answer_matches"] = out["output_ids"] == previous_output["output_ids"]
-
-
-def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
-    """The same prompt and greedy sampling must answer differently once the real weights are in: a swap the
-    forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
-    return log_.check("swap_effective", before["output_ids"] != after["output_ids"],
-                      before_swap_output_ids=before["output_ids"], after_swap_output_ids=after["output_ids"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2942,7 +3302,7 @@ def reference_token_logprobs(model_path: str, prompt_ids: list[int], output_ids:
             "argmax_logprobs": best.tolist()}
 
 
-def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) -> bool:
+def logits_match_reference(log_: PhaseLog, cfg, model_path: str, answer: dict) -> bool:
     """The engine's logprob of each generated token against an independent float32 forward of the same
     checkpoint, and each token against the reference's argmax (within a margin, for near ties)."""
     if not answer["consistent"]:
@@ -2951,16 +3311,16 @@ def logits_match_reference(log_: PhaseLog, args, model_path: str, answer: dict) 
     log_.begin("logits_verified")
     t = time.perf_counter()
     ref = reference_token_logprobs(model_path, answer["prompt_ids"], answer["output_ids"])
-    tol, margin_tol = LOGITS_TOLERANCE.get(args.dtype, LOGITS_TOLERANCE["bfloat16"])
-    tol = args.logprob_tolerance if args.logprob_tolerance is not None else tol
-    margin_tol = args.argmax_margin if args.argmax_margin is not None else margin_tol
+    tol, margin_tol = LOGITS_TOLERANCE.get(cfg.dtype, LOGITS_TOLERANCE["bfloat16"])
+    tol = cfg.logprob_tolerance if cfg.logprob_tolerance is not None else tol
+    margin_tol = cfg.argmax_margin if cfg.argmax_margin is not None else margin_tol
     engine_lp = answer["output_logprobs"]
     diffs = [abs(e - r) for e, r in zip(engine_lp, ref["logprobs"], strict=True)]
     margins = [b - r for b, r in zip(ref["argmax_logprobs"], ref["logprobs"], strict=True)]
     agree = sum(a == o for a, o in zip(ref["argmax"], answer["output_ids"], strict=True))
     worst = sorted(range(len(diffs)), key=lambda i: -max(diffs[i] / tol, margins[i] / margin_tol))[:5]
     ok = max(diffs) <= tol and max(margins) <= margin_tol
-    details = {"engine_dtype": args.dtype, "num_tokens": len(diffs), "logprob_tolerance": tol,
+    details = {"engine_dtype": cfg.dtype, "num_tokens": len(diffs), "logprob_tolerance": tol,
                "argmax_margin": margin_tol, "max_abs_logprob_diff": round(max(diffs), 6),
                "mean_abs_logprob_diff": round(sum(diffs) / len(diffs), 6), "max_margin": round(max(margins), 6),
                "argmax_agreement": f"{agree}/{len(diffs)}",
@@ -3000,40 +3360,44 @@ class PerturbedWeights(Mapping):
         return len(self.base)
 
 
-def weights_b(args, swapper: ParamSwapper, flat_a):
+def weights_b(cfg, swapper: ParamSwapper, flat_a):
     """B's tree, its plan, and its checkpoint folder (None for the perturbed copy of A)."""
-    if not args.model_id_b:
+    if not cfg.model_id_b:
         return PerturbedWeights(flat_a), swapper.plan(flat_a), None
-    info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
-    flat_b = flatten(read_mllm_tree(args, info_b)[0])
+    info_b = read_checkpoint_info(resolve_checkpoint(cfg.model_id_b, cfg.download_dir))
+    flat_b = flatten(read_mllm_tree(cfg, info_b)[0])
     return flat_b, swapper.plan(flat_b), info_b.path
 
 
-def swap_rounds(log_: PhaseLog, args, engine, serve: ServeLoad, info: CheckpointInfo, flat_a, plan_a,
-                first_output: dict) -> tuple:
+def alias_for(cfg: RunConfig, source) -> bool:
+    """--alias where the source is on the devices (a perturbed B of a trainer tree is too)."""
+    return cfg.alias and all(on_devices(a) for a in source_arrays(source))
+
+
+def swap_rounds(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, info: CheckpointInfo,
+                flat_a, plan_a, first_output: dict) -> tuple:
     """--rounds: swap B, A, B, ... (each under the load with --serve-load); returns B's (tree, plan)."""
-    swapper = serve.swapper
-    flat_b, plan_b, path_b = weights_b(args, swapper, flat_a)  # validated before round 1 touches anything
+    engine = swapper.engine
+    flat_b, plan_b, path_b = weights_b(cfg, swapper, flat_a)  # validated before round 1 touches anything
     first = next(r for r in log_.records if r["phase"] == "weights_swapped_from_mllm")
-    limit = int(first["engine_bytes_sum"] * args.single_copy_tolerance)  # the engine's part (a trainer holds A)
+    limit = int(first["engine_bytes_sum"] * cfg.single_copy_tolerance)  # the engine's part (a trainer holds A)
     outputs: dict[str, list] = {"A": [], "B": []}
     leaks, last_output = [], first_output
-    for r in range(1, args.rounds + 1):
+    for r in range(1, cfg.rounds + 1):
         log_.begin(f"swap_round {r}")
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
-        alias = args.alias and all(on_devices(a) for a in source_arrays(source))
         try:
-            report, param_dict, _ = serve.swap(source, plan, alias, f"round {r}", which)
+            report = swap_in(cfg, swapper, load, source, plan, alias_for(cfg, source), f"round {r}", which).report
         except ToolError as e:
-            serve.after_failure(log_, e)
-            check_restored(e, engine, args, last_output)
+            if load is not None:
+                load.after_failure(log_, e)
+            check_restored(e, engine, cfg, last_output)
             raise
-        del param_dict
         checkpoint = info.path if which == "A" else path_b
-        if args.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
+        if cfg.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
             weights_equal_loader(log_, swapper.state, checkpoint, swap=f"round {r}")
-        out = serve.generate(args.prompt, args.max_new_tokens)
+        out = answer(engine, cfg, load)
         outputs[which].append(out["output_ids"])
         log_.answers.append((f"swap_round {r}", out))
         last_output = out
@@ -3046,7 +3410,7 @@ def swap_rounds(log_: PhaseLog, args, engine, serve: ServeLoad, info: Checkpoint
     b_runs = outputs["B"]
     log_.check("rounds_consistent",
                all(o == first_a for o in outputs["A"]) and all(o == b_runs[0] for o in b_runs) and b_runs[0] != first_a,
-               rounds=args.rounds, a_output_ids=first_a, b_output_ids=b_runs[0],
+               rounds=cfg.rounds, a_output_ids=first_a, b_output_ids=b_runs[0],
                a_rounds_equal=sum(o == first_a for o in outputs["A"]), a_rounds=len(outputs["A"]),
                b_rounds_equal=sum(o == b_runs[0] for o in b_runs), b_rounds=len(b_runs))
     log_.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
@@ -3054,260 +3418,22 @@ def swap_rounds(log_: PhaseLog, args, engine, serve: ServeLoad, info: Checkpoint
     return flat_b, plan_b
 
 
-# ----------------------------------------------------------------------------------------------
-# --serve-load: requests in flight across every swap, and the three checks on them
-# ----------------------------------------------------------------------------------------------
-
-LOAD_PROMPTS = [  # --serve-load: the clients' prompts (those sharing a first token with --prompt are left out)
-    "Write a short poem about sharded arrays.",
-    "List three reasons to pause generation before changing weights.",
-    "Summarize the story of the lazy dog in two sentences.",
-    "What does a radix cache store?",
-    "Count from one to twenty in words.",
-    "Describe a tensor parallel mesh of four devices.",
-    "Why do rollout engines keep many requests in flight?",
-    "Translate 'the weights were swapped' into French.",
-]
-SERVE_WAIT_S = 300.0  # longest wait for load requests to reach the scheduler or to finish
-
-
-def load_prompts(tokenizer, prompt: str) -> list[str]:
-    """The load prompts whose first token differs from the checked prompt's: then no load request shares a
-    cached prefix with it, and its answer after a swap is computed from scratch, like its reference."""
-    first = tokenizer(prompt)["input_ids"][:1]
-    return [p for p in LOAD_PROMPTS if tokenizer(p)["input_ids"][:1] != first]
-
-
-class ServeLoad:
-    """--serve-load N: N clients on the engine's event loop, each sending greedy requests one after another
-    (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens), kept in flight across the first swap and
-    every --rounds swap (each request in flight at a pause spans that swap). The checked prompt runs through
-    generate(): the clients hold and the requests in flight finish first, so its answer is computed alone,
-    like its reference (batched bf16 answers differ from solo ones at near-ties). With N = 0 every method
-    calls straight through."""
-
-    def __init__(self, engine, swapper: ParamSwapper, args):
-        self.engine, self.swapper, self.args, self.clients = engine, swapper, args, args.serve_load
-        m = args.max_new_tokens
-        self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
-        self.prompts = load_prompts(engine_tokenizer(engine), args.prompt) if self.clients else []
-        self.requests: list[dict] = []  # every finished load request
-        self.in_flight = 0
-        self.tasks: list = []
-        self.go = None  # asyncio.Event: clients may send (cleared by drain())
-        self.stopping = False
-        self.t0 = time.perf_counter()
-        self.forwards_at_start = 0
-        self.swaps: list[dict] = []  # every swap made while the load ran
-        self.fresh: list[dict] = []  # the checked prompt's answer right after each swap: {swap, weights, answer}
-        self.pending: tuple | None = None  # (swap label, weights) whose answer has not been taken yet
-        self.unfinished = 0
-
-    def now(self) -> float:
-        return round(time.perf_counter() - self.t0, 3)
-
-    async def client(self, i: int) -> None:
-        recorder, k = request_recorder(self.engine), 0
-        while True:
-            await self.go.wait()
-            if self.stopping:
-                return
-            j, n = (i + k) % len(self.prompts), self.lengths[(i + k) % len(self.lengths)]
-            k += 1
-            rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
-            self.in_flight += 1
-            try:
-                out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params=greedy(n))
-                meta = out["meta_info"]
-                rec.update(finish=(meta.get("finish_reason") or {}).get("type"), completion_tokens=meta.get(
-                    "completion_tokens"), tokens=len(recorder.take(meta["id"])["output_ids"]))
-            except Exception as e:  # noqa: BLE001 - a request that errors is what serve_no_lost_requests counts
-                rec["error"] = f"{type(e).__name__}: {e}"
-            finally:
-                self.in_flight -= 1
-                rec["done_s"] = self.now()
-                self.requests.append(rec)
-
-    async def wait_for(self, what: str, ready) -> None:
-        deadline = time.perf_counter() + SERVE_WAIT_S
-        while not ready():
-            if time.perf_counter() > deadline:
-                raise ToolError("serve_load", f"{what} did not happen within {SERVE_WAIT_S:.0f} s",
-                                "the engine stopped serving the load", EXIT_ENGINE)
-            await asyncio.sleep(0.01)
-
-    async def busy(self) -> None:
-        """Every client has a request in flight and the engine ran forward steps since."""
-        self.go.set()
-        await self.wait_for("every client sending a request", lambda: self.in_flight >= self.clients)
-        start = self.swapper.guard.forwards
-        await self.wait_for("forward steps with the load", lambda: self.swapper.guard.forwards >= start + 2)
-
-    def start(self, log_: PhaseLog) -> None:
-        if not self.clients:
-            return
-
-        async def start():
-            self.go = asyncio.Event()
-            self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients)]
-            await self.busy()
-
-        log_.begin("serve_load_started")
-        self.forwards_at_start = self.swapper.guard.forwards
-        self.swapper.run_on_loop(start())
-        log_.phase("serve_load_started", clients=self.clients, prompts=self.prompts, max_new_tokens=self.lengths,
-                   in_flight=self.in_flight, pause_mode=PAUSE_MODE)
-
-    async def swap_async(self, source, plan, alias: bool, label: str, weights: str, fresh: bool = True):
-        await self.busy()
-        entry = {"swap": label, "weights": weights, "start_s": self.now()}
-        self.swaps.append(entry)
-        try:
-            result = await self.swapper.swap_arrays_async(source, self.args.swap_mode, alias, self.args.rollback, plan)
-        except ToolError as e:
-            g = self.swapper.guard
-            entry.update(failed=e.error, restored=e.details.get("restored"), end_s=self.now(),
-                         forwards_at_failure=g.forwards, on_previous_at_failure=g.by_weights.get(g.weights_id, 0))
-            raise
-        report = result[0]
-        entry.update(end_s=self.now(), swap_s=report["seconds"], serving_stopped_s=report["serving_stopped_s"],
-                     serving_stopped_ratio=report["serving_stopped_ratio"], requests_paused=report["requests_paused"])
-        self.pending = (label, weights) if fresh else None
-        return result
-
-    def swap(self, source, plan, alias: bool, label: str, weights: str):
-        """One swap through the API (pause, swap, flush, continue), with the load in flight when there is one."""
-        if not self.tasks:
-            return self.swapper.swap_arrays(source, self.args.swap_mode, alias, self.args.rollback, plan)
-        return self.swapper.run_on_loop(self.swap_async(source, plan, alias, label, weights))
-
-    def hold(self) -> None:
-        """Hold the clients and let the requests in flight finish (the next generate() lets them go)."""
-        if self.tasks and not self.stopping:
-            self.swapper.run_on_loop(self.drain())
-
-    async def drain(self) -> None:
-        self.go.clear()
-        await self.wait_for("the load's requests in flight finishing", lambda: self.in_flight == 0)
-
-    def generate(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
-        """generate(), alone: with the load held and its requests in flight finished first."""
-        if not self.tasks or self.stopping:
-            return generate(self.engine, prompt, max_new_tokens, logprobs)
-        self.swapper.run_on_loop(self.drain())
-        try:
-            out = generate(self.engine, prompt, max_new_tokens, logprobs)
-        finally:
-            self.go.set()
-        if self.pending:
-            self.fresh.append({"swap": self.pending[0], "weights": self.pending[1], "answer": out})
-            self.pending = None
-        return out
-
-    def finish(self) -> None:
-        """Stop the clients and let every request in flight complete."""
-        if not self.tasks or self.stopping:
-            return
-
-        async def finish():
-            self.stopping = True
-            self.go.set()
-            done, pending = await asyncio.wait(self.tasks, timeout=SERVE_WAIT_S)
-            self.unfinished = len(pending)
-
-        self.swapper.run_on_loop(finish())
-
-    def throughput(self, seconds: float, swaps: list[tuple]) -> dict:
-        """Requests completed per second in a window of `seconds` without a swap, then in one as long with
-        `swaps` ((source, plan, alias, weights), evenly spaced) made while serving."""
-        async def window(with_swaps: list) -> tuple[float, int, int]:
-            await self.busy()
-            t, n, f = time.perf_counter(), len(self.requests), self.swapper.guard.forwards
-            for k, (source, plan, alias, weights) in enumerate(with_swaps):
-                await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
-                await self.swap_async(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
-            await asyncio.sleep(max(0.0, t + seconds - time.perf_counter()))
-            return time.perf_counter() - t, len(self.requests) - n, self.swapper.guard.forwards - f
-
-        s0, n0, f0 = self.swapper.run_on_loop(window([]))
-        s1, n1, f1 = self.swapper.run_on_loop(window(swaps))
-        return {"window_s": seconds, "window_without_swaps_s": round(s0, 3), "requests_without_swaps": n0,
-                "requests_per_s_without_swaps": round(n0 / s0, 3), "forward_steps_without_swaps": f0,
-                "requests_with_swaps": n1, "swaps_in_window": len(swaps), "window_with_swaps_s": round(s1, 3),
-                "forward_steps_with_swaps": f1,
-                "requests_per_s_with_swaps": round(n1 / s1, 3),
-                "requests_per_s_ratio": round((n1 / s1) / (n0 / s0), 3) if n0 else None,
-                "forward_steps_per_s_without_swaps": round(f0 / s0, 3), "forward_steps_per_s_with_swaps":
-                round(f1 / s1, 3), "forward_steps_per_s_ratio": round((f1 / s1) / (f0 / s0), 3) if f0 else None}
-
-    def references(self, log_: PhaseLog, sources: dict[str, tuple]) -> dict[str, dict]:
-        """The checked prompt's answer for each weight set, on the idle engine: swapped in, then sglang-jax's
-        own flush_cache (its answer must be success: nothing runs), then generated from an empty cache."""
-        log_.begin("serve_reference")
-        refs = {}
-        for weights, (source, plan, alias) in sources.items():
-            self.swapper.swap_arrays(source, self.args.swap_mode, alias, self.args.rollback, plan)
-            flushed = self.engine.flush_cache()
-            if not flushed.success:
-                raise ToolError("serve_reference", f"flush_cache refused on the idle engine: {flushed.error_msg}",
-                                "no request should be running once the load has finished", EXIT_ENGINE)
-            refs[weights] = generate(self.engine, self.args.prompt, self.args.max_new_tokens)
-        log_.phase("serve_reference", weights=sorted(refs), output_ids={w: r["output_ids"] for w, r in refs.items()})
-        return refs
-
-    def check_requests(self, log_: PhaseLog) -> None:
-        """serve_no_lost_requests: every load request returned all its tokens, none errored or was aborted,
-        and every swap had requests in flight (else the load proved nothing)."""
-        lost = [r for r in self.requests if r.get("error") or r.get("finish") != "length"
-                or not r.get("tokens") == r.get("completion_tokens") == r["max_new_tokens"]]
-        idle_swaps = [s["swap"] for s in self.swaps if not s.get("requests_paused") and "failed" not in s]
-        log_.check("serve_no_lost_requests", bool(self.requests) and not lost and not self.unfinished and not idle_swaps,
-                   requests=len(self.requests), lost=len(lost), lost_examples=lost[:5], unfinished=self.unfinished,
-                   swaps_with_no_request_in_flight=idle_swaps,
-                   requests_paused_per_swap={s["swap"]: s.get("requests_paused") for s in self.swaps})
-
-    def check_forwards(self, log_: PhaseLog) -> None:
-        """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights."""
-        g = self.swapper.guard
-        log_.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
-                   forwards_while_serving=g.forwards - self.forwards_at_start, **g.forward_counts(),
-                   mixed_examples=g.mixed[:5])
-
-    def check_fresh(self, log_: PhaseLog, refs: dict[str, dict]) -> None:
-        """serve_fresh_after_swap: the checked prompt, sent after each swap, answers exactly as its reference
-        for that weight set (computed from an empty cache on the idle engine)."""
-        rows = []
-        for f in self.fresh:
-            ids, ref = f["answer"]["output_ids"], refs[f["weights"]]["output_ids"]
-            rows.append({"swap": f["swap"], "weights": f["weights"], "equal": ids == ref,
-                         "first_difference": next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b),
-                                                  None),
-                         "cached_tokens": f["answer"]["meta_info"].get("cached_tokens")})
-        log_.check("serve_fresh_after_swap", bool(rows) and all(r["equal"] for r in rows), swaps=rows)
-
-    def report(self, log_: PhaseLog, throughput: dict | None) -> None:
-        done = [r for r in self.requests if "error" not in r]
-        log_.phase("serve_load", clients=self.clients, requests_completed=len(done), **(throughput or {}),
-                   swaps=self.swaps, **self.swapper.guard.forward_counts())
-
-    def after_failure(self, log_: PhaseLog, error: ToolError) -> None:
-        """A swap failed while serving. Rolled back: generation went on with the previous weights; every
-        request in flight must complete on them (forward steps after the failure: that weight set only)."""
-        if not self.tasks:
-            return
-        self.check_forwards(log_)
-        if not error.details.get("restored"):
-            return  # generation stays paused: the requests in flight cannot finish
-        g, failed = self.swapper.guard, self.swaps[-1]
-        in_flight = self.in_flight
-        self.finish()
-        self.check_requests(log_)
-        error.details["serving"] = {
-            "requests_in_flight_at_failure": in_flight, "requests_completed": len(self.requests),
-            "requests_lost": log_.checks["serve_no_lost_requests"]["lost"] + self.unfinished,
-            "forwards_after_failure": g.forwards - failed["forwards_at_failure"],
-            "forwards_after_failure_on_previous_weights":
-                g.by_weights.get(g.weights_id, 0) - failed["on_previous_at_failure"]}
+def serve_results(log_: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, plan_a, flat_b, plan_b) -> None:
+    """--serve-load: throughput without and with swaps (B then A, while serving), then the load stops; the
+    references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
+    log_.begin("serve_load")
+    b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
+    swaps = [(b[0], b[1], alias_for(cfg, b[0]), "B"), (flat_a, plan_a, alias_for(cfg, flat_a), "A")]
+    throughput = load.throughput(cfg.serve_seconds, swaps)
+    load.finish()
+    sources = {"A": (flat_a, plan_a, alias_for(cfg, flat_a))}
+    if any(f["weights"] == "B" for f in load.fresh):
+        sources["B"] = (b[0], b[1], alias_for(cfg, b[0]))
+    refs = load.references(log_, sources)
+    load.check_requests(log_)
+    load.check_forwards(log_)
+    load.check_fresh(log_, refs)
+    load.report(log_, throughput)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3486,7 +3612,7 @@ class WandbSink:
     """Logs each phase's memory and timings to W&B from process 0. Any W&B failure becomes a warning on
     stderr and turns the sink off: it must never break the run."""
 
-    def __init__(self, args):
+    def __init__(self, cfg):
         self.run, self.step = None, 0
         try:
             import jax
@@ -3494,7 +3620,7 @@ class WandbSink:
 
             if jax.process_index() != 0:
                 return
-            self.run = wandb.init(project=args.wandb_project, config={k: v for k, v in vars(args).items()},
+            self.run = wandb.init(project=cfg.wandb_project, config={k: v for k, v in vars(cfg).items()},
                                   job_type="param-swap")
         except Exception as e:  # noqa: BLE001 - W&B is optional: warn and go on
             log(f"warning: W&B disabled: {type(e).__name__}: {e}")
@@ -3522,14 +3648,14 @@ class WandbSink:
             self.run = None
 
 
-def report(log_: PhaseLog, args) -> None:
+def report(log_: PhaseLog, cfg) -> None:
     """The stderr table, and the plot if asked for. Runs after the summary, on every path."""
     if any("memory" in r for r in log_.records):
         print("\n" + memory_table(log_.records), file=sys.stderr, flush=True)
-    if args.plot and any(r["phase"] == "engine_ready_dummy" for r in log_.records):
+    if cfg.plot and any(r["phase"] == "engine_ready_dummy" for r in log_.records):
         try:
-            plot_memory(log_.records, args.plot)
-            log(f"memory plot: {args.plot}")
+            plot_memory(log_.records, cfg.plot)
+            log(f"memory plot: {cfg.plot}")
         except Exception as e:  # noqa: BLE001 - a plot must not change the verdict
             log(f"warning: --plot failed: {type(e).__name__}: {e}")
 
@@ -3555,8 +3681,8 @@ class Stopper:
     (stage `interrupted`: the signal, the phase it interrupted, what the engine holds), the summary and the
     stderr table, kills the engine's child processes and exits 130 (SIGINT) or 143 (SIGTERM)."""
 
-    def __init__(self, log_: PhaseLog, args):
-        self.log_, self.args = log_, args
+    def __init__(self, log_: PhaseLog, cfg):
+        self.log_, self.cfg = log_, cfg
         self.swapper: ParamSwapper | None = None  # set once the engine runs
         self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
 
@@ -3597,12 +3723,8 @@ class Stopper:
                             engine_holds=self.engine_holds(waited)))
 
     def stop(self, error: ToolError) -> None:
-        """The error line, the summary and the table (unless the run already wrote its verdict), then exit."""
-        with self.log_.lock:
-            self.log_.write(error.record())
-            code = summary(self.log_, error)
-            self.log_.closed = True
-        report(self.log_, self.args)
+        """The run's end (finish: unless the run already wrote its verdict), then exit at once."""
+        code = finish(self.log_, self.cfg, error)
         for f in self.cleanup:
             f()
         sys.stdout.flush()
@@ -3646,93 +3768,90 @@ def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
     return code
 
 
-def run(log_: PhaseLog, args: argparse.Namespace) -> None:
-    device = jax_ready(log_, args)
+def finish(log_: PhaseLog, cfg: RunConfig, error: ToolError | None = None) -> int:
+    """How every run ends, whatever ends it (main, a failure, the Stopper): the error line if any, the summary
+    with the exit code, then the stderr table and the plot. Nothing is written after it (a stop that comes
+    later finds the verdict written)."""
+    with log_.lock:
+        if error is not None:
+            log_.write(error.record())
+        code = summary(log_, error)
+        log_.closed = True
+    report(log_, cfg)
+    return code
+
+
+def run(log_: PhaseLog, cfg: RunConfig, model_id: str) -> None:
+    """The phases in the order they run (docs/phases.md); the table of contents of this file."""
+    device, tp_size = jax_ready(log_, cfg)
     log_.begin("checkpoint")  # validation: config, tensors, parallelism, token budget
-    info = read_checkpoint_info(resolve_checkpoint(args.model_id, args.download_dir))
+    info = read_checkpoint_info(resolve_checkpoint(model_id, cfg.download_dir))
     validate_checkpoint(info)
-    validate_parallelism(info, args.tp_size)
-    if args.rounds and args.model_id_b:
-        info_b = read_checkpoint_info(resolve_checkpoint(args.model_id_b, args.download_dir))
+    validate_parallelism(info, tp_size)
+    if cfg.rounds and cfg.model_id_b:
+        info_b = read_checkpoint_info(resolve_checkpoint(cfg.model_id_b, cfg.download_dir))
         validate_checkpoint(info_b)
         if expected_tensors(info_b) != expected_tensors(info):
-            raise ToolError("checkpoint", f"--model-id-b {args.model_id_b} has other sizes than --model-id "
+            raise ToolError("checkpoint", f"--model-id-b {cfg.model_id_b} has other sizes than --model-id "
                             "(the engine's model)", "B must be the same architecture and sizes as A")
-    if args.chat:
-        args.prompt = chat_prompt(info.path, args.prompt)
-    validate_token_budget(args, info)
-    stack = probe_sglang((info.architecture, args.moe_backend))  # what the swap uses of sglang-jax (exit 2)
+    prompt = chat_prompt(info.path, cfg.prompt) if cfg.chat else cfg.prompt
+    cfg = cfg.resolved(model_id=info.path, tp_size=tp_size, prompt=prompt)
+    validate_token_budget(cfg, info)
+    stack = probe_sglang((info.architecture, cfg.moe_backend))  # what the swap uses of sglang-jax (exit 2)
     # The probe has imported sglang-jax: ~520k objects (modules, functions, classes) that never become garbage.
     # Freezing them leaves them out of every later collection, so each phase's gc.collect (device_memory) walks
     # only what the run makes: 0.35 s -> a few ms per phase line. The CLI's process only, never in the API:
     # an RL loop's own objects must stay collectable.
     gc.freeze()
     HOSTS.agree("checkpoint")  # several hosts: every one has validated its copy before any engine starts
-    engine, swapper = engine_ready_dummy(log_, args, info, device, stack)
-    state = swapper.state
-    serve = ServeLoad(engine, swapper, args)  # --serve-load 0: every swap and generation calls straight through
+    engine, swapper = engine_ready_dummy(log_, cfg, info, device, stack)
+    state, load = swapper.state, None
     try:
-        before = generate_result(log_, args, serve, phase="generate_before_swap")
-        tree = mllm_params_cpu_ready(log_, args, info)
+        before = generate_result(log_, cfg, engine, phase="generate_before_swap")
+        tree = mllm_params_cpu_ready(log_, cfg, info)
         trainer = None  # --weights-source trainer: the tree on the devices, held (as a trainer would) to the end
         try:
-            if args.weights_source == "trainer":
-                tree = trainer = mllm_params_device_ready(log_, args, swapper, tree)
-            plan = sglang_param_dict_ready(log_, args, swapper, tree)
-            serve.start(log_)
-            param_dict = weights_swapped_from_mllm(log_, args, serve, tree, plan)
+            if cfg.weights_source == "trainer":
+                tree = trainer = mllm_params_device_ready(log_, cfg, swapper, tree)
+            plan = sglang_param_dict_ready(log_, cfg, swapper, tree)
+            if cfg.serve_load:
+                load = ServeLoad(engine, swapper, cfg)
+                load.start(log_)
+            param_dict = weights_swapped_from_mllm(log_, cfg, swapper, load, tree, plan)
         except ToolError as e:
-            serve.after_failure(log_, e)
-            check_restored(e, engine, args, before)
+            if load is not None:
+                load.after_failure(log_, e)
+            check_restored(e, engine, cfg, before)
             raise
-        if args.verify_param_sharing:
+        if cfg.verify_param_sharing:
             param_sharing_check(log_, state, param_dict)
-        if args.verify_weights:
+        if cfg.verify_weights:
             weights_equal_loader(log_, state, info.path)
-        serve.hold()  # the memory phases below are sampled with no forward in flight
-        if args.keep_param_dict:
-            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict), **swapper.memory_split(trainer))
+        if load is not None:
+            load.hold()  # the memory phases below are sampled with no forward in flight
+        if cfg.keep_param_dict:
+            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict),
+                       **memory_split(state, swapper.guard, trainer))
         else:
             del param_dict
             log_.phase("after_cleanup")
-        out = generate_result(log_, args, serve, logprobs=args.verify_logits)
+        out = generate_result(log_, cfg, engine, load, logprobs=cfg.verify_logits)
         check_generate(log_)
         check_swap_effective(log_, before, out)
-        if args.verify_logits and HOSTS.rank == 0:  # a host forward: on rank 0 only
-            logits_match_reference(log_, args, info.path, out)
-        if args.keep_param_dict:
+        if cfg.verify_logits and HOSTS.rank == 0:  # a host forward: on rank 0 only
+            logits_match_reference(log_, cfg, info.path, out)
+        if cfg.keep_param_dict:
             del param_dict
             log_.phase("after_drop_param_dict")
-        check_single_copy(log_, args.single_copy_tolerance,
+        check_single_copy(log_, cfg.single_copy_tolerance,
                           ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
         flat_b = plan_b = None
-        if args.rounds:
-            flat_b, plan_b = swap_rounds(log_, args, engine, serve, info, as_flat(tree), plan, out)
-        if args.serve_load:
-            serve_results(log_, args, serve, as_flat(tree), plan, flat_b, plan_b)
+        if cfg.rounds:
+            flat_b, plan_b = swap_rounds(log_, cfg, swapper, load, info, as_flat(tree), plan, out)
+        if load is not None:
+            serve_results(log_, cfg, load, as_flat(tree), plan, flat_b, plan_b)
     finally:
         engine.shutdown()
-
-
-def serve_results(log_: PhaseLog, args, serve: ServeLoad, flat_a, plan_a, flat_b, plan_b) -> None:
-    """--serve-load: throughput without and with swaps (B then A, while serving), then the load stops; the
-    references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
-    def alias(source) -> bool:
-        return args.alias and all(on_devices(a) for a in source_arrays(source))
-
-    log_.begin("serve_load")
-    b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
-    swaps = [(b[0], b[1], alias(b[0]), "B"), (flat_a, plan_a, alias(flat_a), "A")]
-    throughput = serve.throughput(args.serve_seconds, swaps)
-    serve.finish()
-    sources = {"A": (flat_a, plan_a, alias(flat_a))}
-    if any(f["weights"] == "B" for f in serve.fresh):
-        sources["B"] = (b[0], b[1], alias(b[0]))
-    refs = serve.references(log_, sources)
-    serve.check_requests(log_)
-    serve.check_forwards(log_)
-    serve.check_fresh(log_, refs)
-    serve.report(log_, throughput)
 
 
 def json_only_stdout() -> None:
@@ -3745,57 +3864,46 @@ def json_only_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.nnodes > 1:
+    cfg = run_config(parse_args(argv))
+    if cfg.nnodes > 1:
         json_only_stdout()
     try:
-        log_ = PhaseLog(args.json_out)
+        log_ = PhaseLog(cfg.json_out)
     except OSError as e:
-        log_ = PhaseLog(None)
-        error = ToolError("arguments", f"cannot open --json-out {args.json_out}: {e.strerror}",
-                          "the folder must exist and be writable")
-        log_.write(error.record())
-        return summary(log_, error)
-    log_.stopper = Stopper(log_, args)
+        return finish(PhaseLog(None), cfg, ToolError("arguments", f"cannot open --json-out {cfg.json_out}: "
+                                                     f"{e.strerror}", "the folder must exist and be writable"))
+    log_.stopper = Stopper(log_, cfg)
     log_.stopper.install()
     HOSTS.on_failure = log_.stopper.stop  # another rank failed while this one was busy elsewhere
     demo_tmp = None
     try:
-        validate_args(args)
-        configure_platform(args)
-        if args.wandb:
-            log_.sinks.append(WandbSink(args))
-        if args.demo:
-            folder = args.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
+        validate_args(cfg)
+        configure_platform(cfg)
+        if cfg.wandb:
+            log_.sinks.append(WandbSink(cfg))
+        model_id = cfg.model_id
+        if cfg.demo:
+            folder = cfg.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
             if demo_tmp:
                 log_.stopper.cleanup.append(functools.partial(shutil.rmtree, demo_tmp, ignore_errors=True))
-            args.model_id = write_demo_checkpoint(folder, arch=args.arch)
+            model_id = write_demo_checkpoint(folder, arch=cfg.arch)
             log(f"demo checkpoint in {folder}")
-        run(log_, args)
-        with log_.lock:  # a stop from now on finds the verdict written
-            code = summary(log_)
-            log_.closed = True
-        report(log_, args)
-        return code
+        run(log_, cfg, model_id)
+        return finish(log_, cfg)
     except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
         traceback.print_exc()
         if not isinstance(e, ToolError):
             last = log_.records[-1]["phase"] if log_.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
-        with log_.lock:
-            log_.write(e.record())
-            code = summary(log_, e)
-            log_.closed = True
-        report(log_, args)
-        return code
+        return finish(log_, cfg, e)
     finally:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None) -> None:
     """`python run_param_swap.py` and the console script `run-param-swap`: main(), then exit at once."""
-    code = main()
+    code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     HOSTS.shutdown()

@@ -149,7 +149,7 @@ def run_once(folder: str, mode: str, source: str, tp: int, extra: tuple = ()) ->
     if proc.returncode != 0:
         raise SystemExit(f"{mode}/{source} {extra} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     read, swapped = records["mllm_params_cpu_ready"], records["weights_swapped_from_mllm"]
-    placed = swapped["placed_bytes_sum"]
+    placed = swapped["copied_bytes_sum"]
     seconds_to_device = read["seconds"] + swapped["place_s"] + records.get("mllm_params_device_ready", {}).get("seconds", 0)
     later = [r for r in rounds if r["weights"] == "A"]  # round 2 swaps A back (B is computed while it is placed)
     return {
@@ -167,7 +167,7 @@ def run_once(folder: str, mode: str, source: str, tp: int, extra: tuple = ()) ->
         "place_gb_per_s": swapped["place_gb_per_s"],
         "read_convert_place_gb_per_s": round(placed / seconds_to_device / 1e9, 3),
         # later swaps reuse the compiled transposes: the steady state of an RL loop
-        "rounds_place_gb_per_s": round(sum(r["placed_bytes_sum"] for r in rounds)
+        "rounds_place_gb_per_s": round(sum(r["copied_bytes_sum"] for r in rounds)
                                        / sum(r["place_s"] for r in rounds) / 1e9, 3),
         "rounds_peak_extra_ratio": max(r["swap_peak_extra_ratio"] for r in rounds),
         "rss_peak_bytes": max(r["memory"]["process_rss_peak_bytes"] for r in lines if "memory" in r),

@@ -97,7 +97,7 @@ def main() -> None:
     try:
         state = rps.EngineState(model_runner)
         param_bytes = rps.param_bytes_sum(p.get_value() for p in state.params.values())
-        gen = lambda: rps.generate(engine, PROMPT, a.max_new_tokens)["output_ids"]  # noqa: E731
+        gen = lambda: rps.generate_greedy(engine, PROMPT, a.max_new_tokens)["output_ids"]  # noqa: E731
         result["dummy_output_ids"] = gen()
         flat = rps.flatten(rps.load_mllm_params(info.path))
         layout = tunix_layout(flat, info.num_heads, info.num_kv_heads, info.head_dim)

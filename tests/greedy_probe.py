@@ -48,7 +48,7 @@ def main() -> None:
     cases = []
     try:
         for n in lengths:
-            out = rps.generate(engine, PROMPTS[0], n)
+            out = rps.generate_greedy(engine, PROMPTS[0], n)
             cases.append({"requests": 1, "max_new_tokens": n, "prompt_ids": out["prompt_ids"],
                           "ids": out["output_ids"], "api_ids": None, "consistent": out["consistent"],
                           "api_output_ids_match": out["api_output_ids_match"]})

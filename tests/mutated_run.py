@@ -55,12 +55,12 @@ def apply(mutation: str) -> None:
         rps.EngineState.assign = assign
         rps.EngineState.rebind_from_model = lambda self: None
     elif mutation == "skip_one_param":
-        original_swap = rps.swap
+        original = rps.place_and_assign
 
-        def swap(state, plan, *args, **kwargs):
-            return original_swap(state, plan[:-1], *args, **kwargs)
+        def place_and_assign(state, plan, *args, **kwargs):
+            return original(state, plan[:-1], *args, **kwargs)
 
-        rps.swap = swap
+        rps.place_and_assign = place_and_assign
     elif mutation == "copy_in_dict":
         original = rps.weights_swapped_from_mllm
 
@@ -74,21 +74,21 @@ def apply(mutation: str) -> None:
 
         rps.weights_swapped_from_mllm = weights_swapped_from_mllm
     elif mutation == "no_flush":
-        async def flush(self):
+        async def flush_radix_cache(guard):
             return 0
 
-        rps.ParamSwapper.flush = flush
+        rps.flush_radix_cache = flush_radix_cache
     elif mutation == "no_pause":
-        async def pause(self, pauses):
+        async def pause_generation(guard, pauses):
             return 0
 
-        rps.ParamSwapper.pause = pause
+        rps.pause_generation = pause_generation
     elif mutation == "flush_ignored":
-        async def flush(self):
-            await self.engine.tokenizer_manager.flush_cache()
+        async def flush_radix_cache(guard):
+            await guard.engine.tokenizer_manager.flush_cache()
             return 0
 
-        rps.ParamSwapper.flush = flush
+        rps.flush_radix_cache = flush_radix_cache
     elif mutation == "crash_while_serving":
         original_start = rps.ServeLoad.start
 
@@ -157,15 +157,15 @@ def apply(mutation: str) -> None:
         import signal
         import threading
 
-        original_generate, calls = rps.generate, [0]
+        original_generate, calls = rps.generate_greedy, [0]
 
-        def generate(*args, **kwargs):
+        def generate_greedy(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 2:  # while the request loop runs, like a scheduler exception or the watchdog
                 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
             return original_generate(*args, **kwargs)
 
-        rps.generate = generate
+        rps.generate_greedy = generate_greedy
     elif mutation == "scheduler_start_fails":  # the engine's own start fails (as a KV cache that does not fit would)
         from sgl_jax.srt.managers import scheduler
 
@@ -272,7 +272,7 @@ def apply(mutation: str) -> None:
 
         rps.Rollback.arrays = arrays
     elif mutation == "skip_swap":
-        rps.swap = lambda *args, **kwargs: {}
+        rps.place_and_assign = lambda *args, **kwargs: {}
     elif mutation == "extra_step":
         original_budget = rps.validate_token_budget
 
@@ -289,7 +289,4 @@ def apply(mutation: str) -> None:
 
 for one in mutations.split("+"):
     apply(one)
-code = rps.main(argv)
-sys.stdout.flush()
-rps.HOSTS.shutdown()
-os._exit(code)
+rps.cli(argv)

@@ -20,7 +20,7 @@ def main() -> None:
     args.tp_size = args.tp_size or jax.device_count() // args.dp_size
     engine, _ = rps.start_engine(rps.engine_kwargs(args, os.path.abspath(args.model_id), device, "auto"))
     try:
-        out = rps.generate(engine, args.prompt, args.max_new_tokens)
+        out = rps.generate_greedy(engine, args.prompt, args.max_new_tokens)
     finally:
         engine.shutdown()
     print(json.dumps({"output_ids": out["output_ids"], "text": out["text"]}), flush=True)

@@ -54,11 +54,11 @@ def test_generate_flags_an_inconsistent_answer():
         def generate(self, **kwargs):
             return self.answer
 
-    good = rps.generate(Engine([0, 1, 2], 3, "ABC"), "p", 3)
+    good = rps.generate_greedy(Engine([0, 1, 2], 3, "ABC"), "p", 3)
     assert good["consistent"] and good["output_ids"] == [0, 1, 2]
-    short = rps.generate(Engine([0, 1], 3, "AB"), "p", 3)
+    short = rps.generate_greedy(Engine([0, 1], 3, "AB"), "p", 3)
     assert not short["consistent"] and "2 ids, completion_tokens 3" in short["consistency_problems"][0]
-    wrong_text = rps.generate(Engine([0, 1, 2], 3, "ABD"), "p", 3)
+    wrong_text = rps.generate_greedy(Engine([0, 1, 2], 3, "ABD"), "p", 3)
     assert wrong_text["consistency_problems"] == ["the engine's text is not the decoding of the generated ids"]
 
 
