@@ -74,21 +74,60 @@ DEFAULT_MODEL_ID = "Qwen/Qwen2.5-3B-Instruct"
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model family the tool swaps: one row each. The paths, shapes, dtypes and shardings of the targets
-    come from the engine's own Params; a row says only what differs between families' checkpoints."""
+    """A model family the tool swaps, one row each (as llama.cpp's converter registers one class per
+    architecture): everything that differs between families. What every family's checkpoint shares (the
+    tensors a config implies: CHECKPOINT_TENSORS; their MLLM-JAX names: HF_TO_MLLM; their sglang-jax paths:
+    MLLM_TO_SGLANG) is switched on by the row's flags; the targets' shapes, dtypes and shardings come from
+    the engine's own Params. Adding a family: one row here (docs/phases.md, "Adding a model family")."""
+    architecture: str  # config.json architectures[0]
     arch: str  # --demo --arch
     model_type: str
     biases: str  # "qkv": q/k/v biases always (Qwen2); "attention_bias": q/k/v/o biases when config says so
     qk_norm: bool  # per-head RMSNorm of q and k (Qwen3)
     moe: bool = False  # sparse MLP layers: a router and stacked experts (all but config's mlp_only_layers)
+    # (MLLM regex, sglang-jax template, op) rows of this family only, tried before MLLM_TO_SGLANG; and per MoE
+    # backend of the engine (its --moe-backend)
+    sglang_rows: list = dataclasses.field(default_factory=list)
+    moe_backend_rows: dict[str, list] = dataclasses.field(default_factory=dict)
+    # what of sglang-jax this family needs beyond SGLANG_NEEDS, per MoE backend (the adapter's probe checks it):
+    # (module, attribute, need, why) rows as SGLANG_NEEDS's
+    needs: dict[str, list] = dataclasses.field(default_factory=dict)
+    # its --demo checkpoint's config.json beyond the shared keys (write_demo_checkpoint): config -> extra keys
+    demo_config: Any = None
 
 
-FAMILIES = {  # HF architectures[0] -> Family
-    "Qwen2ForCausalLM": Family("qwen2", "qwen2", "qkv", qk_norm=False),
-    "Qwen3ForCausalLM": Family("qwen3", "qwen3", "attention_bias", qk_norm=True),
-    "LlamaForCausalLM": Family("llama", "llama", "attention_bias", qk_norm=False),
-    "Qwen3MoeForCausalLM": Family("qwen3_moe", "qwen3_moe", "attention_bias", qk_norm=True, moe=True),
-}
+FAMILIES = {f.architecture: f for f in [
+    Family("Qwen2ForCausalLM", "qwen2", "qwen2", "qkv", qk_norm=False),
+    Family("Qwen3ForCausalLM", "qwen3", "qwen3", "attention_bias", qk_norm=True),
+    Family("LlamaForCausalLM", "llama", "llama", "attention_bias", qk_norm=False, demo_config=lambda c: {
+        "rope_theta": 500000.0, "mlp_bias": False, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024}}),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", "qwen3_moe", "attention_bias", qk_norm=True, moe=True,
+           sglang_rows=[  # sglang-jax calls Qwen3-MoE's o_proj c_proj
+               (r"model\.layers_(\d+)\.self_attn\.o_proj\.(kernel|bias)", "model.layers.{0}.self_attn.c_proj.{1}",
+                "copy")],
+           moe_backend_rows={
+               "epmoe": [  # stacked experts [E, in, out], sharded (expert, ., tensor)
+                   (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy"),
+                   (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
+                   (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.wo", "copy")],
+               "fused": [  # the same stacks under other names, experts split over every device
+                   (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.w1", "copy"),
+                   (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.w3", "copy"),
+                   (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.w2", "copy")]},
+           # "lacks:" the code must not hold this text. bd09a87's dummy initialiser builds the experts' mesh only
+           # when ep_size > 1 and puts the expert axis on the main mesh otherwise: a Qwen3-MoE engine with
+           # load_format "dummy" (epmoe, ep_size 1) cannot start there ("Resource axis: expert ... is not
+           # found"); 0.0.3rc99 fixed it
+           needs={"epmoe": [("sgl_jax.srt.utils.weight_utils", "WeightLoader._load_dummy_weights",
+                             "lacks:if ep_size > 1:", "a Qwen3-MoE engine with dummy weights cannot start; fixed "
+                             "in 0.0.3rc99")]},
+           # 4 experts, 2 per token; layer 0 dense (mlp_only_layers), the others sparse
+           demo_config=lambda c: {"num_experts": 4, "num_experts_per_tok": 2,
+                                  "moe_intermediate_size": c["intermediate_size"] // 2, "mlp_only_layers": [0],
+                                  "decoder_sparse_step": 1, "norm_topk_prob": True}),
+]}
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
@@ -96,6 +135,9 @@ DEFAULT_BUCKET_MB = 256.0  # --bucket-mb: docs/benchmarks.md ("Buckets")
 TRANSPOSE_ON = {"cpu": "host", "gpu": "device", "tpu": "device"}  # --transpose auto, per platform
 TRAINER_SHARDINGS = ("fsdp", "replicated", "engine")  # --weights-source trainer: how the trainer holds the tree
 
+# Per engine dtype: (largest |engine logprob - reference logprob| of a generated token, largest margin by
+# which a generated token may trail the reference's argmax). Set from measured distributions: docs/phases.md.
+LOGITS_TOLERANCE = {"float32": (0.1, 0.1), "bfloat16": (1.0, 1.0)}
 
 def log(msg: str) -> None:
     print(f"[run_param_swap] {msg}", file=sys.stderr, flush=True)
@@ -111,6 +153,11 @@ class ToolError(Exception):
     def record(self) -> dict:
         return {"phase": "error", "stage": self.stage, "error": self.error, "hint": self.hint,
                 "exit_code": self.exit_code, **self.details}
+
+
+def on_devices(x) -> bool:
+    """A trainer-resident source: a jax.Array (numpy arrays and torch tensors are host sources)."""
+    return hasattr(x, "sharding") and hasattr(x, "is_deleted")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +331,21 @@ def process_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def device_buffers(arr, wait: bool = True) -> list[tuple[Any, Any, int]]:
+    """(device, buffer pointer, bytes) of each addressable shard. Reads the per-device arrays without
+    `addressable_shards`: its cached Shard list keeps the buffers alive past the array's death until the next gc.collect(),
+    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak.
+    wait=False: a shard still being computed (a forward in flight in another thread) is not waited for, its
+    pointer is ("pending", id(arr), i): JAX 0.11's CPU client blocks in unsafe_buffer_pointer() until the shard
+    is ready, holding the GIL, which the thread computing it needs (the serving demo hung so)."""
+    out = []
+    for i in range(len(arr.sharding.addressable_devices)):
+        data = arr.addressable_data(i)
+        ptr = data.unsafe_buffer_pointer() if wait or data.is_ready() else ("pending", id(arr), i)
+        out.append((next(iter(data.devices())), ptr, data.nbytes))
+    return out
+
+
 WALK_TRIES = 3  # live-array walks per sample when a forward in another thread donates a buffer mid-walk
 
 
@@ -320,19 +382,14 @@ def live_array_bytes_per_device() -> dict[Any, int]:
     return per_device
 
 
-def device_buffers(arr, wait: bool = True) -> list[tuple[Any, Any, int]]:
-    """(device, buffer pointer, bytes) of each addressable shard. Reads the per-device arrays without
-    `addressable_shards`: its cached Shard list keeps the buffers alive past the array's death until the next gc.collect(),
-    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak.
-    wait=False: a shard still being computed (a forward in flight in another thread) is not waited for, its
-    pointer is ("pending", id(arr), i): JAX 0.11's CPU client blocks in unsafe_buffer_pointer() until the shard
-    is ready, holding the GIL, which the thread computing it needs (the serving demo hung so)."""
-    out = []
-    for i in range(len(arr.sharding.addressable_devices)):
-        data = arr.addressable_data(i)
-        ptr = data.unsafe_buffer_pointer() if wait or data.is_ready() else ("pending", id(arr), i)
-        out.append((next(iter(data.devices())), ptr, data.nbytes))
-    return out
+def memory_summary(per_device: list[dict]) -> dict[str, int]:
+    """Sum, min and max over devices of each figure every device has."""
+    summary: dict[str, int] = {}
+    for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit"):
+        values = [s[key] for s in per_device if key in s]
+        if len(values) == len(per_device):
+            summary.update({f"{key}_sum": sum(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return summary
 
 
 def device_memory(collect: bool = True) -> dict:
@@ -356,80 +413,13 @@ def device_memory(collect: bool = True) -> dict:
             "jax_device_memory_summary": memory_summary(per_device), "source": source}
 
 
-def memory_summary(per_device: list[dict]) -> dict[str, int]:
-    """Sum, min and max over devices of each figure every device has."""
-    summary: dict[str, int] = {}
-    for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit"):
-        values = [s[key] for s in per_device if key in s]
-        if len(values) == len(per_device):
-            summary.update({f"{key}_sum": sum(values), f"{key}_min": min(values), f"{key}_max": max(values)})
-    return summary
-
-
 def bytes_in_use_sum(mem: dict) -> int:
     return mem["jax_device_memory_summary"]["bytes_in_use_sum"]
 
 
-class PhaseLog:
-    """Prints one JSON line per phase on stdout and in --json-out; keeps them for the summary."""
-
-    def __init__(self, json_out: str | None):
-        self.t0 = time.perf_counter()
-        self.records: list[dict] = []
-        self.checks: dict[str, dict] = {}
-        self.answers: list[tuple[str, dict]] = []  # (phase, generate()'s answer) of every generation
-        self.file = open(json_out, "w") if json_out else None
-        self.sinks: list = []  # e.g. WandbSink: each gets every record
-        self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
-        self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
-        self.closed = False  # set by the Stopper: the run is over, nothing more is written
-        self.stopper: Stopper | None = None
-
-    def begin(self, name: str) -> None:
-        self.doing = name
-
-    def write(self, record: dict) -> dict:
-        with self.lock:
-            if not self.closed:
-                self.emit(record)
-        return record
-
-    def emit(self, record: dict) -> None:
-        line = json.dumps(record, default=str)
-        if HOSTS.rank == 0:
-            print(line, flush=True)
-        else:  # rank 0 prints the phase JSON of a multi-host run; the others a short log (and --json-out)
-            log(f"rank {HOSTS.rank}: {record['phase']}" + (f" ({record['stage']}: {record['error']})"
-                                                          if record["phase"] == "error" else ""))
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
-        self.records.append(record)
-        for sink in self.sinks:
-            sink.log(record)
-
-    def phase(self, name: str, memory: bool = True, **fields) -> dict:
-        record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
-        if memory:  # a swap's report carries its own sample (taken while paused); several hosts: all of them
-            record["memory"] = HOSTS.memory(record.get("memory") or device_memory())
-        return self.write(record)
-
-    def check(self, name: str, ok: bool, **details) -> bool:
-        self.checks[name] = {"ok": bool(ok), **details}
-        log(f"check {name}: {'ok' if ok else 'FAILED'}")
-        return bool(ok)
-
-    def memory_of(self, phase: str) -> int | None:
-        for r in self.records:
-            if r["phase"] == phase and "memory" in r:
-                return bytes_in_use_sum(r["memory"])
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
-# Phase 1: JAX up (platform chosen before JAX starts)
+# Several hosts (--nnodes): one process per host; every rank agrees at each step and exits alike
 # ----------------------------------------------------------------------------------------------
-
 
 HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
 HOST_ERROR_GRACE_S = 10.0  # how long a rank's main thread has to notice another rank's failure itself
@@ -601,6 +591,67 @@ class Hosts:
 HOSTS = Hosts()  # one host unless HOSTS.start(...) (jax_ready, from --nnodes)
 
 
+class PhaseLog:
+    """Prints one JSON line per phase on stdout and in --json-out; keeps them for the summary."""
+
+    def __init__(self, json_out: str | None):
+        self.t0 = time.perf_counter()
+        self.records: list[dict] = []
+        self.checks: dict[str, dict] = {}
+        self.answers: list[tuple[str, dict]] = []  # (phase, generate()'s answer) of every generation
+        self.file = open(json_out, "w") if json_out else None
+        self.sinks: list = []  # e.g. WandbSink: each gets every record
+        self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
+        self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
+        self.closed = False  # set by the Stopper: the run is over, nothing more is written
+        self.stopper: Stopper | None = None
+
+    def begin(self, name: str) -> None:
+        self.doing = name
+
+    def write(self, record: dict) -> dict:
+        with self.lock:
+            if not self.closed:
+                self.emit(record)
+        return record
+
+    def emit(self, record: dict) -> None:
+        line = json.dumps(record, default=str)
+        if HOSTS.rank == 0:
+            print(line, flush=True)
+        else:  # rank 0 prints the phase JSON of a multi-host run; the others a short log (and --json-out)
+            log(f"rank {HOSTS.rank}: {record['phase']}" + (f" ({record['stage']}: {record['error']})"
+                                                          if record["phase"] == "error" else ""))
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+        self.records.append(record)
+        for sink in self.sinks:
+            sink.log(record)
+
+    def phase(self, name: str, memory: bool = True, **fields) -> dict:
+        record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
+        if memory:  # a swap's report carries its own sample (taken while paused); several hosts: all of them
+            record["memory"] = HOSTS.memory(record.get("memory") or device_memory())
+        return self.write(record)
+
+    def check(self, name: str, ok: bool, **details) -> bool:
+        self.checks[name] = {"ok": bool(ok), **details}
+        log(f"check {name}: {'ok' if ok else 'FAILED'}")
+        return bool(ok)
+
+    def memory_of(self, phase: str) -> int | None:
+        for r in self.records:
+            if r["phase"] == phase and "memory" in r:
+                return bytes_in_use_sum(r["memory"])
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: JAX up (platform chosen before JAX starts)
+# ----------------------------------------------------------------------------------------------
+
+
 def validate_args(cfg: RunConfig) -> None:
     """Usage errors, found before JAX or the engine start."""
     problems = []
@@ -683,10 +734,10 @@ def configure_platform(cfg: RunConfig) -> str:
     return device
 
 
-def jax_ready(log_: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
+def jax_ready(phases: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
     """Phase 1: JAX's devices (several hosts: the coordination service first). Returns the platform and the
     tensor-parallel size (--tp-size 0: every device)."""
-    log_.begin("jax_ready")
+    phases.begin("jax_ready")
     import jax
 
     HOSTS.start(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr, cfg.watchdog_timeout,  # before JAX's backend
@@ -698,7 +749,7 @@ def jax_ready(log_: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
         raise ToolError("arguments", f"tp_size x dp_size = {tp} x {cfg.dp_size} != {len(devices)} devices",
                         "pass --tp-size and --dp-size whose product is jax.device_count() (on CPU, --device cpu "
                         "makes --tp-size virtual devices)")
-    log_.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
+    phases.phase("jax_ready", jax_version=jax.__version__, backend=jax.default_backend(), device=device,
                device_count=len(devices), devices=[str(d) for d in devices], tp_size=tp, dp_size=cfg.dp_size,
                nnodes=HOSTS.nnodes, local_devices=[str(d) for d in jax.local_devices()])
     return device, tp
@@ -749,32 +800,6 @@ class CheckpointInfo:
     moe_layers: tuple[int, ...] = ()  # layers whose MLP is a router + experts (Qwen3-MoE)
     num_experts: int = 0
     moe_intermediate_size: int = 0
-
-
-def read_checkpoint_info(path: str) -> CheckpointInfo:
-    config_file = os.path.join(path, "config.json")
-    try:
-        with open(config_file) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ToolError("checkpoint", f"cannot read {config_file}: {e}", "the folder needs a valid HF config.json") from e
-    if not isinstance(cfg, dict):
-        raise ToolError("checkpoint", f"{config_file} is not a JSON object", "the folder needs a valid HF config.json")
-    archs = cfg.get("architectures")
-    archs = archs if isinstance(archs, list) and archs else [cfg.get("model_type", "?")]
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ToolError("checkpoint", f"architecture {archs[0]!r} is not supported",
-                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3, Qwen3-MoE)")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = tuple(sorted(set(json.load(f)["weight_map"].values())))
-    else:
-        files = tuple(sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
-    if not files:
-        raise ToolError("checkpoint", f"no *.safetensors files in {path}", "the tool reads safetensors checkpoints")
-    return CheckpointInfo(path=path, architecture=archs[0], files=files,
-                          **engine_view_of_config(path, cfg, FAMILIES[archs[0]]))
 
 
 CONFIG_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size",
@@ -831,6 +856,32 @@ def engine_view_of_config(path: str, raw: dict, family: Family) -> dict:
                 tie_word_embeddings=bool(cfg.tie_word_embeddings), context_len=values["max_position_embeddings"])
 
 
+def read_checkpoint_info(path: str) -> CheckpointInfo:
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ToolError("checkpoint", f"cannot read {config_file}: {e}", "the folder needs a valid HF config.json") from e
+    if not isinstance(cfg, dict):
+        raise ToolError("checkpoint", f"{config_file} is not a JSON object", "the folder needs a valid HF config.json")
+    archs = cfg.get("architectures")
+    archs = archs if isinstance(archs, list) and archs else [cfg.get("model_type", "?")]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ToolError("checkpoint", f"architecture {archs[0]!r} is not supported",
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2/Qwen2.5, Qwen3, Llama 2/3, Qwen3-MoE)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = tuple(sorted(set(json.load(f)["weight_map"].values())))
+    else:
+        files = tuple(sorted(n for n in os.listdir(path) if n.endswith(".safetensors")))
+    if not files:
+        raise ToolError("checkpoint", f"no *.safetensors files in {path}", "the tool reads safetensors checkpoints")
+    return CheckpointInfo(path=path, architecture=archs[0], files=files,
+                          **engine_view_of_config(path, cfg, FAMILIES[archs[0]]))
+
+
 # The tensors a checkpoint must hold, with their HF shapes in config terms, and when (None: always).
 CHECKPOINT_TENSORS = [  # (name (layer i as {i}), shape, when)
     ("model.embed_tokens.weight", ("vocab", "hidden"), None),
@@ -875,6 +926,71 @@ def expected_tensors(info: CheckpointInfo) -> dict[str, tuple[int, ...]]:
     return out
 
 
+HF_IGNORED = (r".*rotary_emb\.inv_freq",)  # buffers some exports carry; not parameters
+
+
+def host_dtype(name: str):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def safetensors_entry(name: str, meta, data: np.ndarray, data_start: int) -> np.ndarray:
+    """One header entry as a zero-copy view of the mapped file, after checking every field of it: a float
+    dtype, a shape of non-negative ints, offsets inside the file that span exactly shape x itemsize bytes."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: header entry {meta!r:.60} is not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{name}: dtype {str(dtype)[:20]} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ValueError(f"{name}: shape {shape!r:.40} is not a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                     for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{name}: data_offsets {offsets!r:.40} are not [start, end] with 0 <= start <= end")
+    start, end = (data_start + o for o in offsets)
+    itemsize = host_dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+    if end - start != int(np.prod(shape)) * itemsize:
+        raise ValueError(f"{name}: {end - start} bytes for shape {shape} of {dtype}")
+    if end > data.size:
+        raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
+    return np.asarray(data[start:end]).view(host_dtype(SAFETENSORS_DTYPES[dtype])).reshape(shape)
+
+
+
+
+def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
+    """Every tensor of the shards as a zero-copy numpy view of the file (np.memmap: the OS reads pages
+    lazily, when placement touches them; bf16 as ml_dtypes.bfloat16). safetensors' own numpy loader copies
+    every tensor into new memory; its format (8-byte header length, JSON header, raw data) is simple enough
+    to map directly. Used both to validate the checkpoint (shapes only) and to read it."""
+    import struct
+
+    tensors: dict[str, np.ndarray] = {}
+    for fname in info.files:
+        full = os.path.join(info.path, fname)
+        try:
+            with open(full, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > os.path.getsize(full) - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file: not a safetensors file")
+                header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            data = np.memmap(full, dtype=np.uint8, mode="r")
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                tensors[name] = safetensors_entry(name, meta, data, 8 + header_len)
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
+                            "the file is missing, truncated or corrupt, or not a float checkpoint") from e
+    return tensors
+
+
 def validate_checkpoint(info: CheckpointInfo) -> None:
     """Map the files (no data is read) and check every tensor against the config: present, inside its file
     (not truncated), the right shape, a float dtype. Runs before the engine is started."""
@@ -901,6 +1017,23 @@ def chat_prompt(path: str, prompt: str) -> str:
                         "drop --chat (base checkpoints) or use an instruct checkpoint")
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+LOAD_PROMPTS = [  # --serve-load: the clients' prompts (those sharing a first token with --prompt are left out)
+    "Write a short poem about sharded arrays.",
+    "List three reasons to pause generation before changing weights.",
+    "Summarize the story of the lazy dog in two sentences.",
+    "What does a radix cache store?",
+    "Count from one to twenty in words.",
+    "Describe a tensor parallel mesh of four devices.",
+    "Why do rollout engines keep many requests in flight?",
+    "Translate 'the weights were swapped' into French.",
+]
+def load_prompts(tokenizer, prompt: str) -> list[str]:
+    """The load prompts whose first token differs from the checked prompt's: then no load request shares a
+    cached prefix with it, and its answer after a swap is computed from scratch, like its reference."""
+    first = tokenizer(prompt)["input_ids"][:1]
+    return [p for p in LOAD_PROMPTS if tokenizer(p)["input_ids"][:1] != first]
 
 
 def validate_token_budget(cfg, info: CheckpointInfo) -> None:
@@ -962,58 +1095,40 @@ ENGINE_ARGS = ("model_path", "load_format", "enable_single_process", "device", "
                "max_running_requests", "disable_precompile", "watchdog_timeout", "random_seed", "moe_backend",
                "log_level", "nnodes", "node_rank", "dist_init_addr")  # the ServerArgs engine_kwargs() passes
 SGL = "sgl_jax.srt."
-SGLANG_NEEDS = [  # (module, attribute, need) -- need: "fields:a,b" dataclass fields; "call:a,b" a callable taking
-    # these parameters; "sets:a,b" the module's code sets these attributes (on the objects a running engine
-    # makes); "reads:a" its code names it. The registry's sglang-jax 0.0.2 (older than bd09a87) fails several.
-    (SGL + "server_args", "ServerArgs", "fields:" + ",".join(ENGINE_ARGS)),
-    (SGL + "entrypoints.engine", "Engine", "sets:scheduler_info,tokenizer_manager,loop,server_args"),
-    (SGL + "entrypoints.engine", "run_scheduler_loop_thread_after_create", "call:server_args,port_args"),
-    (SGL + "managers.scheduler", "Scheduler", "sets:_request_dispatcher,waiting_queue,running_batch,last_batch,"
-                                              "cur_batch,tp_worker,server_args"),
-    (SGL + "managers.scheduler", "Scheduler.flush_cache", "call:"),
-    (SGL + "managers.scheduler", "Scheduler.stream_output", "call:reqs"),
-    (SGL + "managers.scheduler", "Scheduler._add_request_to_queue", "call:req"),
-    (SGL + "managers.scheduler", "Scheduler.pause_generation", "call:recv_req"),
-    ("sgl_jax.utils", "TypeBasedDispatcher", "sets:_mapping"),
-    (SGL + "managers.schedule_batch", "ScheduleBatch.retract_all", "call:server_args"),
-    (SGL + "managers.schedule_batch", "ScheduleBatch.filter_batch", "call:"),
-    (SGL + "managers.schedule_batch", "ScheduleBatch.is_empty", "call:"),
-    (SGL + "managers.schedule_batch", "ScheduleBatch.batch_size", "call:"),
-    (SGL + "managers.schedule_batch", "ScheduleBatch", "sets:forward_mode"),
-    (SGL + "managers.schedule_batch", "Req.finished", "call:"),
-    (SGL + "managers.schedule_batch", "Req", "sets:rid,origin_input_ids,output_ids,output_token_logprobs_val,"
-                                            "req_pool_idx"),
-    (SGL + "model_executor.forward_batch_info", "ForwardMode.is_extend", "call:"),
-    (SGL + "managers.io_struct", "PauseGenerationReqInput", "call:mode"),
-    (SGL + "managers.io_struct", "ContinueGenerationReqInput", "call:"),
-    (SGL + "managers.tokenizer_manager", "TokenizerManager.pause_generation", "call:"),
-    (SGL + "managers.tokenizer_manager", "TokenizerManager.continue_generation", "call:"),
-    (SGL + "managers.tokenizer_manager", "TokenizerManager.flush_cache", "call:"),
-    (SGL + "managers.tokenizer_manager", "TokenizerManager", "sets:tokenizer"),
-    (SGL + "managers.tp_worker_overlap_thread", "ModelWorkerClient", "sets:worker"),
-    (SGL + "managers.tp_worker", "ModelWorker", "sets:model_runner"),
-    (SGL + "model_executor.model_runner", "ModelRunner", "sets:model_state_leaves,jitted_run_model,model,mesh,"
-                                                         "model_config"),
-    (SGL + "configs.model_config", "ModelConfig.get_total_num_kv_heads", "call:"),
-    (SGL + "configs.model_config", "ModelConfig", "sets:hf_config,dtype,model_path"),
-    (SGL + "configs.load_config", "LoadConfig", "call:load_format"),
-    (SGL + "model_loader.loader", "JAXModelLoader", "call:load_config,mesh"),
-    (SGL + "model_loader.loader", "JAXModelLoader.load_model", "call:model_config"),
-    (SGL + "utils.weight_utils", "WeightLoader", "call:model,model_config,mesh,dtype"),
-    (SGL + "utils.weight_utils", "WeightLoader", "reads:_dummy_mode"),
-    (SGL + "utils.weight_utils", "WeightLoader._get_param", "call:params,path"),
-    (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "call:params,weight_mappings"),
-    (SGL + "utils.common_utils", "kill_process_tree", "call:parent_pid,include_parent"),
-]
-FAMILY_NEEDS = {  # (HF architecture, MoE backend) -> rows only that family needs, each with why it is needed
-    # "lacks:" the code must not hold this text. bd09a87's dummy initialiser builds the experts' mesh only when
-    # ep_size > 1 and puts the expert axis on the main mesh otherwise: a Qwen3-MoE engine with load_format
-    # "dummy" (epmoe, ep_size 1) cannot start there ("Resource axis: expert ... is not found"); 0.0.3rc99 fixed it
-    ("Qwen3MoeForCausalLM", "epmoe"): [
-        (SGL + "utils.weight_utils", "WeightLoader._load_dummy_weights", "lacks:if ep_size > 1:",
-         "a Qwen3-MoE engine with dummy weights cannot start; fixed in 0.0.3rc99")],
+NEEDED = {  # module (under sgl_jax.srt. unless it starts with sgl_jax.) -> "attribute need" for each thing used.
+    # need: "fields:a,b" dataclass fields; "call:a,b" a callable taking these parameters; "sets:a,b" the module's
+    # code sets these attributes (on the objects a running engine makes); "reads:a" its code names it. The
+    # registry's sglang-jax 0.0.2 (older than bd09a87) fails several.
+    "server_args": ["ServerArgs fields:" + ",".join(ENGINE_ARGS)],
+    "entrypoints.engine": ["Engine sets:scheduler_info,tokenizer_manager,loop,server_args",
+                           "run_scheduler_loop_thread_after_create call:server_args,port_args"],
+    "managers.scheduler": [
+        "Scheduler sets:_request_dispatcher,waiting_queue,running_batch,last_batch,cur_batch,tp_worker,server_args",
+        "Scheduler.flush_cache call:", "Scheduler.stream_output call:reqs", "Scheduler._add_request_to_queue call:req",
+        "Scheduler.pause_generation call:recv_req"],
+    "sgl_jax.utils": ["TypeBasedDispatcher sets:_mapping"],
+    "managers.schedule_batch": [
+        "ScheduleBatch.retract_all call:server_args", "ScheduleBatch.filter_batch call:", "ScheduleBatch.is_empty call:",
+        "ScheduleBatch.batch_size call:", "ScheduleBatch sets:forward_mode", "Req.finished call:",
+        "Req sets:rid,origin_input_ids,output_ids,output_token_logprobs_val,req_pool_idx"],
+    "model_executor.forward_batch_info": ["ForwardMode.is_extend call:"],
+    "managers.io_struct": ["PauseGenerationReqInput call:mode", "ContinueGenerationReqInput call:"],
+    "managers.tokenizer_manager": ["TokenizerManager.pause_generation call:",
+                                   "TokenizerManager.continue_generation call:", "TokenizerManager.flush_cache call:",
+                                   "TokenizerManager sets:tokenizer"],
+    "managers.tp_worker_overlap_thread": ["ModelWorkerClient sets:worker"],
+    "managers.tp_worker": ["ModelWorker sets:model_runner"],
+    "model_executor.model_runner": ["ModelRunner sets:model_state_leaves,jitted_run_model,model,mesh,model_config"],
+    "configs.model_config": ["ModelConfig.get_total_num_kv_heads call:", "ModelConfig sets:hf_config,dtype,model_path"],
+    "configs.load_config": ["LoadConfig call:load_format"],
+    "model_loader.loader": ["JAXModelLoader call:load_config,mesh", "JAXModelLoader.load_model call:model_config"],
+    "utils.weight_utils": ["WeightLoader call:model,model_config,mesh,dtype", "WeightLoader reads:_dummy_mode",
+                           "WeightLoader._get_param call:params,path",
+                           "WeightLoader._load_dummy_weights call:params,weight_mappings"],
+    "utils.common_utils": ["kill_process_tree call:parent_pid,include_parent"],
 }
-
+SGLANG_NEEDS = [(module if module.startswith("sgl_jax.") else SGL + module, *need.split(" ", 1))
+                for module, needs in NEEDED.items() for need in needs]  # (module, attribute, need) rows
 
 def installed_versions() -> dict[str, str | None]:
     from importlib import metadata
@@ -1028,7 +1143,7 @@ def installed_versions() -> dict[str, str | None]:
 
 
 def missing_need(module: str, name: str, need: str, why: str = "") -> list[str]:
-    """What of one SGLANG_NEEDS (or FAMILY_NEEDS) row the installed sglang-jax lacks (empty: it has it)."""
+    """What of one SGLANG_NEEDS (or a Family's needs) row the installed sglang-jax lacks (empty: it has it)."""
     import importlib
     import inspect
 
@@ -1066,12 +1181,13 @@ def missing_need(module: str, name: str, need: str, why: str = "") -> list[str]:
 @functools.cache
 def probe_sglang(family: tuple[str, str] | None = None) -> dict:
     """Before the engine starts: every module, attribute and signature the adapter uses (SGLANG_NEEDS, and for
-    `family`, (architecture, MoE backend), its FAMILY_NEEDS) is in the installed sglang-jax. Returns the
+    `family`, (architecture, MoE backend), that Family's needs) is in the installed sglang-jax. Returns the
     versions and the matching SUPPORTED_STACKS name (None: untested, but it has everything); anything missing
     is exit 2, naming it, the versions and the supported stacks."""
     versions = installed_versions()
     missing = [m for row in SGLANG_NEEDS for m in missing_need(*row)]
-    for_family = [] if missing else [m for row in FAMILY_NEEDS.get(family, []) for m in missing_need(*row)]
+    needs = FAMILIES[family[0]].needs.get(family[1], []) if family and family[0] in FAMILIES else []
+    for_family = [] if missing else [m for row in needs for m in missing_need(*row)]
     if missing or for_family:
         imports = list(dict.fromkeys(m for m in missing if "does not import" in m))
         found = missing or for_family
@@ -1112,49 +1228,6 @@ class EngineErrorLog(logging.Handler):
 
 
 ENGINE_ERRORS = EngineErrorLog()
-
-
-def start_engine(kwargs: dict):
-    """An in-process sglang-jax Engine and its model runner. A failure inside Engine(...) (its scheduler's
-    start: a KV cache that does not fit, an engine argument it rejects, a model that cannot be built) is a
-    ToolError with the engine's own message, exit 3. When it arrives as SIGQUIT, the Stopper answers."""
-    probe_sglang()
-    import jax
-    import sgl_jax.srt.entrypoints.engine as engine_module
-    from sgl_jax.srt.entrypoints.engine import Engine
-
-    if kwargs.get("nnodes", 1) > 1:
-        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"  # rank >= 1: Engine() returns, no health server
-    if ENGINE_ERRORS not in logging.getLogger().handlers:
-        logging.getLogger().addHandler(ENGINE_ERRORS)
-    made = []  # the scheduler, also on rank >= 1 of several hosts, where Engine() keeps no handle on it
-    create = engine_module.run_scheduler_loop_thread_after_create
-
-    def create_and_keep(*args, **kwargs):
-        made.append(create(*args, **kwargs))
-        return made[-1]
-
-    initialize = jax.distributed.initialize
-    if kwargs.get("nnodes", 1) > 1 and jax.distributed.is_initialized():
-        # bd09a87's Scheduler.__init__ calls jax.distributed.initialize whenever nnodes > 1 (0.0.3rc99 and later
-        # skip it when JAX is initialized already: HOSTS.start did, before JAX's backend started)
-        jax.distributed.initialize = lambda *args, **kwargs: None
-    engine_module.run_scheduler_loop_thread_after_create = create_and_keep
-    try:
-        engine = Engine(**kwargs)
-    except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
-        raise ToolError("engine_start", ENGINE_ERRORS.text() or f"{type(e).__name__}: {e}",
-                        "see the engine's traceback on stderr", EXIT_ENGINE) from e
-    finally:
-        engine_module.run_scheduler_loop_thread_after_create = create
-        jax.distributed.initialize = initialize
-    if engine.scheduler_info is None and made and made[-1]:  # rank >= 1: no tokenizer, only its scheduler
-        engine.scheduler_info = dict(made[-1])
-    if engine_scheduler(engine) is None:
-        raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
-                        "see the engine's traceback on stderr", EXIT_ENGINE)
-    request_recorder(engine)  # before any request: generate() reads the scheduler's own ids from it
-    return engine, engine_model_runner(engine)
 
 
 def engine_scheduler(engine):
@@ -1259,6 +1332,49 @@ def request_recorder(engine) -> RequestRecorder:
     if "request_recorder" not in extras:
         extras["request_recorder"] = RequestRecorder(engine_scheduler(engine))
     return extras["request_recorder"]
+
+
+def start_engine(kwargs: dict):
+    """An in-process sglang-jax Engine and its model runner. A failure inside Engine(...) (its scheduler's
+    start: a KV cache that does not fit, an engine argument it rejects, a model that cannot be built) is a
+    ToolError with the engine's own message, exit 3. When it arrives as SIGQUIT, the Stopper answers."""
+    probe_sglang()
+    import jax
+    import sgl_jax.srt.entrypoints.engine as engine_module
+    from sgl_jax.srt.entrypoints.engine import Engine
+
+    if kwargs.get("nnodes", 1) > 1:
+        os.environ["SGLANG_BLOCK_NONZERO_RANK_CHILDREN"] = "0"  # rank >= 1: Engine() returns, no health server
+    if ENGINE_ERRORS not in logging.getLogger().handlers:
+        logging.getLogger().addHandler(ENGINE_ERRORS)
+    made = []  # the scheduler, also on rank >= 1 of several hosts, where Engine() keeps no handle on it
+    create = engine_module.run_scheduler_loop_thread_after_create
+
+    def create_and_keep(*args, **kwargs):
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    initialize = jax.distributed.initialize
+    if kwargs.get("nnodes", 1) > 1 and jax.distributed.is_initialized():
+        # bd09a87's Scheduler.__init__ calls jax.distributed.initialize whenever nnodes > 1 (0.0.3rc99 and later
+        # skip it when JAX is initialized already: HOSTS.start did, before JAX's backend started)
+        jax.distributed.initialize = lambda *args, **kwargs: None
+    engine_module.run_scheduler_loop_thread_after_create = create_and_keep
+    try:
+        engine = Engine(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the engine's own errors become one clear error line
+        raise ToolError("engine_start", ENGINE_ERRORS.text() or f"{type(e).__name__}: {e}",
+                        "see the engine's traceback on stderr", EXIT_ENGINE) from e
+    finally:
+        engine_module.run_scheduler_loop_thread_after_create = create
+        jax.distributed.initialize = initialize
+    if engine.scheduler_info is None and made and made[-1]:  # rank >= 1: no tokenizer, only its scheduler
+        engine.scheduler_info = dict(made[-1])
+    if engine_scheduler(engine) is None:
+        raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
+                        "see the engine's traceback on stderr", EXIT_ENGINE)
+    request_recorder(engine)  # before any request: generate() reads the scheduler's own ids from it
+    return engine, engine_model_runner(engine)
 
 
 PAUSE_MODE = "retract"  # see ServeGuard and docs/phases.md ("Swapping while the engine serves")
@@ -1470,6 +1586,29 @@ def run_own_loader(model_runner, model_path: str, on_assign) -> None:
         WeightLoader._get_param = original
 
 
+def path_str(path) -> str:
+    """('model', 'layers', 0, 'mlp', ...) or a jax key path -> 'model.layers.0.mlp...' (without '.value')."""
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(k))
+    if parts and parts[-1] == "value":
+        parts.pop()
+    return ".".join(parts)
+
+
+def model_params(model) -> dict[str, Any]:
+    """{nnx path: nnx.Param} of an nnx model."""
+    from flax import nnx
+
+    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+
+
+def engine_params(model_runner) -> dict[str, Any]:
+    """{nnx path: nnx.Param} of the engine's model."""
+    return model_params(runner_model(model_runner))
+
+
 def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
     """{nnx path: array} of these Params as sglang-jax's load_format="dummy" makes them: its own loader's dummy
     initialiser, run for these Params only, into an abstract copy of the model (the engine is not touched).
@@ -1497,7 +1636,7 @@ def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Phase 2: the Engine, with dummy weights
+# The engine's state: its Params, its flattened leaves, and the one way to change them (EngineState.assign)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1513,29 +1652,6 @@ def engine_kwargs(cfg: RunConfig, model_path: str, device: str, load_format: str
         **({"nnodes": cfg.nnodes, "node_rank": cfg.node_rank, "dist_init_addr": cfg.dist_init_addr}
            if cfg.nnodes > 1 else {}),
     )
-
-
-def path_str(path) -> str:
-    """('model', 'layers', 0, 'mlp', ...) or a jax key path -> 'model.layers.0.mlp...' (without '.value')."""
-    parts = []
-    for k in path:
-        k = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(str(k))
-    if parts and parts[-1] == "value":
-        parts.pop()
-    return ".".join(parts)
-
-
-def engine_params(model_runner) -> dict[str, Any]:
-    """{nnx path: nnx.Param} of the engine's model."""
-    return model_params(runner_model(model_runner))
-
-
-def model_params(model) -> dict[str, Any]:
-    """{nnx path: nnx.Param} of an nnx model."""
-    from flax import nnx
-
-    return {path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
 def engine_leaf_paths(model_runner):
@@ -1607,18 +1723,6 @@ def check_live(engine) -> None:
                         EXIT_ENGINE)
 
 
-def generate_greedy(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
-    """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
-    an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
-    = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
-    ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
-    if HOSTS.rank:  # rank 0 sends the request (its scheduler hands it on to this host's); its answer
-        return HOSTS.from_rank0("generate")
-    check_live(engine)
-    return HOSTS.from_rank0("generate", answer_of(engine, engine.generate(
-        prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
-
-
 def greedy(max_new_tokens: int) -> dict:
     return {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
 
@@ -1646,12 +1750,24 @@ def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
     return result
 
 
-def check_generate(log_: PhaseLog) -> bool:
+def generate_greedy(engine, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
+    """Greedy, `ignore_eos` (every answer has max_new_tokens tokens, so comparisons never depend on where
+    an EOS falls), with the scheduler's own ids. `consistent` cross-checks the engine's answer: token count
+    = completion_tokens = max_new_tokens, one logprob per token, and the engine's text = the decoding of the
+    ids. The engine's API `output_ids` are reported beside (`api_output_ids_match`), not trusted."""
+    if HOSTS.rank:  # rank 0 sends the request (its scheduler hands it on to this host's); its answer
+        return HOSTS.from_rank0("generate")
+    check_live(engine)
+    return HOSTS.from_rank0("generate", answer_of(engine, engine.generate(
+        prompt=prompt, return_logprob=logprobs, sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs))
+
+
+def check_generate(phases: PhaseLog) -> bool:
     """Every answer so far was consistent (see generate()): a wrong count or a text that is not the ids'
     decoding means the engine's answer cannot be trusted, whatever the weights."""
-    bad = {phase: out["consistency_problems"] for phase, out in log_.answers if not out["consistent"]}
-    return log_.check("generate", bool(log_.answers) and not bad, answers_checked=len(log_.answers),
-                      num_tokens=[out["num_tokens"] for _, out in log_.answers], inconsistent=bad)
+    bad = {phase: out["consistency_problems"] for phase, out in phases.answers if not out["consistent"]}
+    return phases.check("generate", bool(phases.answers) and not bad, answers_checked=len(phases.answers),
+                      num_tokens=[out["num_tokens"] for _, out in phases.answers], inconsistent=bad)
 
 
 def check_restored(error: ToolError, engine, cfg, previous_output: dict) -> None:
@@ -1663,10 +1779,10 @@ def check_restored(error: ToolError, engine, cfg, previous_output: dict) -> None
         error.details["previous_weights_answer_matches"] = out["output_ids"] == previous_output["output_ids"]
 
 
-def check_swap_effective(log_: PhaseLog, before: dict, after: dict) -> bool:
+def check_swap_effective(phases: PhaseLog, before: dict, after: dict) -> bool:
     """The same prompt and greedy sampling must answer differently once the real weights are in: a swap the
     forward never sees (no rebind, stale radix cache) keeps the dummy answer."""
-    return log_.check("swap_effective", before["output_ids"] != after["output_ids"],
+    return phases.check("swap_effective", before["output_ids"] != after["output_ids"],
                       before_swap_output_ids=before["output_ids"], after_swap_output_ids=after["output_ids"])
 
 
@@ -1689,7 +1805,6 @@ HF_TO_MLLM = [  # (HF regex, MLLM template, transpose)
 # MoE experts: HF keeps one tensor per expert; the MLLM tree stacks a layer's experts, [expert, in, out]
 HF_EXPERT = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight"
 MLLM_EXPERTS = "model.layers_{0}.mlp.experts.{1}_proj.kernel"
-HF_IGNORED = (r".*rotary_emb\.inv_freq",)  # buffers some exports carry; not parameters
 
 
 def to_numpy(t) -> np.ndarray:
@@ -1703,12 +1818,6 @@ def to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
-
-
-def host_dtype(name: str):
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def hf_to_mllm(tensors: Mapping[str, Any], tie_word_embeddings: bool, dtype: str = "bfloat16") -> dict[str, np.ndarray]:
@@ -1761,60 +1870,6 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep=".")
 
 
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
-
-def read_safetensors(info: CheckpointInfo) -> dict[str, np.ndarray]:
-    """Every tensor of the shards as a zero-copy numpy view of the file (np.memmap: the OS reads pages
-    lazily, when placement touches them; bf16 as ml_dtypes.bfloat16). safetensors' own numpy loader copies
-    every tensor into new memory; its format (8-byte header length, JSON header, raw data) is simple enough
-    to map directly. Used both to validate the checkpoint (shapes only) and to read it."""
-    import struct
-
-    tensors: dict[str, np.ndarray] = {}
-    for fname in info.files:
-        full = os.path.join(info.path, fname)
-        try:
-            with open(full, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > os.path.getsize(full) - 8:
-                    raise ValueError(f"header length {header_len} exceeds the file: not a safetensors file")
-                header = json.loads(f.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-            data = np.memmap(full, dtype=np.uint8, mode="r")
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                tensors[name] = safetensors_entry(name, meta, data, 8 + header_len)
-        except (OSError, ValueError, KeyError, struct.error) as e:
-            raise ToolError("checkpoint", f"cannot read {fname}: {type(e).__name__}: {e}",
-                            "the file is missing, truncated or corrupt, or not a float checkpoint") from e
-    return tensors
-
-
-def safetensors_entry(name: str, meta, data: np.ndarray, data_start: int) -> np.ndarray:
-    """One header entry as a zero-copy view of the mapped file, after checking every field of it: a float
-    dtype, a shape of non-negative ints, offsets inside the file that span exactly shape x itemsize bytes."""
-    if not isinstance(meta, dict):
-        raise ValueError(f"{name}: header entry {meta!r:.60} is not an object")
-    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{name}: dtype {str(dtype)[:20]} (floats only: {', '.join(SAFETENSORS_DTYPES)})")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise ValueError(f"{name}: shape {shape!r:.40} is not a list of non-negative ints")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
-                                                                     for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"{name}: data_offsets {offsets!r:.40} are not [start, end] with 0 <= start <= end")
-    start, end = (data_start + o for o in offsets)
-    itemsize = host_dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-    if end - start != int(np.prod(shape)) * itemsize:
-        raise ValueError(f"{name}: {end - start} bytes for shape {shape} of {dtype}")
-    if end > data.size:
-        raise ValueError(f"{name} ends at byte {end}, the file has {data.size}")
-    return np.asarray(data[start:end]).view(host_dtype(SAFETENSORS_DTYPES[dtype])).reshape(shape)
-
-
 def read_torch_state_dict(info: CheckpointInfo) -> dict[str, Any]:
     """The reference run's path: transformers' model, then its state_dict (torch tensors)."""
     from transformers import AutoModelForCausalLM
@@ -1841,13 +1896,13 @@ def load_mllm_params(path: str, dtype: str = "bfloat16", source: str = "safetens
     return read_mllm_tree(argparse.Namespace(weights_source=source, mllm_param_dtype=dtype), info)[0]
 
 
-def mllm_params_cpu_ready(log_: PhaseLog, cfg, info: CheckpointInfo) -> dict:
-    log_.begin("mllm_params_cpu_ready")
+def mllm_params_cpu_ready(phases: PhaseLog, cfg, info: CheckpointInfo) -> dict:
+    phases.begin("mllm_params_cpu_ready")
     t = time.perf_counter()
     tree, read_s = read_mllm_tree(cfg, info)
     flat = flatten(tree)
     seconds = time.perf_counter() - t
-    log_.phase("mllm_params_cpu_ready", weights_source=cfg.weights_source, dtype=cfg.mllm_param_dtype,
+    phases.phase("mllm_params_cpu_ready", weights_source=cfg.weights_source, dtype=cfg.mllm_param_dtype,
                num_tensors=len(flat), host_bytes=sum(a.nbytes for a in flat.values()), read_s=round(read_s, 4),
                convert_s=round(seconds - read_s, 4), seconds=round(seconds, 4), sample_keys=sorted(flat)[:3])
     return tree
@@ -1871,18 +1926,6 @@ MLLM_TO_SGLANG = [  # (MLLM regex, sglang template, op)
     (r"model\.layers_(\d+)\.self_attn\.([qk])_norm\.scale", "model.layers.{0}.self_attn.{1}_norm.scale", "copy"),
     (r"model\.layers_(\d+)\.mlp\.gate\.kernel", "model.layers.{0}.moe_gate.kernel", "copy"),  # MoE router
 ]
-FAMILY_ROWS = {  # rows for one architecture, or one MoE backend of the engine (tried before MLLM_TO_SGLANG)
-    "Qwen3MoeForCausalLM": [
-        (r"model\.layers_(\d+)\.self_attn\.o_proj\.(kernel|bias)", "model.layers.{0}.self_attn.c_proj.{1}", "copy")],
-    "moe:epmoe": [  # stacked experts [E, in, out], sharded (expert, ., tensor)
-        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy"),
-        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
-        (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.wo", "copy")],
-    "moe:fused": [  # the same stacks under other names, experts split over every device
-        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.w1", "copy"),
-        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.w3", "copy"),
-        (r"model\.layers_(\d+)\.mlp\.experts\.down_proj\.kernel", "model.layers.{0}.mlp.w2", "copy")],
-}
 
 
 @dataclasses.dataclass
@@ -1898,7 +1941,9 @@ class SwapItem:
 
 
 def target_name(mllm_key: str, arch: str | None = None, moe_backend: str | None = None) -> tuple[str, str]:
-    for rx, template, op in FAMILY_ROWS.get(arch, []) + FAMILY_ROWS.get(f"moe:{moe_backend}", []) + MLLM_TO_SGLANG:
+    family = FAMILIES.get(arch)
+    rows = (family.sglang_rows + family.moe_backend_rows.get(moe_backend, [])) if family else []
+    for rx, template, op in rows + MLLM_TO_SGLANG:
         m = re.fullmatch(rx, mllm_key)
         if m:
             groups = [("weight" if g == "kernel" else g) for g in m.groups()]
@@ -1919,7 +1964,7 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
               arch: str | None = None, moe_backend: str | None = None) -> list[SwapItem]:
     """Check the WHOLE swap before anything touches the engine: every target covered once, every source
     used, every shape right. Target shape, dtype and sharding come from the engine's own Params; `arch`
-    (the engine's HF architecture) and `moe_backend` (epmoe or fused) pick their FAMILY_ROWS."""
+    (the engine's HF architecture) and `moe_backend` (epmoe or fused) pick the Family's own rows."""
     plan, problems, seen = [], [], set()
     for key in sorted(flat):
         target, op = target_name(key, arch, moe_backend)
@@ -1974,6 +2019,68 @@ def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: st
     return (arr if transpose == "host" else np.ascontiguousarray(arr)), transposed
 
 
+@dataclasses.dataclass
+class SwapStats:
+    """What one swap cost: seconds per step, device bytes placed, the peak, and whether the arrays it
+    replaced were released (nothing else may still hold them)."""
+
+    mode: str
+    source: str = "host"  # host (numpy) or device (trainer-resident jax.Arrays)
+    transpose: str = "device"  # host sources: where kernels are transposed (--transpose)
+    bucket_bytes: int | None = None  # streaming: device bytes placed before they are assigned (None: bulk)
+    buckets: int = 0
+    host_s: float = 0.0  # layout + dtype on the host
+    put_s: float = 0.0  # jax.device_put into the target sharding (and device transforms), until ready
+    assign_s: float = 0.0  # Param assignment + leaves rebind
+    backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
+    meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
+    transposed_bytes_sum: int = 0  # kernels transposed on the devices
+    copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)
+    aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
+    device_put_reshards: int = 0  # device sources on another device order than the engine's mesh (place_device)
+    peak_bytes_in_use_sum: int = 0
+    rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
+    peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every bucket
+    replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
+    shared: set = dataclasses.field(default_factory=set)  # ids of engine arrays an earlier swap took from a trainer
+    aliased: set = dataclasses.field(default_factory=set)  # ids of the trainer arrays this swap took (alias)
+    replaced_shared: int = 0  # replaced arrays that were the trainer's (alias): the trainer owns them
+
+    def sample_peak(self) -> None:
+        t = time.perf_counter()
+        self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
+        self.peak_rss_bytes = max(self.peak_rss_bytes, process_rss_bytes())
+        self.meter_s += time.perf_counter() - t
+
+    def release(self, old) -> None:
+        if id(old) in self.shared:  # still the trainer's array: not ours to free
+            self.replaced_shared += 1
+        else:
+            self.replaced.append(weakref.ref(old))
+
+    def still_alive(self) -> int:
+        return sum(r() is not None for r in self.replaced)
+
+    def as_json(self) -> dict:
+        def gbps(seconds):
+            return round(self.copied_bytes_sum / seconds / 1e9, 3) if seconds else None
+
+        place_s = self.host_s + self.put_s
+        return {"swap_mode": self.mode, "source": self.source, "transpose": self.transpose,
+                "bucket_bytes": self.bucket_bytes, "buckets": self.buckets,
+                "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
+                "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
+                "meter_s": round(self.meter_s, 4),
+                "copied_bytes_sum": self.copied_bytes_sum,
+                "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
+                "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
+                "transposed_bytes_sum": self.transposed_bytes_sum,
+                "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
+                "rss_before_swap_bytes": self.rss_before_bytes, "swap_peak_rss_bytes": self.peak_rss_bytes,
+                "replaced_arrays": len(self.replaced) + self.replaced_shared,
+                "replaced_shared_with_trainer": self.replaced_shared, "replaced_still_alive": self.still_alive()}
+
+
 @functools.cache
 def device_transpose(sharding):
     """A jitted 2-D transpose whose output lands in `sharding` (the input comes in the mirrored sharding,
@@ -1988,11 +2095,6 @@ def mirrored(sharding, ndim: int):
 
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
-
-
-def on_devices(x) -> bool:
-    """A trainer-resident source: a jax.Array (numpy arrays and torch tensors are host sources)."""
-    return hasattr(x, "sharding") and hasattr(x, "is_deleted")
 
 
 def can_alias(item: SwapItem, src) -> bool:
@@ -2145,68 +2247,6 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class SwapStats:
-    """What one swap cost: seconds per step, device bytes placed, the peak, and whether the arrays it
-    replaced were released (nothing else may still hold them)."""
-
-    mode: str
-    source: str = "host"  # host (numpy) or device (trainer-resident jax.Arrays)
-    transpose: str = "device"  # host sources: where kernels are transposed (--transpose)
-    bucket_bytes: int | None = None  # streaming: device bytes placed before they are assigned (None: bulk)
-    buckets: int = 0
-    host_s: float = 0.0  # layout + dtype on the host
-    put_s: float = 0.0  # jax.device_put into the target sharding (and device transforms), until ready
-    assign_s: float = 0.0  # Param assignment + leaves rebind
-    backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
-    meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
-    transposed_bytes_sum: int = 0  # kernels transposed on the devices
-    copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)
-    aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
-    device_put_reshards: int = 0  # device sources on another device order than the engine's mesh (place_device)
-    peak_bytes_in_use_sum: int = 0
-    rss_before_bytes: int = dataclasses.field(default_factory=process_rss_bytes)
-    peak_rss_bytes: int = 0  # host memory, sampled with the device peak after every bucket
-    replaced: list = dataclasses.field(default_factory=list)  # weakrefs to the replaced arrays
-    shared: set = dataclasses.field(default_factory=set)  # ids of engine arrays an earlier swap took from a trainer
-    aliased: set = dataclasses.field(default_factory=set)  # ids of the trainer arrays this swap took (alias)
-    replaced_shared: int = 0  # replaced arrays that were the trainer's (alias): the trainer owns them
-
-    def sample_peak(self) -> None:
-        t = time.perf_counter()
-        self.peak_bytes_in_use_sum = max(self.peak_bytes_in_use_sum, bytes_in_use_sum(device_memory(collect=False)))
-        self.peak_rss_bytes = max(self.peak_rss_bytes, process_rss_bytes())
-        self.meter_s += time.perf_counter() - t
-
-    def release(self, old) -> None:
-        if id(old) in self.shared:  # still the trainer's array: not ours to free
-            self.replaced_shared += 1
-        else:
-            self.replaced.append(weakref.ref(old))
-
-    def still_alive(self) -> int:
-        return sum(r() is not None for r in self.replaced)
-
-    def as_json(self) -> dict:
-        def gbps(seconds):
-            return round(self.copied_bytes_sum / seconds / 1e9, 3) if seconds else None
-
-        place_s = self.host_s + self.put_s
-        return {"swap_mode": self.mode, "source": self.source, "transpose": self.transpose,
-                "bucket_bytes": self.bucket_bytes, "buckets": self.buckets,
-                "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
-                "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
-                "meter_s": round(self.meter_s, 4),
-                "copied_bytes_sum": self.copied_bytes_sum,
-                "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
-                "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
-                "transposed_bytes_sum": self.transposed_bytes_sum,
-                "swap_peak_bytes_in_use_sum": self.peak_bytes_in_use_sum,
-                "rss_before_swap_bytes": self.rss_before_bytes, "swap_peak_rss_bytes": self.peak_rss_bytes,
-                "replaced_arrays": len(self.replaced) + self.replaced_shared,
-                "replaced_shared_with_trainer": self.replaced_shared, "replaced_still_alive": self.still_alive()}
-
-
 def buckets(plan: list[SwapItem], bucket_bytes: int | None) -> list[list[SwapItem]]:
     """The plan in consecutive buckets of at most `bucket_bytes` device bytes (a larger tensor is a bucket of
     its own; 0: one tensor each); None: one bucket (bulk)."""
@@ -2258,6 +2298,23 @@ class Rollback:
         raise RuntimeError(f"no rollback ({self.kind})")
 
 
+def restore(state: EngineState, done: list[SwapItem], kept: Mapping[str, Any], rollback: Rollback) -> bool:
+    """Put the previous weights of every assigned item back (the arrays still kept, else from `rollback`),
+    then rebind. Nothing assigned yet: the engine is as it was."""
+    missing = [i for i in done if i.target not in kept]
+    if missing and rollback.kind == "off":
+        return False
+    try:
+        arrays = {**rollback.arrays(missing), **kept} if missing else dict(kept)
+        for item in done:
+            state.assign(item.target, arrays[item.target])
+        state.rebind_from_model()
+    except Exception as e:  # noqa: BLE001 - a restore that fails leaves the engine half-swapped: said, not hidden
+        log(f"restoring the previous weights failed: {type(e).__name__}: {e}")
+        return False
+    return True
+
+
 def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
                      stats: SwapStats, rollback: Rollback, alias: bool = False) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
@@ -2305,23 +2362,6 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
                         "is shut down", EXIT_ENGINE, restored=restored, rollback=rollback.kind) from e
     stats.sample_peak()
     return param_dict
-
-
-def restore(state: EngineState, done: list[SwapItem], kept: Mapping[str, Any], rollback: Rollback) -> bool:
-    """Put the previous weights of every assigned item back (the arrays still kept, else from `rollback`),
-    then rebind. Nothing assigned yet: the engine is as it was."""
-    missing = [i for i in done if i.target not in kept]
-    if missing and rollback.kind == "off":
-        return False
-    try:
-        arrays = {**rollback.arrays(missing), **kept} if missing else dict(kept)
-        for item in done:
-            state.assign(item.target, arrays[item.target])
-        state.rebind_from_model()
-    except Exception as e:  # noqa: BLE001 - a restore that fails leaves the engine half-swapped: said, not hidden
-        log(f"restoring the previous weights failed: {type(e).__name__}: {e}")
-        return False
-    return True
 
 
 def read_only(flat: Mapping[str, Any]) -> bool:
@@ -2791,24 +2831,7 @@ class ParamSwapper:
 # --serve-load: requests in flight across every swap, and the three checks on them
 # ----------------------------------------------------------------------------------------------
 
-LOAD_PROMPTS = [  # --serve-load: the clients' prompts (those sharing a first token with --prompt are left out)
-    "Write a short poem about sharded arrays.",
-    "List three reasons to pause generation before changing weights.",
-    "Summarize the story of the lazy dog in two sentences.",
-    "What does a radix cache store?",
-    "Count from one to twenty in words.",
-    "Describe a tensor parallel mesh of four devices.",
-    "Why do rollout engines keep many requests in flight?",
-    "Translate 'the weights were swapped' into French.",
-]
 SERVE_WAIT_S = 300.0  # longest wait for load requests to reach the scheduler or to finish
-
-
-def load_prompts(tokenizer, prompt: str) -> list[str]:
-    """The load prompts whose first token differs from the checked prompt's: then no load request shares a
-    cached prefix with it, and its answer after a swap is computed from scratch, like its reference."""
-    first = tokenizer(prompt)["input_ids"][:1]
-    return [p for p in LOAD_PROMPTS if tokenizer(p)["input_ids"][:1] != first]
 
 
 class ServeLoad:
@@ -2876,19 +2899,21 @@ class ServeLoad:
         start = self.swapper.guard.forwards
         await self.wait_for("forward steps with the load", lambda: self.swapper.guard.forwards >= start + 2)
 
-    def start(self, log_: PhaseLog) -> None:
+    def start(self, phases: PhaseLog) -> None:
         async def start():
             self.go = asyncio.Event()
             self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients)]
             await self.busy()
 
-        log_.begin("serve_load_started")
+        phases.begin("serve_load_started")
         self.forwards_at_start = self.swapper.guard.forwards
         run_on_engine_loop(self.engine, start())
-        log_.phase("serve_load_started", clients=self.clients, prompts=self.prompts, max_new_tokens=self.lengths,
+        phases.phase("serve_load_started", clients=self.clients, prompts=self.prompts, max_new_tokens=self.lengths,
                    in_flight=self.in_flight, pause_mode=PAUSE_MODE)
 
-    async def swap_async(self, source, plan, alias: bool, label: str, weights: str, fresh: bool = True):
+    async def swap_under_load(self, source, plan, alias: bool, label: str, weights: str,
+                              fresh: bool = True) -> SwapResult:
+        """One swap (ParamSwapper's path) once every client has a request in flight; recorded in `swaps`."""
         await self.busy()
         entry = {"swap": label, "weights": weights, "start_s": self.now()}
         self.swaps.append(entry)
@@ -2904,10 +2929,6 @@ class ServeLoad:
                      serving_stopped_ratio=report["serving_stopped_ratio"], requests_paused=report["requests_paused"])
         self.pending = (label, weights) if fresh else None
         return result
-
-    def swap(self, source, plan, alias: bool, label: str, weights: str) -> SwapResult:
-        """One swap through the API's path (pause, change, flush, continue), with the load in flight."""
-        return run_on_engine_loop(self.engine, self.swap_async(source, plan, alias, label, weights))
 
     def hold(self) -> None:
         """Hold the clients and let the requests in flight finish (the next generate() lets them go)."""
@@ -2953,7 +2974,7 @@ class ServeLoad:
             t, n, f = time.perf_counter(), len(self.requests), self.swapper.guard.forwards
             for k, (source, plan, alias, weights) in enumerate(with_swaps):
                 await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
-                await self.swap_async(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
+                await self.swap_under_load(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
             await asyncio.sleep(max(0.0, t + seconds - time.perf_counter()))
             return time.perf_counter() - t, len(self.requests) - n, self.swapper.guard.forwards - f
 
@@ -2968,10 +2989,10 @@ class ServeLoad:
                 "forward_steps_per_s_without_swaps": round(f0 / s0, 3), "forward_steps_per_s_with_swaps":
                 round(f1 / s1, 3), "forward_steps_per_s_ratio": round((f1 / s1) / (f0 / s0), 3) if f0 else None}
 
-    def references(self, log_: PhaseLog, sources: dict[str, tuple]) -> dict[str, dict]:
+    def references(self, phases: PhaseLog, sources: dict[str, tuple]) -> dict[str, dict]:
         """The checked prompt's answer for each weight set, on the idle engine: swapped in, then sglang-jax's
         own flush_cache (its answer must be success: nothing runs), then generated from an empty cache."""
-        log_.begin("serve_reference")
+        phases.begin("serve_reference")
         refs = {}
         for weights, (source, plan, alias) in sources.items():
             run_on_engine_loop(self.engine, self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback,
@@ -2981,28 +3002,28 @@ class ServeLoad:
                 raise ToolError("serve_reference", f"flush_cache refused on the idle engine: {flushed.error_msg}",
                                 "no request should be running once the load has finished", EXIT_ENGINE)
             refs[weights] = generate_greedy(self.engine, self.cfg.prompt, self.cfg.max_new_tokens)
-        log_.phase("serve_reference", weights=sorted(refs), output_ids={w: r["output_ids"] for w, r in refs.items()})
+        phases.phase("serve_reference", weights=sorted(refs), output_ids={w: r["output_ids"] for w, r in refs.items()})
         return refs
 
-    def check_requests(self, log_: PhaseLog) -> None:
+    def check_requests(self, phases: PhaseLog) -> None:
         """serve_no_lost_requests: every load request returned all its tokens, none errored or was aborted,
         and every swap had requests in flight (else the load proved nothing)."""
         lost = [r for r in self.requests if r.get("error") or r.get("finish") != "length"
                 or not r.get("tokens") == r.get("completion_tokens") == r["max_new_tokens"]]
         idle_swaps = [s["swap"] for s in self.swaps if not s.get("requests_paused") and "failed" not in s]
-        log_.check("serve_no_lost_requests", bool(self.requests) and not lost and not self.unfinished and not idle_swaps,
+        phases.check("serve_no_lost_requests", bool(self.requests) and not lost and not self.unfinished and not idle_swaps,
                    requests=len(self.requests), lost=len(lost), lost_examples=lost[:5], unfinished=self.unfinished,
                    swaps_with_no_request_in_flight=idle_swaps,
                    requests_paused_per_swap={s["swap"]: s.get("requests_paused") for s in self.swaps})
 
-    def check_forwards(self, log_: PhaseLog) -> None:
+    def check_forwards(self, phases: PhaseLog) -> None:
         """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights."""
         g = self.swapper.guard
-        log_.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
+        phases.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
                    forwards_while_serving=g.forwards - self.forwards_at_start, **g.forward_counts(),
                    mixed_examples=g.mixed[:5])
 
-    def check_fresh(self, log_: PhaseLog, refs: dict[str, dict]) -> None:
+    def check_fresh(self, phases: PhaseLog, refs: dict[str, dict]) -> None:
         """serve_fresh_after_swap: the checked prompt, sent after each swap, answers exactly as its reference
         for that weight set (computed from an empty cache on the idle engine)."""
         rows = []
@@ -3012,26 +3033,26 @@ class ServeLoad:
                          "first_difference": next((i for i, (a, b) in enumerate(zip(ids, ref, strict=False)) if a != b),
                                                   None),
                          "cached_tokens": f["answer"]["meta_info"].get("cached_tokens")})
-        log_.check("serve_fresh_after_swap", bool(rows) and all(r["equal"] for r in rows), swaps=rows)
+        phases.check("serve_fresh_after_swap", bool(rows) and all(r["equal"] for r in rows), swaps=rows)
 
-    def report(self, log_: PhaseLog, throughput: dict | None) -> None:
+    def report(self, phases: PhaseLog, throughput: dict | None) -> None:
         done = [r for r in self.requests if "error" not in r]
-        log_.phase("serve_load", clients=self.clients, requests_completed=len(done), **(throughput or {}),
+        phases.phase("serve_load", clients=self.clients, requests_completed=len(done), **(throughput or {}),
                    swaps=self.swaps, **self.swapper.guard.forward_counts())
 
-    def after_failure(self, log_: PhaseLog, error: ToolError) -> None:
+    def after_failure(self, phases: PhaseLog, error: ToolError) -> None:
         """A swap failed while serving. Rolled back: generation went on with the previous weights; every
         request in flight must complete on them (forward steps after the failure: that weight set only)."""
-        self.check_forwards(log_)
+        self.check_forwards(phases)
         if not error.details.get("restored"):
             return  # generation stays paused: the requests in flight cannot finish
         g, failed = self.swapper.guard, self.swaps[-1]
         in_flight = self.in_flight
         self.finish()
-        self.check_requests(log_)
+        self.check_requests(phases)
         error.details["serving"] = {
             "requests_in_flight_at_failure": in_flight, "requests_completed": len(self.requests),
-            "requests_lost": log_.checks["serve_no_lost_requests"]["lost"] + self.unfinished,
+            "requests_lost": phases.checks["serve_no_lost_requests"]["lost"] + self.unfinished,
             "forwards_after_failure": g.forwards - failed["forwards_at_failure"],
             "forwards_after_failure_on_previous_weights":
                 g.by_weights.get(g.weights_id, 0) - failed["on_previous_at_failure"]}
@@ -3042,17 +3063,17 @@ class ServeLoad:
 # ----------------------------------------------------------------------------------------------
 
 
-def engine_ready_dummy(log_: PhaseLog, cfg: RunConfig, info: CheckpointInfo, device: str,
+def engine_ready_dummy(phases: PhaseLog, cfg: RunConfig, info: CheckpointInfo, device: str,
                        stack: dict) -> tuple[Any, ParamSwapper]:
     """Phase 2: the Engine with load_format="dummy", and the ParamSwapper on it (the Stopper's view of it)."""
-    log_.begin("engine_ready_dummy")
+    phases.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(cfg, info.path, device, "dummy"))
     swapper = ParamSwapper(engine, info.num_kv_heads, cfg.bucket_mb, cfg.transpose)
-    if log_.stopper is not None:
-        log_.stopper.swapper = swapper
+    if phases.stopper is not None:
+        phases.stopper.swapper = swapper
     params = swapper.state.params
-    log_.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
+    phases.phase("engine_ready_dummy", seconds=round(time.perf_counter() - t, 3), model_path=info.path,
                load_format="dummy", num_leaves=len(leaves_of(model_runner)), num_params=len(params),
                param_bytes_sum=param_bytes_sum(p.get_value() for p in params.values()),
                sglang_jax_version=stack["sglang-jax"], flax_version=stack["flax"], stack=stack["stack"])
@@ -3066,15 +3087,15 @@ def answer(engine, cfg: RunConfig, load: ServeLoad | None, logprobs: bool = Fals
     return generate_greedy(engine, cfg.prompt, cfg.max_new_tokens, logprobs)
 
 
-def generate_result(log_: PhaseLog, cfg: RunConfig, engine, load: ServeLoad | None = None,
+def generate_result(phases: PhaseLog, cfg: RunConfig, engine, load: ServeLoad | None = None,
                     phase: str = "generate_result", logprobs: bool = False) -> dict:
     """generate_before_swap (the dummy engine's answer) and generate_result (the swapped engine's)."""
-    log_.begin(phase)
+    phases.begin(phase)
     t = time.perf_counter()
     out = answer(engine, cfg, load, logprobs)
     fields = {k: v for k, v in out.items() if k not in ("prompt_ids", "output_logprobs")}
-    log_.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=cfg.prompt, **fields)
-    log_.answers.append((phase, out))
+    phases.phase(phase, seconds=round(time.perf_counter() - t, 3), prompt=cfg.prompt, **fields)
+    phases.answers.append((phase, out))
     return out
 
 
@@ -3092,10 +3113,10 @@ def trainer_sharding(item: SwapItem, shape: tuple, how: str):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if split else None))
 
 
-def mllm_params_device_ready(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
+def mllm_params_device_ready(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]) -> dict:
     """--weights-source trainer: put the host tree on the devices as a trainer holds it (--trainer-sharding;
     engine: also in the engine's dtype), so that the swap runs device to device. Returns the nested tree."""
-    log_.begin("mllm_params_device_ready")
+    phases.begin("mllm_params_device_ready")
     t = time.perf_counter()
     flat = flatten(tree)
     on_device, aliasable = {}, 0
@@ -3106,20 +3127,20 @@ def mllm_params_device_ready(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapp
         on_device[item.source] = arr.block_until_ready()
         aliasable += item.nbytes_sum if can_alias(item, arr) else 0
     split = memory_split(swapper.state, swapper.guard, on_device)
-    log_.phase("mllm_params_device_ready", trainer_sharding=cfg.trainer_sharding,
+    phases.phase("mllm_params_device_ready", trainer_sharding=cfg.trainer_sharding,
                dtypes=sorted({str(a.dtype) for a in on_device.values()}), num_tensors=len(on_device),
                trainer_bytes_sum=split["trainer_bytes_sum"], aliasable_bytes_sum=aliasable,
                seconds=round(time.perf_counter() - t, 4))
     return nest(on_device)
 
 
-def sglang_param_dict_ready(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]):
+def sglang_param_dict_ready(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, tree: Mapping[str, Any]):
     """Validate the whole plan against the engine before anything touches it (placement happens in the swap,
     in both modes: streaming a bucket at a time, bulk all of them first)."""
-    log_.begin("sglang_param_dict_ready")
+    phases.begin("sglang_param_dict_ready")
     t = time.perf_counter()
     plan = swapper.plan(tree)
-    log_.phase("sglang_param_dict_ready", swap_mode=cfg.swap_mode, num_arrays=len(plan),
+    phases.phase("sglang_param_dict_ready", swap_mode=cfg.swap_mode, num_arrays=len(plan),
                bucket_mb=None if cfg.swap_mode == "bulk" else cfg.bucket_mb, transpose=swapper.transpose,
                param_bytes_sum=sum(i.nbytes_sum for i in plan), seconds=round(time.perf_counter() - t, 4))
     return plan
@@ -3129,17 +3150,17 @@ def swap_in(cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, tree,
             weights: str) -> SwapResult:
     """One swap through the API's path (pause, change, flush, continue), under the load when there is one."""
     if load is not None:
-        return load.swap(tree, plan, alias, label, weights)
+        return run_on_engine_loop(swapper.engine, load.swap_under_load(tree, plan, alias, label, weights))
     return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan))
 
 
-def weights_swapped_from_mllm(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None,
+def weights_swapped_from_mllm(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None,
                               tree: Mapping[str, Any], plan) -> dict:
     """The first swap (A). Returns {nnx path: the engine's new array}."""
-    log_.begin("weights_swapped_from_mllm")
+    phases.begin("weights_swapped_from_mllm")
     result = swap_in(cfg, swapper, load, tree, plan, cfg.alias, "first swap", "A")
-    log_.check("leaves_unchanged", result.report["leaves_unchanged"], **result.leaves)
-    log_.phase("weights_swapped_from_mllm", **result.report)
+    phases.check("leaves_unchanged", result.report["leaves_unchanged"], **result.leaves)
+    phases.phase("weights_swapped_from_mllm", **result.report)
     return result.arrays
 
 
@@ -3152,7 +3173,7 @@ def buffer_pointers(arr) -> list[tuple[int, int]]:
     return [(device.id, ptr) for device, ptr, _ in device_buffers(arr)]
 
 
-def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
+def param_sharing_check(phases: PhaseLog, state: EngineState, param_dict: Mapping[str, Any]) -> bool:
     """For EVERY path: the engine's Param value and its model_state_leaves entry are the dict's very
     jax.Array (identity), and every addressable shard sits on the same device buffer."""
     leaves = state.leaves()
@@ -3165,10 +3186,10 @@ def param_sharing_check(log_: PhaseLog, state: EngineState, param_dict: Mapping[
         shards += len(want)
         if buffer_pointers(param_value) != want or buffer_pointers(leaf) != want:
             not_same_buffer.append(path)
-    ok = log_.check("param_sharing", bool(param_dict) and not not_identical and not not_same_buffer,
+    ok = phases.check("param_sharing", bool(param_dict) and not not_identical and not not_same_buffer,
                     paths_checked=len(param_dict), shards_checked=shards, not_identical=not_identical[:10],
                     not_same_buffer=not_same_buffer[:10])
-    log_.phase("param_sharing_check", ok=ok, paths_checked=len(param_dict), shards_checked=shards,
+    phases.phase("param_sharing_check", ok=ok, paths_checked=len(param_dict), shards_checked=shards,
                not_identical=len(not_identical), not_same_buffer=len(not_same_buffer))
     return ok
 
@@ -3218,14 +3239,14 @@ def compare_arrays(ours, theirs) -> dict | None:
     return problems or None
 
 
-def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, swap: str = "first swap") -> bool:
+def weights_equal_loader(phases: PhaseLog, state: EngineState, model_path: str, swap: str = "first swap") -> bool:
     """Every engine Param against what sglang-jax's OWN loader (its model file's weight mappings, its
     WeightLoader) makes of the checkpoint at `model_path`, in this process and on these devices: values
     bit for bit, shape, dtype, sharding. The loader runs tensor by tensor through LoaderTap, so the extra
     device memory is one loaded tensor, not a second set. Exact while the engine serves: the meter skips a KV
     buffer a forward donates mid-walk, and nothing raised here reaches the loader (which would take it for its
     own failure and load that tensor again: run_own_loader); a failure of the oracle itself is exit 3."""
-    log_.begin("weights_verified")
+    phases.begin("weights_verified")
     t = time.perf_counter()
     base_rss, base = process_rss_bytes(), bytes_in_use_sum(device_memory())
     peak, peak_rss = base, base_rss
@@ -3265,22 +3286,19 @@ def weights_equal_loader(log_: PhaseLog, state: EngineState, model_path: str, sw
     details = {"paths_checked": len(state.params), "differing": dict(list(differing.items())[:20]),
                "num_differing": len(differing), "not_loaded_by_loader": not_loaded[:20],
                "loaded_but_not_in_engine": unknown[:20], "loaded_twice": twice[:20]}
-    earlier = log_.checks.get("weights_equal_loader")  # with --rounds: every verified swap must pass
+    earlier = phases.checks.get("weights_equal_loader")  # with --rounds: every verified swap must pass
     failed_swaps = (earlier["failed_swaps"] if earlier else []) + ([] if ok else [swap])
     shown = details
     if earlier and not earlier["ok"]:  # the first failure's details stay
         shown = {k: v for k, v in earlier.items() if k not in ("ok", "swaps_checked", "failed_swaps")}
-    log_.check("weights_equal_loader", not failed_swaps, **shown, failed_swaps=failed_swaps,
+    phases.check("weights_equal_loader", not failed_swaps, **shown, failed_swaps=failed_swaps,
                swaps_checked=(earlier["swaps_checked"] if earlier else 0) + 1)
-    log_.phase("weights_verified", ok=ok, swap=swap, **details, seconds=round(time.perf_counter() - t, 3), model_path=model_path,
+    phases.phase("weights_verified", ok=ok, swap=swap, **details, seconds=round(time.perf_counter() - t, 3), model_path=model_path,
                peak_extra_bytes_sum=peak - base, peak_extra_ratio=round((peak - base) / param_bytes, 4),
                rss_extra_peak_bytes=peak_rss - base_rss)
     return ok
 
 
-# Per engine dtype: (largest |engine logprob - reference logprob| of a generated token, largest margin by
-# which a generated token may trail the reference's argmax). Set from measured distributions: docs/phases.md.
-LOGITS_TOLERANCE = {"float32": (0.1, 0.1), "bfloat16": (1.0, 1.0)}
 
 
 def reference_token_logprobs(model_path: str, prompt_ids: list[int], output_ids: list[int]) -> dict:
@@ -3302,13 +3320,13 @@ def reference_token_logprobs(model_path: str, prompt_ids: list[int], output_ids:
             "argmax_logprobs": best.tolist()}
 
 
-def logits_match_reference(log_: PhaseLog, cfg, model_path: str, answer: dict) -> bool:
+def logits_match_reference(phases: PhaseLog, cfg, model_path: str, answer: dict) -> bool:
     """The engine's logprob of each generated token against an independent float32 forward of the same
     checkpoint, and each token against the reference's argmax (within a margin, for near ties)."""
     if not answer["consistent"]:
-        return log_.check("logits_match_reference", False, error="the engine's answer is inconsistent: "
+        return phases.check("logits_match_reference", False, error="the engine's answer is inconsistent: "
                           + "; ".join(answer["consistency_problems"]))
-    log_.begin("logits_verified")
+    phases.begin("logits_verified")
     t = time.perf_counter()
     ref = reference_token_logprobs(model_path, answer["prompt_ids"], answer["output_ids"])
     tol, margin_tol = LOGITS_TOLERANCE.get(cfg.dtype, LOGITS_TOLERANCE["bfloat16"])
@@ -3327,8 +3345,8 @@ def logits_match_reference(log_: PhaseLog, cfg, model_path: str, answer: dict) -
                "worst_tokens": [{"position": i, "token": answer["output_ids"][i], "engine_logprob": round(engine_lp[i], 6),
                                  "reference_logprob": round(ref["logprobs"][i], 6), "reference_argmax": ref["argmax"][i],
                                  "margin": round(margins[i], 6)} for i in worst]}
-    log_.check("logits_match_reference", ok, **details)
-    log_.phase("logits_verified", memory=not HOSTS.multi, ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
+    phases.check("logits_match_reference", ok, **details)
+    phases.phase("logits_verified", memory=not HOSTS.multi, ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
                engine_logprobs=[round(v, 6) for v in engine_lp], reference_logprobs=[round(v, 6) for v in ref["logprobs"]],
                reference_argmax=ref["argmax"])
     return ok
@@ -3374,54 +3392,54 @@ def alias_for(cfg: RunConfig, source) -> bool:
     return cfg.alias and all(on_devices(a) for a in source_arrays(source))
 
 
-def swap_rounds(log_: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, info: CheckpointInfo,
+def swap_rounds(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, info: CheckpointInfo,
                 flat_a, plan_a, first_output: dict) -> tuple:
     """--rounds: swap B, A, B, ... (each under the load with --serve-load); returns B's (tree, plan)."""
     engine = swapper.engine
     flat_b, plan_b, path_b = weights_b(cfg, swapper, flat_a)  # validated before round 1 touches anything
-    first = next(r for r in log_.records if r["phase"] == "weights_swapped_from_mllm")
+    first = next(r for r in phases.records if r["phase"] == "weights_swapped_from_mllm")
     limit = int(first["engine_bytes_sum"] * cfg.single_copy_tolerance)  # the engine's part (a trainer holds A)
     outputs: dict[str, list] = {"A": [], "B": []}
     leaks, last_output = [], first_output
     for r in range(1, cfg.rounds + 1):
-        log_.begin(f"swap_round {r}")
+        phases.begin(f"swap_round {r}")
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
         try:
             report = swap_in(cfg, swapper, load, source, plan, alias_for(cfg, source), f"round {r}", which).report
         except ToolError as e:
             if load is not None:
-                load.after_failure(log_, e)
+                load.after_failure(phases, e)
             check_restored(e, engine, cfg, last_output)
             raise
         checkpoint = info.path if which == "A" else path_b
         if cfg.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
-            weights_equal_loader(log_, swapper.state, checkpoint, swap=f"round {r}")
+            weights_equal_loader(phases, swapper.state, checkpoint, swap=f"round {r}")
         out = answer(engine, cfg, load)
         outputs[which].append(out["output_ids"])
-        log_.answers.append((f"swap_round {r}", out))
+        phases.answers.append((f"swap_round {r}", out))
         last_output = out
         if report["engine_bytes_sum"] > limit or not report["leaves_unchanged"]:
             leaks.append({"round": r, "engine_bytes_sum": report["engine_bytes_sum"],
                           "leaves_ok": report["leaves_unchanged"]})
-        log_.phase("swap_round", round=r, weights=which, **report,
+        phases.phase("swap_round", round=r, weights=which, **report,
                    output_ids=out["output_ids"], text=out["text"], finish_reason=out["finish_reason"])
     first_a = first_output["output_ids"]
     b_runs = outputs["B"]
-    log_.check("rounds_consistent",
+    phases.check("rounds_consistent",
                all(o == first_a for o in outputs["A"]) and all(o == b_runs[0] for o in b_runs) and b_runs[0] != first_a,
                rounds=cfg.rounds, a_output_ids=first_a, b_output_ids=b_runs[0],
                a_rounds_equal=sum(o == first_a for o in outputs["A"]), a_rounds=len(outputs["A"]),
                b_rounds_equal=sum(o == b_runs[0] for o in b_runs), b_rounds=len(b_runs))
-    log_.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
-    check_generate(log_)
+    phases.check("rounds_no_leak", not leaks, limit=limit, failed_rounds=leaks)
+    check_generate(phases)
     return flat_b, plan_b
 
 
-def serve_results(log_: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, plan_a, flat_b, plan_b) -> None:
+def serve_results(phases: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, plan_a, flat_b, plan_b) -> None:
     """--serve-load: throughput without and with swaps (B then A, while serving), then the load stops; the
     references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
-    log_.begin("serve_load")
+    phases.begin("serve_load")
     b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
     swaps = [(b[0], b[1], alias_for(cfg, b[0]), "B"), (flat_a, plan_a, alias_for(cfg, flat_a), "A")]
     throughput = load.throughput(cfg.serve_seconds, swaps)
@@ -3429,11 +3447,11 @@ def serve_results(log_: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, plan_
     sources = {"A": (flat_a, plan_a, alias_for(cfg, flat_a))}
     if any(f["weights"] == "B" for f in load.fresh):
         sources["B"] = (b[0], b[1], alias_for(cfg, b[0]))
-    refs = load.references(log_, sources)
-    load.check_requests(log_)
-    load.check_forwards(log_)
-    load.check_fresh(log_, refs)
-    load.report(log_, throughput)
+    refs = load.references(phases, sources)
+    load.check_requests(phases)
+    load.check_forwards(phases)
+    load.check_fresh(phases, refs)
+    load.report(phases, throughput)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3485,9 +3503,9 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
 
     os.makedirs(folder, exist_ok=True)
     eos = write_tokenizer(folder, vocab_size, chat_template)
-    architecture, family = next((a, f) for a, f in FAMILIES.items() if f.arch == arch)
+    family = next(f for f in FAMILIES.values() if f.arch == arch)
     config = {
-        "architectures": [architecture], "model_type": family.model_type, "vocab_size": vocab_size,
+        "architectures": [family.architecture], "model_type": family.model_type, "vocab_size": vocab_size,
         "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
@@ -3496,13 +3514,8 @@ def write_demo_checkpoint(folder: str, *, tied: bool = True, num_kv_heads: int =
     }
     if family.biases == "attention_bias":
         config["attention_bias"] = attention_bias
-    if family.moe:  # 4 experts, 2 per token; layer 0 dense (mlp_only_layers), the others sparse
-        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=intermediate_size // 2,
-                      mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=True)
-    if arch == "llama":
-        config.update(rope_theta=500000.0, mlp_bias=False, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 1024})
+    if family.demo_config:
+        config.update(family.demo_config(config))
     biases = ("q", "k", "v") if family.biases == "qkv" else ("q", "k", "v", "o") if attention_bias else ()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -3648,16 +3661,63 @@ class WandbSink:
             self.run = None
 
 
-def report(log_: PhaseLog, cfg) -> None:
+def report(phases: PhaseLog, cfg) -> None:
     """The stderr table, and the plot if asked for. Runs after the summary, on every path."""
-    if any("memory" in r for r in log_.records):
-        print("\n" + memory_table(log_.records), file=sys.stderr, flush=True)
-    if cfg.plot and any(r["phase"] == "engine_ready_dummy" for r in log_.records):
+    if any("memory" in r for r in phases.records):
+        print("\n" + memory_table(phases.records), file=sys.stderr, flush=True)
+    if cfg.plot and any(r["phase"] == "engine_ready_dummy" for r in phases.records):
         try:
-            plot_memory(log_.records, cfg.plot)
+            plot_memory(phases.records, cfg.plot)
             log(f"memory plot: {cfg.plot}")
         except Exception as e:  # noqa: BLE001 - a plot must not change the verdict
             log(f"warning: --plot failed: {type(e).__name__}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The verdict: the single-copy check, the summary, how every run ends
+# ----------------------------------------------------------------------------------------------
+
+
+def check_single_copy(phases: PhaseLog, tolerance: float, phase_names: list[str]) -> bool:
+    """The engine never holds two sets: device bytes in use, less what only a trainer holds (its arrays the
+    engine does not share: trainer_only_bytes_sum, 0 without a trainer) and less the buffers the batch of a
+    paused scheduler still holds (serving_bytes_sum: its last forward's inputs, 0 on an engine that never
+    served), stay within the dummy engine's x tolerance. Both are counted, never estimated: a second copy of
+    any weight is neither."""
+    base = phases.memory_of("engine_ready_dummy")
+    records = {r["phase"]: r for r in phases.records if r["phase"] in phase_names and "memory" in r}
+    seen = {p: bytes_in_use_sum(records[p]["memory"]) - records[p].get("trainer_only_bytes_sum", 0)
+            - records[p].get("serving_bytes_sum", 0) for p in phase_names if p in records}
+    limit = int(base * tolerance) if base else None
+    ok = bool(base) and bool(seen) and all(v <= limit for v in seen.values())
+    return phases.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen,
+                      counted_apart={p: {k: records[p].get(k, 0) for k in ("trainer_only_bytes_sum", "serving_bytes_sum")}
+                                     for p in seen})
+
+
+def summary(phases: PhaseLog, error: ToolError | None = None) -> int:
+    """The verdict and the exit code. Several hosts: the same on every rank (Hosts.end), with each rank's."""
+    if error is not None:
+        HOSTS.fail(error)
+    ok = error is None and bool(phases.checks) and all(c["ok"] for c in phases.checks.values())
+    code = error.exit_code if error is not None else EXIT_OK if ok else EXIT_CHECK_FAILED
+    code, hosts = HOSTS.end(code, [name for name, c in phases.checks.items() if not c["ok"]])
+    phases.phase("summary", memory=False, ok=code == EXIT_OK, checks=phases.checks,
+               **({"exit_code": code, "hosts": hosts} if HOSTS.multi else {}))
+    return code
+
+
+def finish(phases: PhaseLog, cfg: RunConfig, error: ToolError | None = None) -> int:
+    """How every run ends, whatever ends it (main, a failure, the Stopper): the error line if any, the summary
+    with the exit code, then the stderr table and the plot. Nothing is written after it (a stop that comes
+    later finds the verdict written)."""
+    with phases.lock:
+        if error is not None:
+            phases.write(error.record())
+        code = summary(phases, error)
+        phases.closed = True
+    report(phases, cfg)
+    return code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3681,8 +3741,8 @@ class Stopper:
     (stage `interrupted`: the signal, the phase it interrupted, what the engine holds), the summary and the
     stderr table, kills the engine's child processes and exits 130 (SIGINT) or 143 (SIGTERM)."""
 
-    def __init__(self, log_: PhaseLog, cfg):
-        self.log_, self.cfg = log_, cfg
+    def __init__(self, phases: PhaseLog, cfg):
+        self.phases, self.cfg = phases, cfg
         self.swapper: ParamSwapper | None = None  # set once the engine runs
         self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
 
@@ -3693,7 +3753,7 @@ class Stopper:
     def engine_holds(self, waited: float | None) -> str:
         sw = self.swapper
         if sw is None:
-            return "no engine was running" if self.log_.doing != "engine_ready_dummy" else "the engine was starting"
+            return "no engine was running" if self.phases.doing != "engine_ready_dummy" else "the engine was starting"
         if not sw.idle.is_set():
             return f"a swap was still running after {waited:.0f} s: the engine is half-swapped"
         if sw.last_swap_restored is not None:
@@ -3704,7 +3764,7 @@ class Stopper:
 
     def watch(self) -> None:
         signum = signal.sigwait(WATCHED_SIGNALS)
-        name, doing = signal.Signals(signum).name, self.log_.doing
+        name, doing = signal.Signals(signum).name, self.phases.doing
         log(f"{name}: stopping (during {doing})")
         if signum == signal.SIGQUIT:
             self.stop(ToolError(
@@ -3724,7 +3784,7 @@ class Stopper:
 
     def stop(self, error: ToolError) -> None:
         """The run's end (finish: unless the run already wrote its verdict), then exit at once."""
-        code = finish(self.log_, self.cfg, error)
+        code = finish(self.phases, self.cfg, error)
         for f in self.cleanup:
             f()
         sys.stdout.flush()
@@ -3735,56 +3795,14 @@ class Stopper:
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary and main
+# The run: run() is the table of contents; main() and cli() (python run_param_swap.py, run-param-swap)
 # ----------------------------------------------------------------------------------------------
 
 
-def check_single_copy(log_: PhaseLog, tolerance: float, phases: list[str]) -> bool:
-    """The engine never holds two sets: device bytes in use, less what only a trainer holds (its arrays the
-    engine does not share: trainer_only_bytes_sum, 0 without a trainer) and less the buffers the batch of a
-    paused scheduler still holds (serving_bytes_sum: its last forward's inputs, 0 on an engine that never
-    served), stay within the dummy engine's x tolerance. Both are counted, never estimated: a second copy of
-    any weight is neither."""
-    base = log_.memory_of("engine_ready_dummy")
-    records = {r["phase"]: r for r in log_.records if r["phase"] in phases and "memory" in r}
-    seen = {p: bytes_in_use_sum(records[p]["memory"]) - records[p].get("trainer_only_bytes_sum", 0)
-            - records[p].get("serving_bytes_sum", 0) for p in phases if p in records}
-    limit = int(base * tolerance) if base else None
-    ok = bool(base) and bool(seen) and all(v <= limit for v in seen.values())
-    return log_.check("single_copy_memory", ok, engine_ready_dummy=base, limit=limit, tolerance=tolerance, **seen,
-                      counted_apart={p: {k: records[p].get(k, 0) for k in ("trainer_only_bytes_sum", "serving_bytes_sum")}
-                                     for p in seen})
-
-
-def summary(log_: PhaseLog, error: ToolError | None = None) -> int:
-    """The verdict and the exit code. Several hosts: the same on every rank (Hosts.end), with each rank's."""
-    if error is not None:
-        HOSTS.fail(error)
-    ok = error is None and bool(log_.checks) and all(c["ok"] for c in log_.checks.values())
-    code = error.exit_code if error is not None else EXIT_OK if ok else EXIT_CHECK_FAILED
-    code, hosts = HOSTS.end(code, [name for name, c in log_.checks.items() if not c["ok"]])
-    log_.phase("summary", memory=False, ok=code == EXIT_OK, checks=log_.checks,
-               **({"exit_code": code, "hosts": hosts} if HOSTS.multi else {}))
-    return code
-
-
-def finish(log_: PhaseLog, cfg: RunConfig, error: ToolError | None = None) -> int:
-    """How every run ends, whatever ends it (main, a failure, the Stopper): the error line if any, the summary
-    with the exit code, then the stderr table and the plot. Nothing is written after it (a stop that comes
-    later finds the verdict written)."""
-    with log_.lock:
-        if error is not None:
-            log_.write(error.record())
-        code = summary(log_, error)
-        log_.closed = True
-    report(log_, cfg)
-    return code
-
-
-def run(log_: PhaseLog, cfg: RunConfig, model_id: str) -> None:
+def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
     """The phases in the order they run (docs/phases.md); the table of contents of this file."""
-    device, tp_size = jax_ready(log_, cfg)
-    log_.begin("checkpoint")  # validation: config, tensors, parallelism, token budget
+    device, tp_size = jax_ready(phases, cfg)
+    phases.begin("checkpoint")  # validation: config, tensors, parallelism, token budget
     info = read_checkpoint_info(resolve_checkpoint(model_id, cfg.download_dir))
     validate_checkpoint(info)
     validate_parallelism(info, tp_size)
@@ -3804,52 +3822,52 @@ def run(log_: PhaseLog, cfg: RunConfig, model_id: str) -> None:
     # an RL loop's own objects must stay collectable.
     gc.freeze()
     HOSTS.agree("checkpoint")  # several hosts: every one has validated its copy before any engine starts
-    engine, swapper = engine_ready_dummy(log_, cfg, info, device, stack)
+    engine, swapper = engine_ready_dummy(phases, cfg, info, device, stack)
     state, load = swapper.state, None
     try:
-        before = generate_result(log_, cfg, engine, phase="generate_before_swap")
-        tree = mllm_params_cpu_ready(log_, cfg, info)
+        before = generate_result(phases, cfg, engine, phase="generate_before_swap")
+        tree = mllm_params_cpu_ready(phases, cfg, info)
         trainer = None  # --weights-source trainer: the tree on the devices, held (as a trainer would) to the end
         try:
             if cfg.weights_source == "trainer":
-                tree = trainer = mllm_params_device_ready(log_, cfg, swapper, tree)
-            plan = sglang_param_dict_ready(log_, cfg, swapper, tree)
+                tree = trainer = mllm_params_device_ready(phases, cfg, swapper, tree)
+            plan = sglang_param_dict_ready(phases, cfg, swapper, tree)
             if cfg.serve_load:
                 load = ServeLoad(engine, swapper, cfg)
-                load.start(log_)
-            param_dict = weights_swapped_from_mllm(log_, cfg, swapper, load, tree, plan)
+                load.start(phases)
+            param_dict = weights_swapped_from_mllm(phases, cfg, swapper, load, tree, plan)
         except ToolError as e:
             if load is not None:
-                load.after_failure(log_, e)
+                load.after_failure(phases, e)
             check_restored(e, engine, cfg, before)
             raise
         if cfg.verify_param_sharing:
-            param_sharing_check(log_, state, param_dict)
+            param_sharing_check(phases, state, param_dict)
         if cfg.verify_weights:
-            weights_equal_loader(log_, state, info.path)
+            weights_equal_loader(phases, state, info.path)
         if load is not None:
             load.hold()  # the memory phases below are sampled with no forward in flight
         if cfg.keep_param_dict:
-            log_.phase("before_generate_param_dict_kept", num_arrays=len(param_dict),
+            phases.phase("before_generate_param_dict_kept", num_arrays=len(param_dict),
                        **memory_split(state, swapper.guard, trainer))
         else:
             del param_dict
-            log_.phase("after_cleanup")
-        out = generate_result(log_, cfg, engine, load, logprobs=cfg.verify_logits)
-        check_generate(log_)
-        check_swap_effective(log_, before, out)
+            phases.phase("after_cleanup")
+        out = generate_result(phases, cfg, engine, load, logprobs=cfg.verify_logits)
+        check_generate(phases)
+        check_swap_effective(phases, before, out)
         if cfg.verify_logits and HOSTS.rank == 0:  # a host forward: on rank 0 only
-            logits_match_reference(log_, cfg, info.path, out)
+            logits_match_reference(phases, cfg, info.path, out)
         if cfg.keep_param_dict:
             del param_dict
-            log_.phase("after_drop_param_dict")
-        check_single_copy(log_, cfg.single_copy_tolerance,
+            phases.phase("after_drop_param_dict")
+        check_single_copy(phases, cfg.single_copy_tolerance,
                           ["weights_swapped_from_mllm", "before_generate_param_dict_kept"])
         flat_b = plan_b = None
         if cfg.rounds:
-            flat_b, plan_b = swap_rounds(log_, cfg, swapper, load, info, as_flat(tree), plan, out)
+            flat_b, plan_b = swap_rounds(phases, cfg, swapper, load, info, as_flat(tree), plan, out)
         if load is not None:
-            serve_results(log_, cfg, load, as_flat(tree), plan, flat_b, plan_b)
+            serve_results(phases, cfg, load, as_flat(tree), plan, flat_b, plan_b)
     finally:
         engine.shutdown()
 
@@ -3868,34 +3886,34 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.nnodes > 1:
         json_only_stdout()
     try:
-        log_ = PhaseLog(cfg.json_out)
+        phases = PhaseLog(cfg.json_out)
     except OSError as e:
         return finish(PhaseLog(None), cfg, ToolError("arguments", f"cannot open --json-out {cfg.json_out}: "
                                                      f"{e.strerror}", "the folder must exist and be writable"))
-    log_.stopper = Stopper(log_, cfg)
-    log_.stopper.install()
-    HOSTS.on_failure = log_.stopper.stop  # another rank failed while this one was busy elsewhere
+    phases.stopper = Stopper(phases, cfg)
+    phases.stopper.install()
+    HOSTS.on_failure = phases.stopper.stop  # another rank failed while this one was busy elsewhere
     demo_tmp = None
     try:
         validate_args(cfg)
         configure_platform(cfg)
         if cfg.wandb:
-            log_.sinks.append(WandbSink(cfg))
+            phases.sinks.append(WandbSink(cfg))
         model_id = cfg.model_id
         if cfg.demo:
             folder = cfg.demo_dir or (demo_tmp := tempfile.mkdtemp(prefix="param_swap_demo_"))
             if demo_tmp:
-                log_.stopper.cleanup.append(functools.partial(shutil.rmtree, demo_tmp, ignore_errors=True))
+                phases.stopper.cleanup.append(functools.partial(shutil.rmtree, demo_tmp, ignore_errors=True))
             model_id = write_demo_checkpoint(folder, arch=cfg.arch)
             log(f"demo checkpoint in {folder}")
-        run(log_, cfg, model_id)
-        return finish(log_, cfg)
+        run(phases, cfg, model_id)
+        return finish(phases, cfg)
     except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
         traceback.print_exc()
         if not isinstance(e, ToolError):
-            last = log_.records[-1]["phase"] if log_.records else "start"
+            last = phases.records[-1]["phase"] if phases.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)
-        return finish(log_, cfg, e)
+        return finish(phases, cfg, e)
     finally:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)

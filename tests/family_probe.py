@@ -94,7 +94,7 @@ def plant_qk_norm_swapped() -> None:  # layer 0's q_norm and k_norm scales excha
 
 
 def plant_experts_gate_up_swapped() -> None:  # every MoE layer's stacked gate and up experts exchanged (epmoe)
-    rps.FAMILY_ROWS["moe:epmoe"][:2] = [
+    rps.FAMILIES["Qwen3MoeForCausalLM"].moe_backend_rows["epmoe"][:2] = [
         (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
         (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy")]
 

@@ -92,8 +92,8 @@ def apply(mutation: str) -> None:
     elif mutation == "crash_while_serving":
         original_start = rps.ServeLoad.start
 
-        def start(self, log_):
-            original_start(self, log_)
+        def start(self, phases):
+            original_start(self, phases)
             scheduler, calls = self.engine.scheduler_info["scheduler"], [0]
             process_batch_result = scheduler.process_batch_result
 
