@@ -37,6 +37,13 @@ hosts (--nnodes), every rank exits with the same code.
       --keep-param-dict --verify-param-sharing --verify-weights --verify-logits | tee swap.log   # TPU VM
   python run_param_swap.py --model-id DIR --tp-size 8 --nnodes 2 --node-rank R --dist-init-addr IP:PORT \\
       --verify-weights > swap.log        # on every host of a pod slice (rank R), rank 0's IP: docs/tpu.md
+  run-param-swap --demo                                  # the same, installed (pip install ".[cpu]"): README
+
+As a module (import run_param_swap): ParamSwapper, the API an RL loop uses (docs/api.md). The file reads in
+run order: the model families (one row each), the command line, the meter and the phase log, several hosts,
+JAX, the checkpoint, the sglang-jax adapter, the engine's state, generation, the host tree, the plan and
+placement, the swap (pause, rollback, host agreement, report), ParamSwapper, the load, the phases, the checks
+and oracles, rounds, the demo checkpoint, reports, the verdict, the Stopper, and run() (the table of contents).
 """
 
 from __future__ import annotations
@@ -3909,7 +3916,8 @@ def main(argv: list[str] | None = None) -> int:
         run(phases, cfg, model_id)
         return finish(phases, cfg)
     except Exception as e:  # noqa: BLE001 - every failure ends in one error line, the summary, an exit code
-        traceback.print_exc()
+        if not isinstance(e, ToolError) or (e.__cause__ is not None and e.exit_code != EXIT_BAD_INPUT):
+            traceback.print_exc()  # bad input: its error line says it all; a failure: where it came from
         if not isinstance(e, ToolError):
             last = phases.records[-1]["phase"] if phases.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", EXIT_ENGINE)

@@ -26,6 +26,8 @@ def assert_error(run, code: int, stage: str, *words: str) -> dict:
     assert run.records[-1]["phase"] == "summary" and run.records[-1]["ok"] is False
     assert run.records.index(error) == len(run.records) - 2
     assert "Traceback" not in run.stdout
+    if code == 2:  # bad input: the error line says it all, no traceback on stderr either
+        assert "Traceback" not in run.stderr, run.stderr[-2000:]
     return error
 
 
