@@ -605,13 +605,13 @@ class PhaseLog:
         self.t0 = time.perf_counter()
         self.records: list[dict] = []
         self.checks: dict[str, dict] = {}
-        self.answers: list[tuple[str, dict]] = []  # (phase, generate()'s answer) of every generation
+        self.answers: list[tuple[str, dict]] = []  # (phase, generate_greedy()'s answer) of every generation
         self.file = open(json_out, "w") if json_out else None
         self.sinks: list = []  # e.g. WandbSink: each gets every record
         self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
         self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
         self.closed = False  # set by the Stopper: the run is over, nothing more is written
-        self.stopper: Stopper | None = None
+        self.stopper = None  # the Stopper: main() sets it
 
     def begin(self, name: str) -> None:
         self.doing = name
@@ -1380,7 +1380,7 @@ def start_engine(kwargs: dict):
     if engine_scheduler(engine) is None:
         raise ToolError("engine_start", ENGINE_ERRORS.text() or "the engine started without an in-process scheduler",
                         "see the engine's traceback on stderr", EXIT_ENGINE)
-    request_recorder(engine)  # before any request: generate() reads the scheduler's own ids from it
+    request_recorder(engine)  # before any request: generate_greedy() reads the scheduler's own ids from it
     return engine, engine_model_runner(engine)
 
 
@@ -1735,7 +1735,7 @@ def greedy(max_new_tokens: int) -> dict:
 
 
 def answer_of(engine, out: dict, max_new_tokens: int, logprobs: bool) -> dict:
-    """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate())."""
+    """The engine's answer, with the scheduler's own ids and the consistency cross-checks (see generate_greedy())."""
     meta = {k: v for k, v in out.get("meta_info", {}).items() if not k.endswith("logprobs")}
     record = request_recorder(engine).take(meta["id"])
     ids = record["output_ids"]
@@ -1770,7 +1770,7 @@ def generate_greedy(engine, prompt: str, max_new_tokens: int, logprobs: bool = F
 
 
 def check_generate(phases: PhaseLog) -> bool:
-    """Every answer so far was consistent (see generate()): a wrong count or a text that is not the ids'
+    """Every answer so far was consistent (see generate_greedy()): a wrong count or a text that is not the ids'
     decoding means the engine's answer cannot be trusted, whatever the weights."""
     bad = {phase: out["consistency_problems"] for phase, out in phases.answers if not out["consistent"]}
     return phases.check("generate", bool(phases.answers) and not bad, answers_checked=len(phases.answers),
@@ -2681,7 +2681,7 @@ class ParamSwapper:
                             "rank >= 1 of several hosts started with Engine(...))", "start it with "
                             "enable_single_process=True; on several hosts with run_param_swap.start_engine(kwargs)")
         model_runner = engine_model_runner(engine)
-        request_recorder(engine)  # generate() reads the scheduler's own ids from it
+        request_recorder(engine)  # generate_greedy() reads the scheduler's own ids from it
         self.engine, self.state = engine, EngineState(model_runner)
         self.guard = serve_guard(engine)
         facts = runner_facts(model_runner)
@@ -2938,7 +2938,7 @@ class ServeLoad:
         return result
 
     def hold(self) -> None:
-        """Hold the clients and let the requests in flight finish (the next generate() lets them go)."""
+        """Hold the clients and let the requests in flight finish (the next generate_alone() lets them go)."""
         if not self.stopping:
             run_on_engine_loop(self.engine, self.drain())
 
