@@ -741,6 +741,15 @@ def configure_platform(cfg: RunConfig) -> str:
     return device
 
 
+def skip_torch_unless_needed(cfg: RunConfig) -> None:
+    """transformers (which sglang-jax and this tool import for configs and tokenizers) imports torch, its
+    compiler and scikit-learn whenever torch is installed: ~6 s of the ~11 s that importing sglang-jax takes
+    here. Only --verify-logits and --weights-source torch use torch; otherwise transformers' own switch
+    USE_TORCH=0 leaves it out (a USE_TORCH the caller set is kept). Must run before transformers is imported."""
+    if not (cfg.verify_logits or cfg.weights_source == "torch"):
+        os.environ.setdefault("USE_TORCH", "0")
+
+
 def jax_ready(phases: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
     """Phase 1: JAX's devices (several hosts: the coordination service first). Returns the platform and the
     tensor-parallel size (--tp-size 0: every device)."""
@@ -3904,6 +3913,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate_args(cfg)
         configure_platform(cfg)
+        skip_torch_unless_needed(cfg)
         if cfg.wandb:
             phases.sinks.append(WandbSink(cfg))
         model_id = cfg.model_id

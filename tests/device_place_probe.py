@@ -9,6 +9,7 @@ same bits, shape, dtype and sharding. Prints one JSON line.
 import json
 import os
 
+os.environ.setdefault("USE_TORCH", "0")  # transformers without torch: nothing here needs it (6 s less)
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
