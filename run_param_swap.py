@@ -610,7 +610,7 @@ class PhaseLog:
         self.sinks: list = []  # e.g. WandbSink: each gets every record
         self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
         self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
-        self.closed = False  # set by the Stopper: the run is over, nothing more is written
+        self.closed = False  # set by finish(): the run is over, nothing more is written
         self.stopper = None  # the Stopper: main() sets it
 
     def begin(self, name: str) -> None:
@@ -2862,7 +2862,7 @@ class ServeLoad:
         self.engine, self.swapper, self.cfg, self.clients = engine, swapper, cfg, cfg.serve_load
         m = cfg.max_new_tokens
         self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
-        self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt) if self.clients else []
+        self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt)
         self.requests: list[dict] = []  # every finished load request
         self.in_flight = 0
         self.tasks: list = []
