@@ -140,6 +140,11 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_BUCKET_MB = 256.0  # --bucket-mb: docs/benchmarks.md ("Buckets")
 TRANSPOSE_ON = {"cpu": "host", "gpu": "device", "tpu": "device"}  # --transpose auto, per platform
+# Platforms whose collectives are XLA:CPU's in-process ones (docs/benchmarks.md "Device to device"): they run a
+# 16-bit float reshard in float32 (a convert on each side), so a device source is resharded as its bits
+# (uint16: 5x faster); and two collective programs in flight can deadlock in their rendezvous (the process
+# aborts after 40 s), so each resharding step is waited on before the next is dispatched
+IN_PROCESS_COLLECTIVES = {"cpu"}
 TRAINER_SHARDINGS = ("fsdp", "replicated", "engine")  # --weights-source trainer: how the trainer holds the tree
 
 # Per engine dtype: (largest |engine logprob - reference logprob| of a generated token, largest margin by
@@ -2015,6 +2020,13 @@ def plan_fingerprint(plan: list[SwapItem]) -> str:
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def transposed_on_device(item: SwapItem, src: np.ndarray, transpose: str) -> bool:
+    """With --transpose device, a host kernel that is a transposed view goes in as stored and is transposed on
+    the devices (host_array, place)."""
+    arr = src.T if item.op == "transpose" else src
+    return transpose == "device" and arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+
+
 def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: str = "device") -> tuple[np.ndarray, bool]:
     """(host array in the engine dtype, transposed). The MLLM kernel is a transposed view of the checkpoint's
     [out, in] tensor. transpose "host": the array is the target's layout, possibly that strided view (jax.device_put
@@ -2024,7 +2036,7 @@ def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: st
     arr = src if src.dtype == item.dtype else src.astype(item.dtype)  # keeps the memory layout
     if item.op == "transpose":
         arr = arr.T
-    transposed = transpose == "device" and arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+    transposed = transposed_on_device(item, src, transpose)
     if transposed:
         arr = arr.T
     if item.op == "kv_heads" and item.replicas > 1:  # repeat each head contiguously: [h0, h0, h1, h1]
@@ -2033,6 +2045,27 @@ def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: st
         heads = arr.reshape(*shape[:axis], num_kv_heads, shape[axis] // num_kv_heads, *shape[axis + 1:])
         arr = np.repeat(heads, item.replicas, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
     return (arr if transpose == "host" else np.ascontiguousarray(arr)), transposed
+
+
+COMPILES: dict[int, int] = {}  # XLA backend compiles run so far, per thread (count_compiles)
+
+
+def on_compile_event(event: str, duration: float, **_: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        ident = threading.get_ident()
+        COMPILES[ident] = COMPILES.get(ident, 0) + 1
+
+
+def count_compiles() -> int:
+    """XLA backend compiles this thread has run so far (a jax.monitoring listener, installed on first use):
+    a swap reports the compiles it ran (prepare_compiles, swap_compiles); the scheduler's own compiles run
+    in its thread and are not counted."""
+    import jax
+
+    if None not in COMPILES:
+        COMPILES[None] = 0  # the listener is installed
+        jax.monitoring.register_event_duration_secs_listener(on_compile_event)
+    return COMPILES.get(threading.get_ident(), 0)
 
 
 @dataclasses.dataclass
@@ -2050,6 +2083,9 @@ class SwapStats:
     assign_s: float = 0.0  # Param assignment + leaves rebind
     backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
     meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
+    prepare_s: float = 0.0  # before generation is paused: compiling what the swap runs (prepare_swap)
+    prepare_compiles: int = 0  # XLA compiles in prepare_swap (0 for a layout swapped before)
+    swap_compiles: int = 0  # XLA compiles while the engine was changed (0: everything was prepared)
     transposed_bytes_sum: int = 0  # kernels transposed on the devices
     copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)
     aliased_bytes_sum: int = 0  # device bytes of trainer arrays the engine took as they are (alias)
@@ -2086,7 +2122,8 @@ class SwapStats:
                 "bucket_bytes": self.bucket_bytes, "buckets": self.buckets,
                 "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
-                "meter_s": round(self.meter_s, 4),
+                "meter_s": round(self.meter_s, 4), "prepare_s": round(self.prepare_s, 4),
+                "prepare_compiles": self.prepare_compiles, "swap_compiles": self.swap_compiles,
                 "copied_bytes_sum": self.copied_bytes_sum,
                 "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
                 "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
@@ -2119,6 +2156,21 @@ def can_alias(item: SwapItem, src) -> bool:
         and tuple(src.shape) == item.shape and src.sharding.is_equivalent_to(item.sharding, len(item.shape))
 
 
+def as_target(item: SwapItem, src):
+    """An array that can alias (can_alias) as the engine's: the trainer's array itself where its sharding is
+    the target's; where it is only equivalent (the same devices and layout on another mesh, e.g. an FSDP mesh's
+    first axis over the engine's tensor axis), the same per-device buffers in the target's sharding (no copy:
+    sglang-jax's forward needs its own mesh on every weight, explicit axes)."""
+    import jax
+
+    if src.sharding == item.sharding:
+        return src
+    shards = [src.addressable_data(i) for i in range(len(src.sharding.addressable_devices))]
+    by_device = {next(iter(a.devices())): a for a in shards}
+    return jax.make_array_from_single_device_arrays(
+        item.shape, item.sharding, [by_device[d] for d in item.sharding.addressable_devices_indices_map(item.shape)])
+
+
 def fitting(sharding, shape: tuple):
     """`sharding`'s spec on its mesh, replicated along every axis of `shape` the mesh axes do not divide."""
     import jax
@@ -2147,11 +2199,17 @@ def source_sharding(item: SwapItem, shape: tuple):
 
 
 @functools.cache
-def device_transform(op: str, replicas: int, num_kv_heads: int, dtype, sharding):
+def device_transform(op: str, replicas: int, num_kv_heads: int, dtype, sharding, as_bits: bool = False):
     """One jitted function, source -> target on the devices: dtype cast, transpose, KV-head repeat
-    ([h0, h0, h1, h1], as host_array does), output in the target sharding."""
+    ([h0, h0, h1, h1], as host_array does), output in the target sharding. as_bits: the collective that
+    reshards the result moves it as unsigned integers of the same width (IN_PROCESS_COLLECTIVES; the barriers keep
+    XLA from folding the bitcasts away), the same bits."""
     import jax
     import jax.numpy as jnp
+
+    # the same devices and spec on a mesh of Auto axes: a sharding constraint may not name Explicit ones
+    auto_axes = jax.sharding.NamedSharding(jax.sharding.Mesh(sharding.mesh.devices, sharding.mesh.axis_names),
+                                           sharding.spec)
 
     def transform(a):
         a = a.astype(dtype)
@@ -2161,35 +2219,88 @@ def device_transform(op: str, replicas: int, num_kv_heads: int, dtype, sharding)
             lead, last = a.shape[:-1], a.shape[-1]
             heads = a.reshape(*lead, num_kv_heads, last // num_kv_heads)
             a = jnp.repeat(heads, replicas, axis=-2).reshape(*lead, last * replicas)
+        if as_bits:
+            bits = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(a, jnp.uint16))
+            bits = jax.lax.with_sharding_constraint(bits, auto_axes)
+            a = jax.lax.bitcast_convert_type(jax.lax.optimization_barrier(bits), dtype)
         return a
 
     return jax.jit(transform, out_shardings=sharding)
 
 
-@functools.cache
-def reshard(sharding):
-    """A jitted identity into `sharding`: resharding on the devices (collectives, never the host)."""
-    import jax
+def same_devices(item: SwapItem, src_sharding) -> bool:
+    """A source on the engine's devices in the mesh's order: it can enter the same jit as the target."""
+    return src_sharding._device_assignment == item.sharding._device_assignment
 
-    return jax.jit(lambda a: a, out_shardings=sharding)
+
+def local_slices(op: str, shape: tuple, src_sharding, dst_sharding) -> bool:
+    """Every device already holds what its output needs (no collective): a replicated source, or a copy whose
+    target slice on each device lies within the source slice there (the same layout, or a finer split)."""
+    if src_sharding.is_fully_replicated:
+        return True
+    if op != "copy":
+        return False
+    src, dst = src_sharding.devices_indices_map(shape), dst_sharding.devices_indices_map(shape)
+
+    def within(inner: slice, outer: slice, n: int) -> bool:
+        (a, b, _), (c, d, _) = inner.indices(n), outer.indices(n)
+        return c <= a and b <= d
+
+    return all(all(within(i, o, n) for i, o, n in zip(dst[dev], src[dev], shape, strict=True)) for dev in dst)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStep:
+    fn: Any  # a jitted function (device_transform)
+    in_sharding: Any  # the sharding its input comes in
+    moves: bool  # some device needs data another one holds: a collective
+    in_process: bool  # the platform's collectives are in-process (IN_PROCESS_COLLECTIVES)
+
+
+def device_steps(item: SwapItem, shape: tuple, dtype, sharding, num_kv_heads: int) -> list[DeviceStep]:
+    """The jitted functions that take a device source of this shape, dtype and sharding (on the engine's
+    devices in the mesh's order) to the target, each with the sharding its input comes in: place_device runs
+    them, prepare_swap compiles them before a swap. A KV projection split along the heads axis (which the
+    repeat reshapes) is first resharded on the devices (source_sharding). `moves`: a step that needs a
+    collective (local_slices says which do not); where the platform's collectives are in-process
+    (IN_PROCESS_COLLECTIVES), such a step moves 16-bit floats as their bits."""
+    import jax.numpy as jnp
+
+    in_process = item.sharding.mesh.devices.flat[0].platform in IN_PROCESS_COLLECTIVES
+
+    def as_bits(dtype, moves: bool) -> bool:
+        return moves and in_process and jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize == 2
+
+    steps = []
+    if item.op == "kv_heads" and item.replicas > 1 and sharding.shard_shape(shape)[-1] != shape[-1]:
+        split = source_sharding(item, shape)
+        moves = not local_slices("copy", shape, sharding, split)
+        steps.append(DeviceStep(device_transform("copy", 1, num_kv_heads, dtype, split, as_bits(dtype, moves)),
+                                sharding, moves, in_process))
+        sharding = split
+    moves = not local_slices(item.op, shape, sharding, item.sharding)
+    steps.append(DeviceStep(device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding,
+                                             as_bits(item.dtype, moves)), sharding, moves, in_process))
+    return steps
 
 
 def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None):
-    """A trainer-resident source (a jax.Array in any sharding) -> the target, device to device, in one jitted
-    transform. A KV projection split along the heads axis (which the repeat reshapes) is first resharded on
-    the devices (source_sharding). A source on another device ORDER than the engine's mesh cannot enter the
-    same jit; it goes through jax.device_put, which JAX may route through the host when the slices do not
-    line up (counted in device_put_reshards)."""
+    """A trainer-resident source (a jax.Array in any sharding) -> the target, device to device (device_steps).
+    A source on another device ORDER than the engine's mesh cannot enter the same jit; it goes through
+    jax.device_put, which JAX may route through the host when the slices do not line up (counted in
+    device_put_reshards)."""
     import jax
 
     shape = tuple(src.shape)
-    if src.sharding._device_assignment != item.sharding._device_assignment:
+    if not same_devices(item, src.sharding):
         src = jax.device_put(src, source_sharding(item, shape))
         if stats is not None:
             stats.device_put_reshards += 1
-    elif item.op == "kv_heads" and item.replicas > 1 and src.sharding.shard_shape(shape)[-1] != shape[-1]:
-        src = reshard(source_sharding(item, shape))(src)
-    return device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding)(src)
+    for step in device_steps(item, shape, src.dtype, src.sharding, num_kv_heads):
+        src = step.fn(src)
+        if step.moves and step.in_process:  # never two in-process collectives in flight (IN_PROCESS_COLLECTIVES)
+            src.block_until_ready()
+    return src
 
 
 def put(host: np.ndarray, sharding):
@@ -2232,15 +2343,16 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
     """The target array of one item, dispatched and not waited on (the swap waits once per bucket). Host
     source: one jax.device_put of the host array into the target sharding (no device-side dtype copy); with
     transpose "device" a kernel goes in as stored, in the mirrored sharding, and one jitted transpose puts it
-    in the target's. Device source: place_device, or with `alias` the source itself where it already is the
-    target (can_alias)."""
+    in the target's. Device source: place_device, or with `alias` the source's own buffers where it already is
+    the target (can_alias, as_target)."""
 
     if on_devices(src):
         if alias and can_alias(item, src):
+            arr = as_target(item, src)
             if stats is not None:
                 stats.aliased_bytes_sum += item.nbytes_sum
-                stats.aliased.add(id(src))
-            return src
+                stats.aliased.add(id(arr))
+            return arr
         transposed = item.op == "transpose"
         arr = place_device(item, src, num_kv_heads, stats)
     else:
@@ -2256,6 +2368,38 @@ def place(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None
         stats.copied_bytes_sum += item.nbytes_sum
         stats.transposed_bytes_sum += item.nbytes_sum if transposed else 0
     return arr
+
+
+@functools.cache
+def compiled(fn, shape: tuple, dtype, sharding) -> None:
+    """fn compiled for an input of this shape, dtype and sharding (JAX's jit cache keeps it: a later call with
+    such an array compiles nothing)."""
+    import jax
+
+    fn.lower(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
+
+
+def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int, transpose: str,
+                 alias: bool) -> tuple[float, int]:
+    """Compile every jitted function the swap of this tree will run (device sources: device_steps; host
+    kernels transposed on the devices: device_transpose), before generation is paused, so that the swap
+    compiles nothing. Reads only shapes, dtypes and shardings (a lazy source's base: nothing is computed).
+    Returns (seconds, compiles): a layout swapped before costs lookups and 0 compiles."""
+    t, before = time.perf_counter(), count_compiles()
+    base = getattr(source, "base", source)
+    for item in plan:
+        src = base[item.source]
+        shape = tuple(src.shape)
+        if on_devices(src):
+            if alias and can_alias(item, src):
+                continue
+            sharding = src.sharding if same_devices(item, src.sharding) else source_sharding(item, shape)
+            for step in device_steps(item, shape, src.dtype, sharding, num_kv_heads):
+                compiled(step.fn, shape, src.dtype, step.in_sharding)
+        elif transposed_on_device(item, src, transpose):
+            compiled(device_transpose(item.sharding), tuple(reversed(item.shape)), item.dtype,
+                     mirrored(item.sharding, 2))
+    return time.perf_counter() - t, count_compiles() - before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2587,17 +2731,17 @@ def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], stats: S
 
 
 def memory_split(state: EngineState, guard: ServeGuard, mllm_params: Mapping[str, Any] | None = None,
-                 memory: dict | None = None) -> dict:
+                 memory: dict | None = None, held: Mapping[str, Any] | None = None) -> dict:
     """Device bytes in use (now, or in the `memory` sample just taken), split: the trainer's arrays (a device
-    source), the part of them the engine does not share (trainer_only), the buffers the batch of a paused
-    or idle scheduler still holds (serving: ServeGuard.serving_bytes), and the rest (the engine: its
-    weights, KV cache, everything else). Several hosts: summed over every host (collective: every rank
-    calls it)."""
+    source, and `held`: other trees the trainer holds on the devices), the part of them the engine does not
+    share (trainer_only), the buffers the batch of a paused or idle scheduler still holds (serving:
+    ServeGuard.serving_bytes), and the rest (the engine: its weights, KV cache, everything else). Several
+    hosts: summed over every host (collective: every rank calls it)."""
     total = bytes_in_use_sum(memory or device_memory())
     engine_buffers = {(d.id, p) for v in state.params.values() for d, p, _ in device_buffers(v.get_value())}
     trainer: dict[tuple[int, int], int] = {}
-    if mllm_params is not None:
-        for a in source_arrays(as_flat(mllm_params)):
+    for tree in (mllm_params, held):
+        for a in source_arrays(as_flat(tree)) if tree is not None else []:
             if on_devices(a) and not a.is_deleted():
                 trainer.update({(d.id, p): n for d, p, n in device_buffers(a)})
     trainer_only = sum(n for k, n in trainer.items() if k not in engine_buffers)
@@ -2745,17 +2889,20 @@ class ParamSwapper:
         check_live(self.engine)
 
     async def _swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
-                    rollback: bool | None = None, plan: list[SwapItem] | None = None) -> SwapResult:
-        """The one path of every swap (swap(), swap_async(), the CLI): validate, then pause generation, change
-        the engine, flush the radix cache, continue. A failed swap that was rolled back flushes and continues
-        too (requests finish on the previous weights); one that could not be rolled back leaves generation
-        paused (the engine is half-swapped) and says so."""
+                    rollback: bool | None = None, plan: list[SwapItem] | None = None,
+                    held: Mapping[str, Any] | None = None) -> SwapResult:
+        """The one path of every swap (swap(), swap_async(), the CLI): validate, compile what the swap runs
+        (prepare_swap), then pause generation, change the engine, flush the radix cache, continue. A failed
+        swap that was rolled back flushes and continues too (requests finish on the previous weights); one
+        that could not be rolled back leaves generation paused (the engine is half-swapped) and says so.
+        `held`: another tree the trainer holds on the devices meanwhile (counted as the trainer's)."""
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
             flat, plan, device, rollback = self._validate(mllm_params, mode, alias, rollback, plan)
         except ToolError as e:
             HOSTS.fail(e)  # several hosts: the others stop at the next step
             raise
+        prepared = prepare_swap(plan, flat, self.num_kv_heads, "device" if device else self.transpose, alias)
         agree_plan(plan)
         start = time.perf_counter()
         paused = await pause_generation(self.guard, pauses)
@@ -2764,7 +2911,8 @@ class ParamSwapper:
         error, param_dict = None, {}
         undo = UndoPoint(self.swaps, self.free_rollback, rollback)  # agree_swapped may undo the swap with it
         try:
-            param_dict, stats, before, change_s = self._change_engine(flat, plan, device, mode, alias, rollback)
+            param_dict, stats, before, change_s = self._change_engine(flat, plan, device, mode, alias, rollback,
+                                                                      prepared)
         except ToolError as e:
             error = e
         error = agree_swapped(self, plan, param_dict, error, undo)
@@ -2777,7 +2925,7 @@ class ParamSwapper:
                 error.details["generation"] = "paused: the engine is half-swapped"
             raise error
         memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
-        split = memory_split(self.state, self.guard, flat, memory)  # the paused batch's buffers as they are now
+        split = memory_split(self.state, self.guard, flat, memory, held)  # the paused batch's buffers as they are now
         flush_start = time.perf_counter()
         held = await flush_radix_cache(self.guard)
         flushed = time.perf_counter()
@@ -2806,26 +2954,28 @@ class ParamSwapper:
         return flat, plan, device, choose_rollback(mode, rollback, device, self.free_rollback, self.state.model_runner)
 
     def _change_engine(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
-                       rollback: Rollback) -> tuple[dict, SwapStats, int, float]:
+                       rollback: Rollback, prepared: tuple[float, int]) -> tuple[dict, SwapStats, int, float]:
         """The engine's change, with generation paused: place, assign, rebind, release (place_and_assign).
         Returns the new arrays, the stats, the bytes in use before and the seconds it took (the memory
-        samples left out)."""
+        samples left out). `prepared`: prepare_swap's (seconds, compiles), for the report."""
         import contextlib
 
         import jax
 
         bucket = None if mode == "bulk" else int(self.bucket_mb * 2**20)
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids,
-                          transpose="device" if device else self.transpose, bucket_bytes=bucket)
+                          transpose="device" if device else self.transpose, bucket_bytes=bucket,
+                          prepare_s=prepared[0], prepare_compiles=prepared[1])
         before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
         no_host = device and rollback.kind != "copy"
         guard = jax.transfer_guard_device_to_host("disallow") if no_host else contextlib.nullcontext()
-        t = time.perf_counter()
+        t, compiles = time.perf_counter(), count_compiles()
         self.idle.clear()
         self.guard.changing = True
         try:
             with guard:
                 param_dict = place_and_assign(self.state, plan, flat, self.num_kv_heads, stats, rollback, alias)
+            stats.swap_compiles = count_compiles() - compiles
             self.swaps += 1
             self.guard.weights_id = self.swaps
             self.guard.changing = False
@@ -2928,13 +3078,13 @@ class ServeLoad:
                    in_flight=self.in_flight, pause_mode=PAUSE_MODE)
 
     async def swap_under_load(self, source, plan, alias: bool, label: str, weights: str,
-                              fresh: bool = True) -> SwapResult:
+                              fresh: bool = True, held: Mapping[str, Any] | None = None) -> SwapResult:
         """One swap (ParamSwapper's path) once every client has a request in flight; recorded in `swaps`."""
         await self.busy()
         entry = {"swap": label, "weights": weights, "start_s": self.now()}
         self.swaps.append(entry)
         try:
-            result = await self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback, plan)
+            result = await self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback, plan, held)
         except ToolError as e:
             g = self.swapper.guard
             entry.update(failed=e.error, restored=e.details.get("restored"), end_s=self.now(),
@@ -3163,11 +3313,11 @@ def sglang_param_dict_ready(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwap
 
 
 def swap_in(cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, tree, plan, alias: bool, label: str,
-            weights: str) -> SwapResult:
+            weights: str, held: Mapping[str, Any] | None = None) -> SwapResult:
     """One swap through the API's path (pause, change, flush, continue), under the load when there is one."""
     if load is not None:
-        return run_on_engine_loop(swapper.engine, load.swap_under_load(tree, plan, alias, label, weights))
-    return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan))
+        return run_on_engine_loop(swapper.engine, load.swap_under_load(tree, plan, alias, label, weights, held=held))
+    return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan, held))
 
 
 def weights_swapped_from_mllm(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None,
@@ -3394,6 +3544,20 @@ class PerturbedWeights(Mapping):
         return len(self.base)
 
 
+def made_before_swap(source: Mapping[str, Any]) -> tuple[Mapping[str, Any], float]:
+    """A lazy B of a device A, computed on the devices now (seconds returned): a trainer has its new weights
+    before it swaps, so a round's swap times the swap alone. A host A's B stays lazy (no second host copy;
+    its host work is in the swap's put_s); any other source is returned as it is."""
+    import jax
+
+    if not isinstance(source, PerturbedWeights) or not all(on_devices(a) for a in source_arrays(source)):
+        return source, 0.0
+    t = time.perf_counter()
+    made = {k: source[k] for k in source}
+    jax.block_until_ready(list(made.values()))
+    return made, time.perf_counter() - t
+
+
 def weights_b(cfg, swapper: ParamSwapper, flat_a):
     """B's tree, its plan, and its checkpoint folder (None for the perturbed copy of A)."""
     if not cfg.model_id_b:
@@ -3421,8 +3585,11 @@ def swap_rounds(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: S
         phases.begin(f"swap_round {r}")
         which = "B" if r % 2 else "A"
         source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
+        source, made_s = made_before_swap(source)
+        held = flat_a if source is not flat_a and source is not flat_b else None  # a made B: A is still there
         try:
-            report = swap_in(cfg, swapper, load, source, plan, alias_for(cfg, source), f"round {r}", which).report
+            report = swap_in(cfg, swapper, load, source, plan, alias_for(cfg, source), f"round {r}", which,
+                             held).report
         except ToolError as e:
             if load is not None:
                 load.after_failure(phases, e)
@@ -3438,7 +3605,7 @@ def swap_rounds(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: S
         if report["engine_bytes_sum"] > limit or not report["leaves_unchanged"]:
             leaks.append({"round": r, "engine_bytes_sum": report["engine_bytes_sum"],
                           "leaves_ok": report["leaves_unchanged"]})
-        phases.phase("swap_round", round=r, weights=which, **report,
+        phases.phase("swap_round", round=r, weights=which, weights_made_s=round(made_s, 4), **report,
                    output_ids=out["output_ids"], text=out["text"], finish_reason=out["finish_reason"])
     first_a = first_output["output_ids"]
     b_runs = outputs["B"]
@@ -3457,6 +3624,7 @@ def serve_results(phases: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, pla
     references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
     phases.begin("serve_load")
     b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
+    b = (made_before_swap(b[0])[0], b[1])  # a device A's B is on the devices before the window starts
     swaps = [(b[0], b[1], alias_for(cfg, b[0]), "B"), (flat_a, plan_a, alias_for(cfg, flat_a), "A")]
     throughput = load.throughput(cfg.serve_seconds, swaps)
     load.finish()

@@ -14,8 +14,12 @@ The trainer state is tunix's own Qwen2 layout (q/k/v as [D, N, H], o as [N, H, D
 the checkpoint: on the devices FSDP-sharded like the tool's `--trainer-sharding fsdp` (--source device), or
 numpy on the host (--source host). Three syncs: the first timed cold (compiles included, like the tool's
 first swap), the second with a sampler thread reading the unique live device buffers every 2 ms (tunix's
-sync is one call: there is no per-tensor hook; its peak is a lower bound), the third timed warm (like the
-tool's --rounds). Greedy ids (ignore_eos) are taken before any flush (tunix never calls
+sync is one call: there is no per-tensor hook; a lower bound, and a poor one: the thread rarely runs while
+the sync holds both cores), the third timed warm (like the tool's --rounds). Every sync also measures the
+bytes in use when its new state is ready and the old one still bound (ready_peak_extra_ratio: a measured
+point, also a lower bound of its peak). Then: the engine's bytes that are the trainer's own buffers after
+the sync (jax.device_put keeps a buffer whose slice lines up: tunix's engine shares those with the trainer,
+as the tool does only with --alias), and the whole arrays one sync reads to the host (host_reads). Greedy ids (ignore_eos) are taken before any flush (tunix never calls
 engine.flush_cache(); the prompt's prefix KV from the dummy weights survives) and after one.
 
   python bench/tunix_sync.py --model-id DIR --tp-size 4 --source device --max-new-tokens 8
@@ -76,6 +80,28 @@ def tunix_layout(flat: dict, heads: int, kv_heads: int, head_dim: int) -> dict:
     return out
 
 
+def host_reads(fn) -> tuple[int, int]:
+    """How many whole jax.Arrays `fn` reads into host numpy (jax.Array._value, what jax.device_put falls back
+    to when a target slice is in no source buffer), and their bytes. On CPU that read is a memcpy (and a
+    transfer guard does not see it); on a TPU or GPU it is a device -> host copy of the tensor, then its
+    placement again. The tool's device path never calls it (tests/test_trainer.py::test_rl_loop_through_the_api
+    counts the same reads)."""
+    from jax._src import array
+
+    prop, reads = array.ArrayImpl._value, []
+
+    def counted(self):
+        reads.append(self.nbytes)
+        return prop.fget(self)
+
+    array.ArrayImpl._value = property(counted)
+    try:
+        fn()
+    finally:
+        array.ArrayImpl._value = prop
+    return len(reads), sum(reads)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-id", required=True)
@@ -109,6 +135,8 @@ def main() -> None:
             jax.block_until_ready(layout)
         trainer = nnx.State(rps.nest({k: nnx.Param(v) for k, v in layout.items()}))
 
+        ready = {}  # bytes in use when the new state is ready and the old one still bound (measured, not sampled)
+
         def sync() -> float:
             t = time.perf_counter()
             new_state = utils.transfer_state_with_mappings(
@@ -119,8 +147,11 @@ def main() -> None:
                 head_dim=model_runner.model_config.head_dim)
             leaves = jax.tree_util.tree_flatten(new_state)[0]
             jax.block_until_ready(leaves)
+            seconds = time.perf_counter() - t
+            ready["bytes"] = max(ready.get("bytes", 0), rps.bytes_in_use_sum(rps.device_memory(collect=False)))
+            ready["leaves"] = leaves
             model_runner.model_state_leaves = leaves
-            return time.perf_counter() - t
+            return seconds
 
         before = rps.bytes_in_use_sum(rps.device_memory())
         result["cold_s"] = round(sync(), 4)
@@ -140,9 +171,15 @@ def main() -> None:
         sampler.join()
         result["warm_s"] = round(sync(), 4)
         after = rps.bytes_in_use_sum(rps.device_memory())
+        # the engine's leaves that ARE the trainer's buffers (jax.device_put keeps a buffer whose slice lines up)
+        trainer_buffers = {(d.id, p) for v in layout.values() if rps.on_devices(v) for d, p, _ in rps.device_buffers(v)}
+        result["shared_with_trainer_bytes_sum"] = sum(n for leaf in ready["leaves"] for d, p, n in rps.device_buffers(leaf)
+                                                      if (d.id, p) in trainer_buffers)
+        result["host_reads"], result["host_read_bytes"] = host_reads(sync)
         result.update(param_bytes_sum=param_bytes, bytes_in_use_sum_before_sync=before,
                       swap_peak_bytes_in_use_sum=peak[0], bytes_in_use_sum_after_sync=after,
                       swap_peak_extra_ratio=round((peak[0] - before) / param_bytes, 4),
+                      ready_peak_extra_ratio=round((ready["bytes"] - before) / param_bytes, 4),
                       after_extra_ratio=round((after - before) / param_bytes, 4))
         result["flush_cache"] = str(engine.flush_cache())
         result["output_ids"] = gen()

@@ -3,7 +3,9 @@
 On 4 virtual CPU devices and a mesh built like sglang-jax's (("data", "tensor"), explicit axes), every op
 (copy, transpose, KV-head repeat, bf16 and fp32 sources) from sources in many shardings (FSDP, the reverse
 device order, replicated, one device, split along the last axis) must give exactly the host path's array:
-same bits, shape, dtype and sharding. Prints one JSON line.
+same bits, shape, dtype and sharding (on CPU the resharding collectives move 16-bit floats as their bits:
+IN_PROCESS_COLLECTIVES). prepare_swap compiles beforehand everything a placement runs: the placement itself compiles
+nothing. Prints one JSON line.
 """
 
 import json
@@ -51,7 +53,7 @@ SOURCES = {
 }
 
 rng = np.random.default_rng(0)
-mismatches, cases = [], 0
+mismatches, cases, compiled_in_place, prepare_compiles = [], 0, [], 0
 for name, (it, shape) in ITEMS.items():
     for dtype in (BF16, np.dtype(np.float32)):
         host = rng.standard_normal(shape).astype(np.float32).astype(dtype)
@@ -60,10 +62,32 @@ for name, (it, shape) in ITEMS.items():
             cases += 1
             src = jax.device_put(host, sharding(shape))
             stats = rps.SwapStats("streaming", source="device")
+            prepare_compiles += rps.prepare_swap([it], {"s": src}, KV_HEADS, "device", False)[1]
+            before = rps.count_compiles()
             got = rps.place(it, src, KV_HEADS, stats)
+            # prepare_swap compiled everything the placement runs (but the jax.device_put of a source on another
+            # device order, which JAX compiles itself: device_put_reshards)
+            if rps.count_compiles() != before and rps.same_devices(it, src.sharding):
+                compiled_in_place.append(f"{name} {dtype} from {source}")
             same = (got.shape == want.shape and got.dtype == want.dtype
                     and got.sharding.is_equivalent_to(want.sharding, got.ndim)
                     and np.asarray(got).tobytes() == np.asarray(want).tobytes())
             if not same:
                 mismatches.append(f"{name} {dtype} from {source}")
-print(json.dumps({"cases": cases, "mismatches": mismatches}))
+# alias: an FSDP source whose layout is the target's (a row-split kernel) is the engine's array with the target's
+# own sharding (its mesh: sglang-jax's forward refuses another) over the same buffers, no copy
+row = ITEMS["copy_row"][0]
+fsdp = jax.device_put(rng.standard_normal((64, 32)).astype(BF16), SOURCES["fsdp"]((64, 32)))
+aliased = rps.place(row, fsdp, KV_HEADS, rps.SwapStats("streaming", source="device"), alias=True)
+alias_ok = (rps.can_alias(row, fsdp) and aliased.sharding == row.sharding
+            and sorted(p for _, p, _ in rps.device_buffers(aliased)) == sorted(p for _, p, _ in rps.device_buffers(fsdp)))
+
+# the counter counts: the same placement with the compiled functions forgotten and not prepared compiles again
+rps.device_transform.cache_clear()
+rps.compiled.cache_clear()
+before = rps.count_compiles()
+rps.place(ITEMS["copy_col"][0], jax.device_put(np.zeros((32, 64), BF16), SOURCES["fsdp"]((32, 64))), KV_HEADS)
+unprepared_compiles = rps.count_compiles() - before
+print(json.dumps({"cases": cases, "mismatches": mismatches, "compiled_in_place": compiled_in_place,
+                  "prepare_compiles": prepare_compiles, "unprepared_compiles": unprepared_compiles,
+                  "fsdp_alias_is_the_target": alias_ok}))

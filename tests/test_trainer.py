@@ -28,6 +28,9 @@ def test_device_placement_equals_host_placement_from_any_sharding():
     device and last-axis-split sources (bf16 and fp32): every array bit-identical to the host path's."""
     [result] = run_script(os.path.join(ROOT, "tests", "device_place_probe.py"))
     assert result["cases"] == 70 and result["mismatches"] == []
+    # prepare_swap compiled what each placement runs; without it the same placement compiles
+    assert result["compiled_in_place"] == [] and result["prepare_compiles"] > 0 and result["unprepared_compiles"] > 0
+    assert result["fsdp_alias_is_the_target"]  # --alias from an FSDP tree: the target's mesh, the trainer's buffers
 
 
 # (tp, tied, KV heads): what cannot alias is a repeated K/V projection (tp > KV heads) and an untied lm_head
@@ -98,6 +101,9 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
     for s in steps:
         assert s["device_to_host_copies"] == 0 and s["device_put_reshards"] == 0 and s["source"] == "device"
         assert s["leaves_unchanged"] and s["replaced_still_alive"] == 0
+        assert s["swap_compiles"] == 0  # prepare_swap compiled it all before generation was paused
+    # the first swap compiles the layout's transforms; a later swap of the same layout compiles nothing
+    assert steps[0]["prepare_compiles"] > 0 and [s["prepare_compiles"] for s in steps[1:]] == [0, 0]
     # (host RSS is no proof on CPU: the devices' buffers are host memory too, and it moved by 0.06-0.63 of a
     # set between runs; the counted device->host copies above are the proof)
     after = [s["bytes_in_use_sum_after_swap"] for s in steps]
