@@ -2047,7 +2047,7 @@ def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: st
     return (arr if transpose == "host" else np.ascontiguousarray(arr)), transposed
 
 
-COMPILES: dict[int, int] = {}  # XLA backend compiles run so far, per thread (count_compiles)
+COMPILES: dict[int, int] = {}  # XLA backend compiles run so far, per thread id (count_compiles)
 
 
 def on_compile_event(event: str, duration: float, **_: Any) -> None:
@@ -2056,15 +2056,18 @@ def on_compile_event(event: str, duration: float, **_: Any) -> None:
         COMPILES[ident] = COMPILES.get(ident, 0) + 1
 
 
+@functools.cache
+def compile_listener() -> None:
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile_event)
+
+
 def count_compiles() -> int:
     """XLA backend compiles this thread has run so far (a jax.monitoring listener, installed on first use):
     a swap reports the compiles it ran (prepare_compiles, swap_compiles); the scheduler's own compiles run
     in its thread and are not counted."""
-    import jax
-
-    if None not in COMPILES:
-        COMPILES[None] = 0  # the listener is installed
-        jax.monitoring.register_event_duration_secs_listener(on_compile_event)
+    compile_listener()
     return COMPILES.get(threading.get_ident(), 0)
 
 
@@ -2202,7 +2205,7 @@ def source_sharding(item: SwapItem, shape: tuple):
 def device_transform(op: str, replicas: int, num_kv_heads: int, dtype, sharding, as_bits: bool = False):
     """One jitted function, source -> target on the devices: dtype cast, transpose, KV-head repeat
     ([h0, h0, h1, h1], as host_array does), output in the target sharding. as_bits: the collective that
-    reshards the result moves it as unsigned integers of the same width (IN_PROCESS_COLLECTIVES; the barriers keep
+    reshards the result moves a 16-bit float as uint16 (IN_PROCESS_COLLECTIVES; the barriers keep
     XLA from folding the bitcasts away), the same bits."""
     import jax
     import jax.numpy as jnp
@@ -2253,35 +2256,31 @@ def local_slices(op: str, shape: tuple, src_sharding, dst_sharding) -> bool:
 class DeviceStep:
     fn: Any  # a jitted function (device_transform)
     in_sharding: Any  # the sharding its input comes in
-    moves: bool  # some device needs data another one holds: a collective
-    in_process: bool  # the platform's collectives are in-process (IN_PROCESS_COLLECTIVES)
+    wait: bool  # an in-process collective (IN_PROCESS_COLLECTIVES): waited on before the next is dispatched
 
 
 def device_steps(item: SwapItem, shape: tuple, dtype, sharding, num_kv_heads: int) -> list[DeviceStep]:
     """The jitted functions that take a device source of this shape, dtype and sharding (on the engine's
     devices in the mesh's order) to the target, each with the sharding its input comes in: place_device runs
     them, prepare_swap compiles them before a swap. A KV projection split along the heads axis (which the
-    repeat reshapes) is first resharded on the devices (source_sharding). `moves`: a step that needs a
-    collective (local_slices says which do not); where the platform's collectives are in-process
-    (IN_PROCESS_COLLECTIVES), such a step moves 16-bit floats as their bits."""
+    repeat reshapes) is first resharded on the devices (source_sharding). Where the platform's collectives
+    are in-process (IN_PROCESS_COLLECTIVES), a step that needs one (local_slices says which do not) moves
+    16-bit floats as their bits and is waited on."""
     import jax.numpy as jnp
 
     in_process = item.sharding.mesh.devices.flat[0].platform in IN_PROCESS_COLLECTIVES
 
-    def as_bits(dtype, moves: bool) -> bool:
-        return moves and in_process and jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize == 2
+    def step(op: str, replicas: int, out_dtype, out_sharding, in_sharding) -> DeviceStep:
+        wait = in_process and not local_slices(op, shape, in_sharding, out_sharding)
+        bits = wait and jnp.issubdtype(out_dtype, jnp.floating) and np.dtype(out_dtype).itemsize == 2
+        return DeviceStep(device_transform(op, replicas, num_kv_heads, out_dtype, out_sharding, bits),
+                          in_sharding, wait)
 
     steps = []
     if item.op == "kv_heads" and item.replicas > 1 and sharding.shard_shape(shape)[-1] != shape[-1]:
-        split = source_sharding(item, shape)
-        moves = not local_slices("copy", shape, sharding, split)
-        steps.append(DeviceStep(device_transform("copy", 1, num_kv_heads, dtype, split, as_bits(dtype, moves)),
-                                sharding, moves, in_process))
-        sharding = split
-    moves = not local_slices(item.op, shape, sharding, item.sharding)
-    steps.append(DeviceStep(device_transform(item.op, item.replicas, num_kv_heads, item.dtype, item.sharding,
-                                             as_bits(item.dtype, moves)), sharding, moves, in_process))
-    return steps
+        steps.append(step("copy", 1, dtype, source_sharding(item, shape), sharding))
+        sharding = source_sharding(item, shape)
+    return [*steps, step(item.op, item.replicas, item.dtype, item.sharding, sharding)]
 
 
 def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None = None):
@@ -2298,7 +2297,7 @@ def place_device(item: SwapItem, src, num_kv_heads: int, stats: SwapStats | None
             stats.device_put_reshards += 1
     for step in device_steps(item, shape, src.dtype, src.sharding, num_kv_heads):
         src = step.fn(src)
-        if step.moves and step.in_process:  # never two in-process collectives in flight (IN_PROCESS_COLLECTIVES)
+        if step.wait:  # never two in-process collectives in flight (IN_PROCESS_COLLECTIVES)
             src.block_until_ready()
     return src
 
@@ -2890,12 +2889,12 @@ class ParamSwapper:
 
     async def _swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
                     rollback: bool | None = None, plan: list[SwapItem] | None = None,
-                    held: Mapping[str, Any] | None = None) -> SwapResult:
+                    trainer_held: Mapping[str, Any] | None = None) -> SwapResult:
         """The one path of every swap (swap(), swap_async(), the CLI): validate, compile what the swap runs
         (prepare_swap), then pause generation, change the engine, flush the radix cache, continue. A failed
         swap that was rolled back flushes and continues too (requests finish on the previous weights); one
         that could not be rolled back leaves generation paused (the engine is half-swapped) and says so.
-        `held`: another tree the trainer holds on the devices meanwhile (counted as the trainer's)."""
+        `trainer_held`: another tree the trainer holds on the devices meanwhile (counted as the trainer's)."""
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
             flat, plan, device, rollback = self._validate(mllm_params, mode, alias, rollback, plan)
@@ -2925,7 +2924,7 @@ class ParamSwapper:
                 error.details["generation"] = "paused: the engine is half-swapped"
             raise error
         memory = device_memory(collect=False)  # still paused: no forward's temporaries in flight
-        split = memory_split(self.state, self.guard, flat, memory, held)  # the paused batch's buffers as they are now
+        split = memory_split(self.state, self.guard, flat, memory, trainer_held)  # the paused batch's buffers now
         flush_start = time.perf_counter()
         held = await flush_radix_cache(self.guard)
         flushed = time.perf_counter()
@@ -3078,13 +3077,14 @@ class ServeLoad:
                    in_flight=self.in_flight, pause_mode=PAUSE_MODE)
 
     async def swap_under_load(self, source, plan, alias: bool, label: str, weights: str,
-                              fresh: bool = True, held: Mapping[str, Any] | None = None) -> SwapResult:
+                              fresh: bool = True, trainer_held: Mapping[str, Any] | None = None) -> SwapResult:
         """One swap (ParamSwapper's path) once every client has a request in flight; recorded in `swaps`."""
         await self.busy()
         entry = {"swap": label, "weights": weights, "start_s": self.now()}
         self.swaps.append(entry)
         try:
-            result = await self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback, plan, held)
+            result = await self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback, plan,
+                                              trainer_held)
         except ToolError as e:
             g = self.swapper.guard
             entry.update(failed=e.error, restored=e.details.get("restored"), end_s=self.now(),
@@ -3313,11 +3313,13 @@ def sglang_param_dict_ready(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwap
 
 
 def swap_in(cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None, tree, plan, alias: bool, label: str,
-            weights: str, held: Mapping[str, Any] | None = None) -> SwapResult:
+            weights: str, trainer_held: Mapping[str, Any] | None = None) -> SwapResult:
     """One swap through the API's path (pause, change, flush, continue), under the load when there is one."""
     if load is not None:
-        return run_on_engine_loop(swapper.engine, load.swap_under_load(tree, plan, alias, label, weights, held=held))
-    return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan, held))
+        return run_on_engine_loop(swapper.engine, load.swap_under_load(tree, plan, alias, label, weights,
+                                                                       trainer_held=trainer_held))
+    return run_on_engine_loop(swapper.engine, swapper._swap(tree, cfg.swap_mode, alias, cfg.rollback, plan,
+                                                            trainer_held))
 
 
 def weights_swapped_from_mllm(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: ServeLoad | None,
@@ -3584,12 +3586,12 @@ def swap_rounds(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: S
     for r in range(1, cfg.rounds + 1):
         phases.begin(f"swap_round {r}")
         which = "B" if r % 2 else "A"
-        source, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
-        source, made_s = made_before_swap(source)
-        held = flat_a if source is not flat_a and source is not flat_b else None  # a made B: A is still there
+        lazy, plan = (flat_b, plan_b) if which == "B" else (flat_a, plan_a)
+        source, made_s = made_before_swap(lazy)
+        trainer_held = flat_a if source is not lazy else None  # a B made on the devices: A is still there
         try:
             report = swap_in(cfg, swapper, load, source, plan, alias_for(cfg, source), f"round {r}", which,
-                             held).report
+                             trainer_held).report
         except ToolError as e:
             if load is not None:
                 load.after_failure(phases, e)
@@ -3623,8 +3625,8 @@ def serve_results(phases: PhaseLog, cfg: RunConfig, load: ServeLoad, flat_a, pla
     """--serve-load: throughput without and with swaps (B then A, while serving), then the load stops; the
     references (each weight set on the idle engine, sglang-jax's own flush); the three serve checks."""
     phases.begin("serve_load")
-    b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
-    b = (made_before_swap(b[0])[0], b[1])  # a device A's B is on the devices before the window starts
+    lazy_b, plan_b = (flat_b, plan_b) if flat_b is not None else (PerturbedWeights(flat_a), plan_a)
+    b = (made_before_swap(lazy_b)[0], plan_b)  # a device A's B is on the devices before the window starts
     swaps = [(b[0], b[1], alias_for(cfg, b[0]), "B"), (flat_a, plan_a, alias_for(cfg, flat_a), "A")]
     throughput = load.throughput(cfg.serve_seconds, swaps)
     load.finish()

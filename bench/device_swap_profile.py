@@ -4,8 +4,9 @@ trainer --trainer-sharding fsdp` (or --trainer-sharding) places it, placed into 
 several ways, side by side in one process, each three times (the first pays the compiles, the others are a
 later swap of the same layout). Nothing is assigned: this times the placement, the part of the swap that
 moves the bytes. Per way: seconds, backend compiles and their seconds (jax.monitoring), dispatch seconds
-(until the last call returns) against wait seconds (until the arrays are ready), and whether it ran under
-jax.transfer_guard("disallow") (no host round trip).
+(until the last call returns) against wait seconds (until the arrays are ready). (A transfer guard would
+prove nothing here: on CPU jax.device_put's host read is a memcpy it does not see; bench/tunix_sync.py counts
+those reads instead.)
 
   python bench/device_swap_profile.py --model-id DIR --tp-size 4      # prints one JSON line per way and run
   python bench/device_swap_profile.py --model-id DIR --kinds          # first one line per kind of tensor
@@ -31,9 +32,7 @@ def on_event(event: str, duration: float, **_: object) -> None:
         COMPILES.append(duration)
 
 
-def timed(name: str, fn, bucket_list, run: int, guard: bool) -> dict:
-    import contextlib
-
+def timed(name: str, fn, bucket_list, run: int) -> dict:
     import jax
 
     del COMPILES[:]
@@ -41,21 +40,20 @@ def timed(name: str, fn, bucket_list, run: int, guard: bool) -> dict:
     ok, error = True, None
     t0 = time.perf_counter()
     try:
-        with jax.transfer_guard("disallow") if guard else contextlib.nullcontext():
-            for bucket in bucket_list:
-                t = time.perf_counter()
-                out = fn(bucket)
-                dispatch += time.perf_counter() - t
-                t = time.perf_counter()
-                jax.block_until_ready(out)
-                wait += time.perf_counter() - t
-                del out
-    except Exception as e:  # noqa: BLE001 - a way that needs the host is reported as such, not hidden
+        for bucket in bucket_list:
+            t = time.perf_counter()
+            out = fn(bucket)
+            dispatch += time.perf_counter() - t
+            t = time.perf_counter()
+            jax.block_until_ready(out)
+            wait += time.perf_counter() - t
+            del out
+    except Exception as e:  # noqa: BLE001 - a way that fails is reported as such, not hidden
         ok, error = False, f"{type(e).__name__}: {str(e)[:200]}"
     total = time.perf_counter() - t0
     return {"way": name, "run": run, "seconds": round(total, 4), "dispatch_s": round(dispatch, 4),
             "wait_s": round(wait, 4), "compiles": len(COMPILES), "compile_s": round(sum(COMPILES), 4),
-            "no_host_guard": guard, "ok": ok, "error": error}
+            "ok": ok, "error": error}
 
 
 def best_ms(fn, repeats: int = 5) -> float:
@@ -163,10 +161,7 @@ def main() -> None:
         for name in a.ways.split(","):
             for run in (1, 2, 3):
                 # pipelined gets the whole list as one "bucket" (it waits itself, one bucket behind)
-                row = timed(name, ways[name], [bucket_list] if name == "pipelined" else bucket_list, run,
-                            guard=name != "device_put")
-                if name == "device_put" and run == 1:
-                    row["needs_host"] = not timed(name, ways[name], bucket_list[:1], 0, guard=True)["ok"]
+                row = timed(name, ways[name], [bucket_list] if name == "pipelined" else bucket_list, run)
                 row.update(bytes=nbytes, gb_per_s=round(nbytes / row["seconds"] / 1e9, 3), buckets=len(bucket_list))
                 print(json.dumps(row), flush=True)
     finally:
