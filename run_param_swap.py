@@ -56,6 +56,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -228,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--weights-source trainer (a copy would go device->host)")
     p.add_argument("--rollback", dest="rollback", action="store_true",
                    help="rollback also where it costs a host copy of each replaced array (--weights-source trainer)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="swap in weights that hold NaN or infinite values. Default: refused (exit 2, the tensors "
+                        "named, the engine on its previous weights): each bucket is counted on the devices as "
+                        "placed, before it is assigned (the tree itself first where the swap has no rollback)")
     p.add_argument("--keep-param-dict", action="store_true",
                    help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's arrays)")
     p.add_argument("--verify-param-sharing", action="store_true",
@@ -603,8 +608,32 @@ class Hosts:
 HOSTS = Hosts()  # one host unless HOSTS.start(...) (jax_ready, from --nnodes)
 
 
+def strict_json(record: dict) -> str:
+    """One line of strict JSON (RFC 8259: no NaN or Infinity tokens, which json.dumps writes by default and
+    strict parsers refuse): a non-finite float becomes null, and the record names each such field and what it
+    was (nonfinite_fields, e.g. {"logits.max_abs_logprob_diff": "nan"})."""
+    found: dict[str, str] = {}
+
+    def clean(value, where: str):
+        if isinstance(value, (float, np.floating)):
+            if math.isfinite(value):
+                return float(value)
+            found[where] = str(float(value))
+            return None
+        if isinstance(value, Mapping):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = clean(record, "")
+    if found:
+        out["nonfinite_fields"] = found
+    return json.dumps(out, default=str, allow_nan=False)
+
+
 class PhaseLog:
-    """Prints one JSON line per phase on stdout and in --json-out; keeps them for the summary."""
+    """Prints one JSON line per phase on stdout and in --json-out (strict JSON); keeps them for the summary."""
 
     def __init__(self, json_out: str | None):
         self.t0 = time.perf_counter()
@@ -628,7 +657,7 @@ class PhaseLog:
         return record
 
     def emit(self, record: dict) -> None:
-        line = json.dumps(record, default=str)
+        line = strict_json(record)
         if HOSTS.rank == 0:
             print(line, flush=True)
         else:  # rank 0 prints the phase JSON of a multi-host run; the others a short log (and --json-out)
@@ -1792,8 +1821,9 @@ def check_generate(phases: PhaseLog) -> bool:
 
 
 def check_restored(error: ToolError, engine, cfg, previous_output: dict) -> None:
-    """After a failed swap was rolled back, the engine must answer exactly as it did with those weights."""
-    if error.details.get("restored"):
+    """After a failed swap was rolled back (or refused before anything was assigned), the engine must answer
+    exactly as it did with those weights."""
+    if error.details.get("restored") or error.details.get("assigned") == 0:
         if HOSTS.rank == 0:  # reaches every host's scheduler
             engine.flush_cache()
         out = generate_greedy(engine, cfg.prompt, cfg.max_new_tokens)
@@ -2088,6 +2118,8 @@ class SwapStats:
     meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
     prepare_s: float = 0.0  # before generation is paused: compiling what the swap runs (prepare_swap)
     prepare_compiles: int = 0  # XLA compiles in prepare_swap (0 for a layout swapped before)
+    finite_check: str = "target"  # NaN/Inf check: target (each bucket as placed), source (the tree first), off
+    finite_check_s: float = 0.0  # its seconds (source: before generation is paused)
     swap_compiles: int = 0  # XLA compiles while the engine was changed (0: everything was prepared)
     transposed_bytes_sum: int = 0  # kernels transposed on the devices
     copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)
@@ -2127,6 +2159,7 @@ class SwapStats:
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
                 "meter_s": round(self.meter_s, 4), "prepare_s": round(self.prepare_s, 4),
                 "prepare_compiles": self.prepare_compiles, "swap_compiles": self.swap_compiles,
+                "finite_check": self.finite_check, "finite_check_s": round(self.finite_check_s, 4),
                 "copied_bytes_sum": self.copied_bytes_sum,
                 "aliased_bytes_sum": self.aliased_bytes_sum, "device_put_reshards": self.device_put_reshards,
                 "place_gb_per_s": gbps(place_s), "host_gb_per_s": gbps(self.host_s), "put_gb_per_s": gbps(self.put_s),
@@ -2379,9 +2412,10 @@ def compiled(fn, shape: tuple, dtype, sharding) -> None:
 
 
 def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int, transpose: str,
-                 alias: bool) -> tuple[float, int]:
+                 alias: bool, finite: bool = False) -> tuple[float, int]:
     """Compile every jitted function the swap of this tree will run (device sources: device_steps; host
-    kernels transposed on the devices: device_transpose), before generation is paused, so that the swap
+    kernels transposed on the devices: device_transpose; `finite`: the NaN/Inf count of each placed
+    array, nonfinite_counter), before generation is paused, so that the swap
     compiles nothing. Reads only shapes, dtypes and shardings (a lazy source's base: nothing is computed).
     Returns (seconds, compiles): a layout swapped before costs lookups and 0 compiles."""
     t, before = time.perf_counter(), count_compiles()
@@ -2389,6 +2423,8 @@ def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: 
     for item in plan:
         src = base[item.source]
         shape = tuple(src.shape)
+        if finite:
+            compiled(nonfinite_counter(item.sharding), item.shape, item.dtype, item.sharding)
         if on_devices(src):
             if alias and can_alias(item, src):
                 continue
@@ -2399,6 +2435,73 @@ def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: 
             compiled(device_transpose(item.sharding), tuple(reversed(item.shape)), item.dtype,
                      mirrored(item.sharding, 2))
     return time.perf_counter() - t, count_compiles() - before
+
+
+@functools.cache
+def nonfinite_counter(sharding):
+    """A jitted count of the NaN and infinite elements in each device's own shard of an array in `sharding`
+    (a NamedSharding): one int32 per device, left on that device. shard_map: no communication between
+    devices or hosts, so it never meets a forward's collectives."""
+    import jax
+    import jax.numpy as jnp
+
+    axes = tuple(sharding.mesh.axis_names)
+
+    def local(x):
+        return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32).reshape((1,) * len(axes))
+
+    return jax.jit(jax.shard_map(local, mesh=sharding.mesh, in_specs=sharding.spec,
+                                 out_specs=jax.sharding.PartitionSpec(*axes), check_vma=False))
+
+
+def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
+    """{name: NaN and infinite elements} of the arrays that hold any (this host's shards; a replicated
+    shard once): host arrays counted by numpy, device arrays (NamedSharding) on their devices, dispatched
+    together and read back at once (a few bytes per device)."""
+    import jax
+
+    counts, pending = {}, {}
+    for name, arr in arrays.items():
+        if not on_devices(arr):
+            host = np.asarray(arr)
+            counts[name] = int(np.count_nonzero(~np.isfinite(host))) if host.dtype.kind == "f" else 0
+        elif not isinstance(arr.sharding, jax.sharding.NamedSharding):
+            counts[name] = int(jax.device_get(jax.numpy.sum(~jax.numpy.isfinite(arr))))
+        else:
+            pending[name] = (arr, nonfinite_counter(arr.sharding)(arr))
+    got = jax.device_get({name: [out.addressable_data(i) for i in range(len(out.sharding.addressable_devices))]
+                          for name, (_, out) in pending.items()})
+    for name, (arr, out) in pending.items():
+        per_device = {next(iter(out.addressable_data(i).devices())): int(np.asarray(v).sum())
+                      for i, v in enumerate(got[name])}
+        distinct = {index_key(index): device for device, index in
+                    arr.sharding.addressable_devices_indices_map(arr.shape).items()}
+        counts[name] = sum(per_device[device] for device in distinct.values())
+    return {name: n for name, n in counts.items() if n}
+
+
+def refuse_nonfinite(found: list[tuple[SwapItem, int, int]], where: str) -> None:
+    """Raise exit 2 naming the tensors that hold NaN or infinite values: (item, count, elements counted)."""
+    if found:
+        named = [f"{item.source} -> {item.target} ({n} of {size})" for item, n, size in found]
+        raise ToolError("weights_finite", f"{len(found)} tensor(s) hold NaN or infinite values ({where}): "
+                        + ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else ""),
+                        "a trainer that diverged, or a damaged checkpoint; the engine keeps its previous weights "
+                        "(--allow-nonfinite, ParamSwapper(engine, allow_nonfinite=True): swap them knowingly)",
+                        EXIT_BAD_INPUT, nonfinite={item.source: n for item, n, _ in found})
+
+
+FINITE_WHERE = {"target": "placed on the devices, before their assignment", "source": "in the tree, before the swap"}
+
+
+def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: str) -> float:
+    """Refuse (exit 2) if any of these items' arrays holds a NaN or an infinity; `arrays` by the items' target
+    (placed) or source (the tree itself) names. Returns the seconds it took."""
+    t = time.perf_counter()
+    found = nonfinite_counts(arrays)
+    named = {getattr(i, by): i for i in items}
+    refuse_nonfinite([(named[k], n, int(np.prod(arrays[k].shape))) for k, n in found.items()], FINITE_WHERE[by])
+    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2480,8 +2583,9 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
 
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
     together, waited on once), assign them, let go of the arrays they replaced, go on. Peak: one set + one
-    bucket (or the largest tensor); bulk: two sets. If anything fails, the previous weights are put back
-    (restore, with `rollback`) and the error is raised as a ToolError.
+    bucket (or the largest tensor); bulk: two sets. stats.finite_check "target": each bucket is checked for
+    NaN/Inf on the devices before it is assigned (check_finite). If anything fails, the previous weights are
+    put back (restore, with `rollback`) and the error is raised as a ToolError.
     """
     import jax
 
@@ -2496,6 +2600,8 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
             jax.block_until_ready(list(placed.values()))
             stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
             stats.buckets += 1
+            if stats.finite_check == "target":  # before anything of this bucket is assigned
+                stats.finite_check_s += check_finite(bucket, placed, "target")
             stats.sample_peak()
             if rollback.kind == "copy":
                 t = time.perf_counter()
@@ -2514,6 +2620,9 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
         stats.assign_s += time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - any failure mid-swap: put the previous weights back, then report
         restored = restore(state, done, kept, rollback)
+        if isinstance(e, ToolError):  # input refused mid-swap (check_finite): its own stage and exit code
+            e.details.update(restored=restored, rollback=rollback.kind, assigned=len(done))
+            raise
         raise ToolError("swap", f"the swap failed after {len(done)} of {len(plan)} tensors were assigned: "
                         f"{type(e).__name__}: {e}",
                         "the previous weights were restored" if restored else
@@ -2826,7 +2935,7 @@ class ParamSwapper:
     """
 
     def __init__(self, engine, num_kv_heads: int | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 transpose: str = "auto"):
+                 transpose: str = "auto", allow_nonfinite: bool = False):
         probe_sglang()  # exit 2 if the installed sglang-jax lacks what the adapter uses
         if engine_scheduler(engine) is None:
             raise ToolError("arguments", "the engine has no in-process scheduler (not enable_single_process, or "
@@ -2846,6 +2955,7 @@ class ParamSwapper:
         self.idle.set()
         self.last_swap_restored: bool | None = None  # a failed swap: were the previous weights put back
         self.bucket_mb = bucket_mb  # streaming: MB placed before they are assigned (0: one tensor at a time)
+        self.allow_nonfinite = allow_nonfinite  # True: NaN/Inf weights are swapped in, not refused (exit 2)
         platform = next(iter(self.state.params.values())).get_value().sharding.mesh.devices.flat[0].platform
         self.transpose = TRANSPOSE_ON.get(platform, "device") if transpose == "auto" else transpose
         # how the engine's weights can be re-created for free when a swap fails: sglang-jax's dummy initialiser
@@ -2897,11 +3007,12 @@ class ParamSwapper:
         `trainer_held`: another tree the trainer holds on the devices meanwhile (counted as the trainer's)."""
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
-            flat, plan, device, rollback = self._validate(mllm_params, mode, alias, rollback, plan)
+            flat, plan, device, rollback, finite = self._validate(mllm_params, mode, alias, rollback, plan)
         except ToolError as e:
             HOSTS.fail(e)  # several hosts: the others stop at the next step
             raise
-        prepared = prepare_swap(plan, flat, self.num_kv_heads, "device" if device else self.transpose, alias)
+        prepared = prepare_swap(plan, flat, self.num_kv_heads, "device" if device else self.transpose, alias,
+                                finite[0] == "target")
         agree_plan(plan)
         start = time.perf_counter()
         paused = await pause_generation(self.guard, pauses)
@@ -2911,7 +3022,7 @@ class ParamSwapper:
         undo = UndoPoint(self.swaps, self.free_rollback, rollback)  # agree_swapped may undo the swap with it
         try:
             param_dict, stats, before, change_s = self._change_engine(flat, plan, device, mode, alias, rollback,
-                                                                      prepared)
+                                                                      prepared, finite)
         except ToolError as e:
             error = e
         error = agree_swapped(self, plan, param_dict, error, undo)
@@ -2936,7 +3047,10 @@ class ParamSwapper:
         return SwapResult(report, param_dict, details)
 
     def _validate(self, mllm_params, mode: str, alias: bool, rollback: bool | None, plan) -> tuple:
-        """Everything checked before the engine is touched: mode, plan, live sources, alias; the Rollback."""
+        """Everything checked before the engine is touched: mode, plan, live sources, alias; the Rollback; and
+        how the weights are checked for NaN/Inf: (kind, seconds so far). Each bucket as it is placed, on the
+        devices (check_finite "target"), where a failure mid-swap can be rolled back; without a rollback, the
+        tree itself first ("source", before generation is paused); "off" with allow_nonfinite."""
         if mode not in ("streaming", "bulk"):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = as_flat(mllm_params)
@@ -2950,13 +3064,24 @@ class ParamSwapper:
         if alias and not device:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
-        return flat, plan, device, choose_rollback(mode, rollback, device, self.free_rollback, self.state.model_runner)
+        rollback = choose_rollback(mode, rollback, device, self.free_rollback, self.state.model_runner)
+        if self.allow_nonfinite:
+            return flat, plan, device, rollback, ("off", 0.0)
+        if rollback.kind != "off":
+            return flat, plan, device, rollback, ("target", 0.0)
+        arrays = {i.source: flat[i.source] for i in plan}  # a lazy tree's arrays one at a time
+        try:
+            return flat, plan, device, rollback, ("source", check_finite(plan, arrays, "source"))
+        except ToolError as e:
+            e.details.update(assigned=0, rollback=rollback.kind)  # the engine was not touched
+            raise
 
     def _change_engine(self, flat, plan: list[SwapItem], device: bool, mode: str, alias: bool,
-                       rollback: Rollback, prepared: tuple[float, int]) -> tuple[dict, SwapStats, int, float]:
+                       rollback: Rollback, prepared: tuple[float, int],
+                       finite: tuple[str, float]) -> tuple[dict, SwapStats, int, float]:
         """The engine's change, with generation paused: place, assign, rebind, release (place_and_assign).
         Returns the new arrays, the stats, the bytes in use before and the seconds it took (the memory
-        samples left out). `prepared`: prepare_swap's (seconds, compiles), for the report."""
+        samples left out). `prepared`: prepare_swap's (seconds, compiles); `finite`: _validate's NaN/Inf check."""
         import contextlib
 
         import jax
@@ -2964,7 +3089,8 @@ class ParamSwapper:
         bucket = None if mode == "bulk" else int(self.bucket_mb * 2**20)
         stats = SwapStats(mode, source="device" if device else "host", shared=self.shared_ids,
                           transpose="device" if device else self.transpose, bucket_bytes=bucket,
-                          prepare_s=prepared[0], prepare_compiles=prepared[1])
+                          prepare_s=prepared[0], prepare_compiles=prepared[1], finite_check=finite[0],
+                          finite_check_s=finite[1])
         before = bytes_in_use_sum(device_memory(collect=False))  # no gc pass: generation is paused
         no_host = device and rollback.kind != "copy"
         guard = jax.transfer_guard_device_to_host("disallow") if no_host else contextlib.nullcontext()
@@ -3235,7 +3361,7 @@ def engine_ready_dummy(phases: PhaseLog, cfg: RunConfig, info: CheckpointInfo, d
     phases.begin("engine_ready_dummy")
     t = time.perf_counter()
     engine, model_runner = start_engine(engine_kwargs(cfg, info.path, device, "dummy"))
-    swapper = ParamSwapper(engine, info.num_kv_heads, cfg.bucket_mb, cfg.transpose)
+    swapper = ParamSwapper(engine, info.num_kv_heads, cfg.bucket_mb, cfg.transpose, cfg.allow_nonfinite)
     if phases.stopper is not None:
         phases.stopper.swapper = swapper
     params = swapper.state.params

@@ -41,6 +41,15 @@ def clean_env(compile_cache: bool = True) -> dict:
     return env
 
 
+def refuse_constant(name: str):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def strict_json(line: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (json.dumps writes them; strict parsers refuse)."""
+    return json.loads(line, parse_constant=refuse_constant)
+
+
 @dataclasses.dataclass
 class ToolRun:
     returncode: int
@@ -71,7 +80,7 @@ def run_tool(*args: str, script: str = TOOL, env: dict | None = None, timeout: i
     for line in proc.stdout.splitlines():
         line = line.strip()
         if line:
-            records.append(json.loads(line))  # stdout carries only JSON lines
+            records.append(strict_json(line))  # stdout carries only JSON lines
     return ToolRun(proc.returncode, records, proc.stdout, proc.stderr)
 
 

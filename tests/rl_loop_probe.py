@@ -5,13 +5,16 @@
 1. A trainer tree on the devices (FSDP over all devices, bf16), K steps of a jitted deterministic update,
    a device-to-device swap after each step (streaming, no alias) and a generation after each swap.
    Device->host copies the swap makes are counted (ArrayImpl._value, what np.asarray and rollback use, in
-   the swapping thread; the scheduler's own threads fetch generated token ids when the swap pauses them:
+   the swapping thread; the NaN/Inf check's reads of one int32 per device and tensor apart; the scheduler's own threads fetch generated token ids when the swap pauses them:
    counted apart).
    The final tree is saved as an HF checkpoint in OUT_DIR/final (an inverse mapping written here, sharing
    no code with the tool's) for the test to load with sglang-jax's own loader.
 2. The donation hazard: the final tree in the engine's own layout, swapped with alias=True; a donating step
    deletes the aliased buffers; generate must raise ToolError(engine_weights_deleted); a swap of the
    step's output then serves again.
+3. A trainer that diverged: the next step with one NaN, swapped without a rollback (the tree is checked
+   first) and with one (each bucket checked as placed): both refused, the engine answering as before; then
+   with allow_nonfinite (swapped knowingly).
 Prints one JSON line.
 """
 
@@ -22,6 +25,8 @@ import sys
 import threading
 
 os.environ.setdefault("USE_TORCH", "0")  # transformers without torch: nothing here needs it (6 s less)
+import numpy as np  # noqa: E402
+
 import run_param_swap as rps  # noqa: E402
 
 PROMPT, MAX_NEW = "The quick brown fox", 12  # conftest's
@@ -29,7 +34,6 @@ PROMPT, MAX_NEW = "The quick brown fox", 12  # conftest's
 
 def save_hf(tree: dict, src_folder: str, folder: str) -> None:
     """MLLM-JAX tree -> HF safetensors (float32, exact for bf16 values), config and tokenizer from src."""
-    import numpy as np
     from safetensors.numpy import save_file
 
     tensors = {}
@@ -71,14 +75,16 @@ def main() -> None:
         def train_step(p):
             return jax.tree.map(lambda w: (w * 0.98 + 0.02 * jnp.roll(w, 1, axis=-1)).astype(w.dtype), p)
 
-        d2h, scheduler_d2h, swapping = [0], [0], threading.get_ident()
+        d2h, scheduler_d2h, counts, swapping = [0], [0], [0], threading.get_ident()
         value = ArrayImpl._value
 
         def counted(self):
-            if threading.get_ident() == swapping:
+            if threading.get_ident() != swapping:
+                scheduler_d2h[0] += 1
+            elif self.nbytes > 4:  # the NaN/Inf check reads one int32 count per device and tensor
                 d2h[0] += 1
             else:
-                scheduler_d2h[0] += 1
+                counts[0] += 1
             return value.fget(self)
 
         for step in range(steps):
@@ -90,7 +96,8 @@ def main() -> None:
                 ArrayImpl._value = value
             out = swapper.generate(PROMPT, MAX_NEW)
             result["steps"].append({"step": step, "device_to_host_copies": d2h[0],
-                                    "scheduler_device_to_host_copies": scheduler_d2h[0], **report,
+                                    "scheduler_device_to_host_copies": scheduler_d2h[0],
+                                    "device_to_host_counts": counts[0], **report,
                                     "output_ids": out["output_ids"]})
         save_hf(params, ckpt, os.path.join(out_dir, "final"))
         result["final_output_ids"] = out["output_ids"]
@@ -115,6 +122,25 @@ def main() -> None:
             result["after_donation"] = e.record()
         swapper.swap(donated, alias=True)
         result["after_reswap_output_ids"] = swapper.generate(PROMPT, MAX_NEW)["output_ids"]
+
+        # a trainer that diverged: one NaN in layer 0's up_proj; refused, the engine answers as before
+        key = "model.layers_0.mlp.up_proj.kernel"
+        bad = np.array(donated[key])  # (on the host: the engine layout's Explicit mesh refuses an eager .at[])
+        bad[1, 2] = np.nan
+        diverged = {**donated, key: jax.device_put(bad, donated[key].sharding)}
+        result["diverged"] = {}
+        swapper.bucket_mb = 1  # several buckets: layer 0's MLP is not in the first one (a real restore)
+        for name, kwargs in (("no_rollback", {}), ("rollback", {"rollback": True})):
+            try:
+                swapper.swap(diverged, **kwargs)
+                result["diverged"][name] = "swapped"
+            except rps.ToolError as e:
+                result["diverged"][name] = {**e.record(), "output_ids": swapper.generate(PROMPT, MAX_NEW)["output_ids"]}
+        swapper.allow_nonfinite = True
+        report = swapper.swap(diverged)
+        result["diverged"]["allowed"] = {"finite_check": report["finite_check"], "leaves_unchanged":
+                                         report["leaves_unchanged"],
+                                         "output_ids": swapper.generate(PROMPT, MAX_NEW)["output_ids"]}
     finally:
         engine.shutdown()
     print(json.dumps(result, default=str), flush=True)

@@ -275,6 +275,48 @@ def test_scheduler_start_failure_is_exit_3_with_the_engines_message(checkpoint):
     assert "engine_ready_dummy" not in run.phases()
 
 
+def poison(tensors) -> None:
+    """One NaN in layer 0's up_proj, one infinity in layer 1's input norm (a trainer that diverged)."""
+    for name, value in (("model.layers.0.mlp.up_proj.weight", np.nan), ("model.layers.1.input_layernorm.weight",
+                                                                        np.inf)):
+        w = tensors[name].copy()
+        w.flat[7] = value
+        tensors[name] = w
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("extra, where, rollback, refused", [
+    # each bucket as placed: the first with a NaN is refused, the buckets before it are put back
+    (["--bucket-mb", "1"], "placed on the devices", "dummy", {"model.layers_0.mlp.up_proj.kernel": 1}),
+    # no rollback (a device source, --no-rollback): the whole tree is checked first, nothing is assigned
+    (["--weights-source", "trainer", "--no-rollback"], "in the tree", "off",
+     {"model.layers_0.mlp.up_proj.kernel": 1, "model.layers_1.input_layernorm.scale": 1}),
+])
+def test_nonfinite_weights_are_refused_and_the_engine_keeps_its_weights(ckpt_copy, extra, where, rollback, refused):
+    folder = ckpt_copy()
+    rewrite_tensors(folder, poison)
+    run = run_tool("--model-id", folder, *CPU4, *extra)
+    error = assert_error(run, 2, "weights_finite", "model.layers_0.mlp.up_proj.kernel", where, "--allow-nonfinite")
+    assert error["nonfinite"] == refused and error["rollback"] == rollback
+    assert (error["assigned"] > 0 and error["restored"]) if rollback == "dummy" else error["assigned"] == 0
+    assert error["previous_weights_answer_matches"] is True  # the dummy weights answer as before the swap
+    assert "weights_swapped_from_mllm" not in run.phases()
+
+
+@pytest.mark.engine
+def test_nonfinite_weights_allowed_knowingly_and_strict_json(ckpt_copy):
+    """--allow-nonfinite swaps them in; the logits oracle then sees NaN logprobs: exit 1, and every line is
+    still strict JSON (conftest parses with NaN refused): null, with the fields named in nonfinite_fields."""
+    folder = ckpt_copy()
+    rewrite_tensors(folder, poison)
+    run = run_tool("--model-id", folder, *CPU4, "--allow-nonfinite", "--verify-logits")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.phase("weights_swapped_from_mllm")["finite_check"] == "off"
+    assert run.summary["checks"]["logits_match_reference"]["ok"] is False
+    logits = run.phase("logits_verified")
+    assert logits["max_abs_logprob_diff"] is None and logits["nonfinite_fields"]["max_abs_logprob_diff"] == "nan"
+
+
 @pytest.mark.engine
 def test_other_host_dtype_is_cast_and_still_shared(checkpoint):
     run = run_tool("--model-id", checkpoint(), *CPU4, "--mllm-param-dtype", "float16", "--verify-param-sharing")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool
+from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool, strict_json
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -47,7 +47,7 @@ def run_hosts(folders: list[str], *args: str, scripts: list[list[str]] | None = 
     try:
         for p in procs:
             stdout, stderr = p.communicate(timeout=HOSTS_TIMEOUT)
-            out.append((p.returncode, [json.loads(line) for line in stdout.splitlines() if line.strip()], stdout, stderr))
+            out.append((p.returncode, [strict_json(line) for line in stdout.splitlines() if line.strip()], stdout, stderr))
     finally:
         for p in procs:
             p.kill()

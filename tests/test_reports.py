@@ -78,3 +78,22 @@ def test_wandb_metrics_are_numbers(monkeypatch, record):
     sink = rps.WandbSink(args())
     sink.log(record)
     assert all(isinstance(v, (int, float)) for _, m in logged for v in m.values())
+
+
+def test_phase_lines_are_strict_json():
+    """NaN and infinities (a diverged model's logprobs) become null, named in nonfinite_fields, so that strict
+    parsers accept every line; finite numpy floats stay numbers."""
+    import json
+
+    import numpy as np
+    from conftest import strict_json
+
+    record = {"phase": "logits_verified", "max": float("nan"), "ok": False, "rows": [1.5, float("-inf")],
+              "worst": [{"margin": np.float32("nan"), "engine": np.float32(0.25)}], "n": 3}
+    line = rps.strict_json(record)
+    with pytest.raises(ValueError):
+        strict_json(json.dumps(record, default=str))  # what json.dumps writes by default is refused
+    assert strict_json(line) == {"phase": "logits_verified", "max": None, "ok": False, "rows": [1.5, None],
+                                 "worst": [{"margin": None, "engine": 0.25}], "n": 3,
+                                 "nonfinite_fields": {"max": "nan", "rows[1]": "-inf", "worst[0].margin": "nan"}}
+    assert rps.strict_json({"phase": "x", "n": 1.0}) == '{"phase": "x", "n": 1.0}'  # nothing to name: no field

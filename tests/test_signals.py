@@ -2,7 +2,6 @@
 with one error line, the summary and 130 / 143, promptly, leaving no process of the run behind."""
 
 import glob
-import json
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import CONSOLE_SCRIPT, MUTATED, ROOT, TOOL, clean_env
+from conftest import CONSOLE_SCRIPT, MUTATED, ROOT, TOOL, clean_env, strict_json
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -45,11 +44,11 @@ def stop_run(argv: list, after_phase: str | None, sig: int, tmp_path, delay: flo
             if marker.exists():
                 stop()
         for line in proc.stdout:
-            lines.append(json.loads(line))
+            lines.append(strict_json(line))
             if lines[-1]["phase"] == after_phase:
                 stop()
                 break
-        lines += [json.loads(line) for line in proc.stdout]
+        lines += [strict_json(line) for line in proc.stdout]
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
@@ -66,7 +65,7 @@ def assert_stopped(run: dict, sig: int, code: int, interrupted: str) -> dict:
     assert summary["phase"] == "summary" and summary["ok"] is False
     assert run["seconds"] < STOP_BOUND_S
     assert not [pid for pid in run["family"] if psutil.pid_exists(pid)], "a process of the run survived"
-    assert [json.loads(line) for line in run["json_out"]] == run["lines"]
+    assert [strict_json(line) for line in run["json_out"]] == run["lines"]
     return error
 
 
@@ -101,7 +100,7 @@ def test_timeout_ends_the_demo_with_its_summary():
     demos = set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*"))
     proc = subprocess.run(["timeout", "8", sys.executable, TOOL, "--demo"], capture_output=True, text=True,
                           env=clean_env(compile_cache=False), cwd=ROOT, timeout=120)
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    lines = [strict_json(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 124  # timeout's own code; the tool exited 143
     assert lines[-2]["stage"] == "interrupted" and lines[-2]["exit_code"] == 143
     assert lines[-1]["phase"] == "summary" and lines[-1]["ok"] is False

@@ -102,6 +102,13 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
         assert s["device_to_host_copies"] == 0 and s["device_put_reshards"] == 0 and s["source"] == "device"
         assert s["leaves_unchanged"] and s["replaced_still_alive"] == 0
         assert s["swap_compiles"] == 0  # prepare_swap compiled it all before generation was paused
+        assert s["finite_check_s"] > 0
+    # the NaN/Inf check: the first swap (rollback: the dummy initialiser) checks each bucket as placed; later
+    # ones have no rollback (a device source) and check the tree first; each reads back one int32 per device
+    # and tensor (cumulative counts)
+    assert [s["finite_check"] for s in steps] == ["target", "source", "source"]
+    assert steps[0]["device_to_host_counts"] > 0 and steps[0]["device_to_host_counts"] % 4 == 0
+    assert [s["device_to_host_counts"] for s in steps] == [k * steps[0]["device_to_host_counts"] for k in (1, 2, 3)]
     # the first swap compiles the layout's transforms; a later swap of the same layout compiles nothing
     assert steps[0]["prepare_compiles"] > 0 and [s["prepare_compiles"] for s in steps[1:]] == [0, 0]
     # (host RSS is no proof on CPU: the devices' buffers are host memory too, and it moved by 0.06-0.63 of a
@@ -117,6 +124,18 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
     assert result["after_donation"]["stage"] == "engine_weights_deleted"
     assert result["after_donation"]["exit_code"] == 3
     assert result["after_reswap_output_ids"] == result["final_output_ids"]
+    # a diverged step (one NaN): refused with exit 2 whether the tree is checked first (no rollback) or each
+    # bucket as placed (a copy rollback: the buckets before it are put back); the engine answers as before
+    diverged = result["diverged"]
+    for name, where, restored in (("no_rollback", "in the tree", None), ("rollback", "placed on the devices", True)):
+        error = diverged[name]
+        assert error["stage"] == "weights_finite" and error["exit_code"] == 2, error
+        assert error["nonfinite"] == {"model.layers_0.mlp.up_proj.kernel": 1} and where in error["error"]
+        assert error.get("restored") is restored and error["output_ids"] == result["final_output_ids"]
+    assert diverged["rollback"]["assigned"] > 0  # a real restore: layer 0's MLP is not in the first bucket
+    allowed = diverged["allowed"]
+    assert allowed["finite_check"] == "off" and allowed["leaves_unchanged"]
+    assert allowed["output_ids"] != result["final_output_ids"]  # the NaN weights are what the engine runs
 
 
 def test_api_example_runs(checkpoint):
