@@ -140,6 +140,8 @@ SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = 0, 1, 2, 3
 HOST_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_BUCKET_MB = 256.0  # --bucket-mb: docs/benchmarks.md ("Buckets")
+HEARTBEAT_S = 0.5  # --nnodes: how often every rank says it is alive, and looks at the others' (Hosts.watch)
+DEFAULT_HOST_LOST_S = 15.0  # --host-lost-after: a rank silent this long is gone (JAX's own heartbeat: 100 s)
 TRANSPOSE_ON = {"cpu": "host", "gpu": "device", "tpu": "device"}  # --transpose auto, per platform
 # Platforms whose collectives are XLA:CPU's in-process ones (docs/benchmarks.md "Device to device"): they run a
 # 16-bit float reshard in float32 (a convert on each side), so a device source is resharded as its bits
@@ -298,6 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "every host with its --node-rank; rank 0 prints the phase JSON, every rank exits with the "
                           "same code (docs/tpu.md). With --device cpu each process makes tp/nnodes virtual devices")
     eng.add_argument("--node-rank", type=int, default=0, help="this host's rank, 0 .. nnodes-1")
+    eng.add_argument("--host-lost-after", type=float, default=DEFAULT_HOST_LOST_S, metavar="S",
+                     help=f"--nnodes > 1: a rank whose heartbeat (every {HEARTBEAT_S:g} s) stops for S seconds is "
+                          "lost: every other rank ends with an error line naming it and its phase (exit 3) instead "
+                          "of JAX's own fatal abort after 100 s (default: %(default)s)")
     eng.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
                      help="--nnodes > 1: rank 0's address for JAX's coordination service (sglang-jax also uses "
                           "PORT+5 and PORT+6 there); a loopback HOST binds to it only")
@@ -440,6 +446,8 @@ def bytes_in_use_sum(mem: dict) -> int:
 
 HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
 HOST_ERROR_GRACE_S = 10.0  # how long a rank's main thread has to notice another rank's failure itself
+LOST_HINT = ("the host died (OOM-killed, preempted, kill -9) or hangs: see its log and `dmesg` there; the other "
+             "ranks exited (3) without waiting for it; --host-lost-after sets how long a rank may be silent")
 
 
 class Hosts:
@@ -448,7 +456,10 @@ class Hosts:
     service with a bounded wait, never a device collective: one launched by the main thread could interleave
     with a forward that a scheduler thread runs, and deadlock. A failure on any rank is published (fail) and
     ends every rank with that error line and exit code: at its next step, or through the watcher thread
-    within HOST_ERROR_GRACE_S when a rank is busy elsewhere. One host (the default): every step returns at once.
+    within HOST_ERROR_GRACE_S when a rank is busy elsewhere. A rank that dies without a word (OOM-killed,
+    preempted, kill -9) stops its heartbeat: within lost_after seconds every other rank ends with one error
+    line naming it and the phase it was in (stage hosts, exit 3), long before JAX's coordination service
+    (100 s, then a fatal log and no JSON). One host (the default): every step returns at once.
 
     The API in a multi-host RL loop: HOSTS.start(nnodes, rank, "HOST:PORT", timeout_s, platform) before
     anything else touches JAX, then start_engine(...) and ParamSwapper as on one host (docs/api.md)."""
@@ -461,14 +472,20 @@ class Hosts:
         self.step = 0
         self.handled = threading.Event()  # this rank has turned a failure into its error line (or is ending)
         self.on_failure = None  # called with another rank's failure when the main thread has not seen it
+        self.lost_after = DEFAULT_HOST_LOST_S
+        self.lost: ToolError | None = None  # set by the watcher: a rank (or the coordination service) is gone
+        self.seen: dict[int, tuple[Any, float, str]] = {}  # rank -> (its last beat, when it changed, its phase)
+        self.doing = lambda: ""  # this rank's phase in progress, sent with its heartbeat (main: PhaseLog.doing)
 
     @property
     def multi(self) -> bool:
         return self.nnodes > 1
 
-    def start(self, nnodes: int, rank: int, addr: str | None, timeout_s: float, platform: str) -> None:
-        """jax.distributed.initialize (before anything else touches JAX), then the failure watcher."""
-        self.nnodes, self.rank, self.timeout_s = nnodes, rank, timeout_s
+    def start(self, nnodes: int, rank: int, addr: str | None, timeout_s: float, platform: str,
+              lost_after: float = DEFAULT_HOST_LOST_S) -> None:
+        """jax.distributed.initialize (before anything else touches JAX), then the watcher (failures and
+        heartbeats)."""
+        self.nnodes, self.rank, self.timeout_s, self.lost_after = nnodes, rank, timeout_s, lost_after
         if nnodes == 1:
             return
         import jax
@@ -495,6 +512,8 @@ class Hosts:
         finally:
             late.cancel()
         self.client = distributed.global_state.client
+        now = time.monotonic()
+        self.seen = {r: (None, now, "jax_ready") for r in range(nnodes) if r != rank}
         threading.Thread(target=self.watch, name="param-swap-hosts", daemon=True).start()
 
     def agree(self, name: str, value: Any = None) -> list:
@@ -514,11 +533,15 @@ class Hosts:
         return [got[r]["value"] for r in range(self.nnodes)]
 
     def gather(self, key: str, timeout_s: float, name: str, errors: bool = True) -> dict[int, Any]:
+        """Every rank's value under `key` (errors=False: every rank's that is not lost)."""
         deadline, pause = time.monotonic() + timeout_s, 0.002
         while True:
-            got = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in self.client.key_value_dir_get(key)}
-            if len(got) == self.nnodes:
+            got = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in self.kv_dir(key, name)}
+            gone = set(self.lost.details["lost_ranks"]) if self.lost is not None and not errors else set()
+            if len(set(got) | gone) == self.nnodes:
                 return got
+            if errors and self.lost is not None:
+                raise self.lost
             if errors and (failure := self.failure()):
                 raise failure
             if time.monotonic() > deadline:
@@ -537,10 +560,19 @@ class Hosts:
             self.client.key_value_set(f"{self.KEY}/error/{self.rank}", json.dumps(record, default=str),
                                       allow_overwrite=True)
 
+    def kv_dir(self, key: str, name: str) -> list:
+        """The key-value store's entries under `key`; the coordination service gone (rank 0's process died):
+        the error line that says so, not JAX's exception."""
+        try:
+            return self.client.key_value_dir_get(key)
+        except Exception as e:  # noqa: BLE001 - JAX's RPC errors (UNAVAILABLE, ...) become one error line
+            raise self.lost or ToolError("hosts", f"the coordination service (rank 0) is unreachable at '{name}': "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0]}", LOST_HINT, EXIT_ENGINE,
+                                         lost_ranks=[0], failed_rank=0) from e
+
     def failure(self) -> ToolError | None:
         """The lowest rank's published failure, as this rank's error (same stage, exit code), or None."""
-        found = sorted((int(k.rsplit("/", 1)[1]), json.loads(v))
-                       for k, v in self.client.key_value_dir_get(f"{self.KEY}/error/"))
+        found = sorted((int(k.rsplit("/", 1)[1]), json.loads(v)) for k, v in self.kv_dir(f"{self.KEY}/error/", "error"))
         if not found:
             return None
         rank, record = found[0]
@@ -549,15 +581,60 @@ class Hosts:
                          **details)
 
     def watch(self) -> None:
-        """Ends this rank when another rank failed and the main thread does not notice (it is inside the
-        engine's start, a generation, a checkpoint read): within HOST_ERROR_GRACE_S."""
+        """Every HEARTBEAT_S: this rank's heartbeat out, the others' in. Ends this rank when another rank
+        failed and the main thread does not notice (it is inside the engine's start, a generation, a
+        checkpoint read): within HOST_ERROR_GRACE_S; when a rank is lost (no heartbeat for lost_after s,
+        or the coordination service unreachable as long): at once (the main thread's step raises it)."""
+        beat, reachable = 0, time.monotonic()
         while not self.handled.is_set():
-            failure = self.failure()
+            try:
+                beat += 1
+                self.client.key_value_set(f"{self.KEY}/alive/{self.rank}", json.dumps([beat, self.doing()]),
+                                          allow_overwrite=True)
+                lost = self.silent(self.kv_dir(f"{self.KEY}/alive/", "heartbeat"))
+                failure = self.failure()
+                reachable = time.monotonic()
+            except ToolError as e:  # the coordination service is gone
+                lost, failure = (e if time.monotonic() - reachable > self.lost_after else None), None
+            if lost is not None:
+                self.lost = lost
+                if not self.handled.wait(2 * HEARTBEAT_S) and self.on_failure is not None:
+                    self.on_failure(lost)
+                return
             if failure is not None and failure.details["failed_rank"] != self.rank:
                 if not self.handled.wait(HOST_ERROR_GRACE_S) and self.on_failure is not None:
                     self.on_failure(failure)
                 return
-            time.sleep(0.5)
+            time.sleep(HEARTBEAT_S)
+
+    def silent(self, beats: list) -> ToolError | None:
+        """The error naming the ranks whose heartbeat has not changed for lost_after seconds, or None."""
+        now = time.monotonic()
+        for k, v in beats:
+            r, (count, phase) = int(k.rsplit("/", 1)[1]), json.loads(v)
+            if r in self.seen and self.seen[r][0] != count:
+                self.seen[r] = (count, now, phase)
+        gone = sorted(r for r, (_, when, _) in self.seen.items() if now - when > self.lost_after)
+        if not gone:
+            return None
+        phases = {r: self.seen[r][2] for r in gone}
+        return ToolError("hosts", "rank(s) " + ", ".join(f"{r} (in {phases[r]})" for r in gone) + " stopped "
+                         f"answering: no heartbeat for {self.lost_after:.0f} s, while this rank was in "
+                         f"{self.doing()}", LOST_HINT, EXIT_ENGINE, lost_ranks=gone, lost_in_phase=phases,
+                         failed_rank=gone[0])
+
+    def lost_since(self, t: float) -> ToolError | None:
+        """After a failure here that a lost rank can cause (a forward's collective failed: the scheduler's
+        SIGQUIT): the lost rank's error, or None once every other rank's heartbeat has changed since monotonic
+        time t (they are alive). Waits at most lost_after and a few heartbeats."""
+        if self.client is None:
+            return None
+        deadline = t + self.lost_after + 4 * HEARTBEAT_S
+        while time.monotonic() < deadline and self.lost is None:
+            if all(when > t for _, when, _ in self.seen.values()):
+                return None
+            time.sleep(HEARTBEAT_S / 2)
+        return self.lost
 
     def end(self, code: int, failed_checks: list[str]) -> tuple[int, list[dict]]:
         """The last step: every rank's exit code and failed checks; the common exit code (an error's, else 1
@@ -567,20 +644,23 @@ class Hosts:
             return code, [mine]
         self.handled.set()
         key = f"{self.KEY}/end/"
-        self.client.key_value_set(key + str(self.rank), json.dumps(mine))
         try:
+            self.client.key_value_set(key + str(self.rank), json.dumps(mine))
             got = self.gather(key, HOST_END_WAIT_S, "end", errors=False)
-            hosts = [got[r] for r in range(self.nnodes)]
-        except ToolError as e:
-            hosts = [mine] + [{"rank": r, "exit_code": None, "failed_checks": None} for r in e.details["missing_ranks"]]
+        except Exception:  # noqa: BLE001 - a rank missing (ToolError), or the coordination service gone: ours only
+            got = {self.rank: mine}
+        hosts = [got.get(r) or {"rank": r, "exit_code": None, "failed_checks": None, "lost": True}
+                 for r in range(self.nnodes)]
+        if len(got) < self.nnodes:
             return max(code, EXIT_ENGINE), hosts
         codes = [h["exit_code"] for h in hosts]
         errors = [c for c in codes if c not in (EXIT_OK, EXIT_CHECK_FAILED)]
         return (errors[0] if errors else max(codes)), hosts
 
     def shutdown(self) -> None:
-        """jax.distributed.shutdown (every rank leaves together: one that just exits makes JAX abort the others)."""
-        if self.client is not None:
+        """jax.distributed.shutdown (every rank leaves together: one that just exits makes JAX abort the others);
+        not with a rank lost (its barrier would wait for it: 60 s)."""
+        if self.client is not None and self.lost is None:
             import jax
 
             try:
@@ -728,6 +808,9 @@ def validate_args(cfg: RunConfig) -> None:
             problems.append((f"--{flag.replace('_', '-')} {getattr(cfg, flag)} < 1", "a token budget must be positive"))
     if cfg.watchdog_timeout <= 0:
         problems.append((f"--watchdog-timeout {cfg.watchdog_timeout} <= 0", "seconds, e.g. 1800"))
+    if not cfg.host_lost_after > 2 * HEARTBEAT_S:
+        problems.append((f"--host-lost-after {cfg.host_lost_after} <= {2 * HEARTBEAT_S}",
+                         f"seconds, more than a few heartbeats (every {HEARTBEAT_S} s), e.g. 15"))
     if not cfg.bucket_mb >= 0:
         problems.append((f"--bucket-mb {cfg.bucket_mb} < 0", "0 places one tensor at a time"))
     if cfg.nnodes < 1 or not 0 <= cfg.node_rank < cfg.nnodes:
@@ -791,7 +874,7 @@ def jax_ready(phases: PhaseLog, cfg: RunConfig) -> tuple[str, int]:
     import jax
 
     HOSTS.start(cfg.nnodes, cfg.node_rank, cfg.dist_init_addr, cfg.watchdog_timeout,  # before JAX's backend
-                cfg.device or os.environ.get("JAX_PLATFORMS", ""))
+                cfg.device or os.environ.get("JAX_PLATFORMS", ""), cfg.host_lost_after)
     device = cfg.device or os.environ.get("JAX_PLATFORMS") or jax.default_backend()
     devices = jax.devices()
     tp = cfg.tp_size or len(devices) // cfg.dp_size
@@ -4057,6 +4140,7 @@ class Stopper:
         self.phases, self.cfg = phases, cfg
         self.swapper: ParamSwapper | None = None  # set once the engine runs
         self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
+        self.stopping = threading.Lock()  # held by the one stop() that ends the process
 
     def install(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED_SIGNALS)
@@ -4079,7 +4163,10 @@ class Stopper:
         name, doing = signal.Signals(signum).name, self.phases.doing
         log(f"{name}: stopping (during {doing})")
         if signum == signal.SIGQUIT:
-            self.stop(ToolError(
+            lost = HOSTS.lost_since(time.monotonic())  # several hosts: a forward fails when another rank dies
+            if lost is not None:
+                lost.details.update(engine_error=ENGINE_ERRORS.text() or None, interrupted_phase=doing)
+            self.stop(lost or ToolError(
                 "engine_start" if doing == "engine_ready_dummy" else "engine_crash",
                 "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)"
                 + (f": {ENGINE_ERRORS.text()}" if ENGINE_ERRORS.text() else ""),
@@ -4095,7 +4182,10 @@ class Stopper:
                             engine_holds=self.engine_holds(waited)))
 
     def stop(self, error: ToolError) -> None:
-        """The run's end (finish: unless the run already wrote its verdict), then exit at once."""
+        """The run's end (finish: unless the run already wrote its verdict), then exit at once. Once: a second
+        caller (the hosts' watcher and a signal at the same time) waits for the first one's exit."""
+        if not self.stopping.acquire(blocking=False):
+            threading.Event().wait()
         code = finish(self.phases, self.cfg, error)
         for f in self.cleanup:
             f()
@@ -4204,7 +4294,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      f"{e.strerror}", "the folder must exist and be writable"))
     phases.stopper = Stopper(phases, cfg)
     phases.stopper.install()
-    HOSTS.on_failure = phases.stopper.stop  # another rank failed while this one was busy elsewhere
+    HOSTS.on_failure = phases.stopper.stop  # another rank failed (or is lost) while this one was busy elsewhere
+    HOSTS.doing = lambda: phases.doing  # the phase each heartbeat names
     demo_tmp = None
     try:
         validate_args(cfg)

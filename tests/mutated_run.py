@@ -16,6 +16,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
   slow_engine_start  inside Engine(), once its scheduler exists: writes the file $PARAM_SWAP_MARKER, sleeps 10 s
                   (not a defect: a window to send a signal while the engine starts)
+  slow_forward    every forward step of this process's model runner sleeps 0.5 s first (not a defect: a window
+                  to kill one rank of several hosts while they generate)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
   skip_swap       this process's swap touches nothing but reports success (on one rank of several hosts: a
                   partial swap, which swap_agreement must turn into exit 1 on every rank)
@@ -136,6 +138,18 @@ def apply(mutation: str) -> None:
             return original_place(*args, **kwargs)
 
         rps.place = place
+    elif mutation == "slow_forward":
+        import time
+
+        from sgl_jax.srt.model_executor.model_runner import ModelRunner
+
+        original_forward = ModelRunner.forward
+
+        def forward(self, *args, **kwargs):
+            time.sleep(0.5)
+            return original_forward(self, *args, **kwargs)
+
+        ModelRunner.forward = forward
     elif mutation == "slow_engine_start":
         import functools
         import pathlib

@@ -4,9 +4,11 @@ talks to 127.0.0.1; every wait is bounded (the processes' own timeouts and the t
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool, strict_json
@@ -32,16 +34,21 @@ def free_port() -> int:
     raise RuntimeError("no free port block on 127.0.0.1")
 
 
+def host_commands(folders: list[str], args: tuple, scripts: list[list[str]] | None) -> tuple[list[list[str]], dict]:
+    port = free_port()
+    env = {**clean_env(), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
+    return [[sys.executable, *(scripts[rank] if scripts else [TOOL]), "--model-id", folder, "--device", "cpu",
+             "--tp-size", "4", "--nnodes", str(len(folders)), "--node-rank", str(rank),
+             "--dist-init-addr", f"127.0.0.1:{port}", "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), *args]
+            for rank, folder in enumerate(folders)], env
+
+
 def run_hosts(folders: list[str], *args: str, scripts: list[list[str]] | None = None) -> list[tuple[int, list, str, str]]:
     """Rank r runs `scripts[r] + the tool's args` on `folders[r]` (its copy of the checkpoint); returns
     (exit code, JSON records on stdout, stdout, stderr) per rank."""
-    port = free_port()
-    env = {**clean_env(), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
+    commands, env = host_commands(folders, args, scripts)
     procs = []
-    for rank, folder in enumerate(folders):
-        cmd = [sys.executable, *(scripts[rank] if scripts else [TOOL]), "--model-id", folder, "--device", "cpu",
-               "--tp-size", "4", "--nnodes", str(len(folders)), "--node-rank", str(rank),
-               "--dist-init-addr", f"127.0.0.1:{port}", "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW), *args]
+    for cmd in commands:
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
     out = []
     try:
@@ -54,7 +61,7 @@ def run_hosts(folders: list[str], *args: str, scripts: list[list[str]] | None = 
     return out
 
 
-def phase(records: list, name: str) -> dict:
+def phase_of(records: list, name: str) -> dict:
     found = [r for r in records if r["phase"] == name]
     assert found, [r["phase"] for r in records]
     return found[0]
@@ -67,7 +74,7 @@ def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
     assert code0 == 0, err0[-3000:]
     assert code1 == 0, err1[-3000:]
     assert stdout1 == "" and "rank 1: weights_swapped_from_mllm" in err1  # rank 0 prints the JSON; rank 1 logs
-    assert phase(records, "jax_ready")["device_count"] == 4 and len(phase(records, "jax_ready")["local_devices"]) == 2
+    assert phase_of(records, "jax_ready")["device_count"] == 4 and len(phase_of(records, "jax_ready")["local_devices"]) == 2
     summary = records[-1]
     assert summary["ok"] and summary["exit_code"] == 0
     assert [(h["rank"], h["exit_code"], h["failed_checks"]) for h in summary["hosts"]] == [(0, 0, []), (1, 0, [])]
@@ -75,11 +82,11 @@ def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
             "rounds_consistent", "rounds_no_leak"} <= set(summary["checks"])
     # the tokens of a single-process tp-4 engine that loaded the checkpoint with sglang-jax's own loader
     reference = reference_output_ids(folder, 4)
-    assert phase(records, "generate_result")["output_ids"] == reference
+    assert phase_of(records, "generate_result")["output_ids"] == reference
     rounds = [r for r in records if r["phase"] == "swap_round"]
     assert [r["weights"] for r in rounds] == ["B", "A"] and rounds[1]["output_ids"] == reference
     assert rounds[0]["output_ids"] != reference and rounds[0]["rollback_kind"] == "source"
-    assert phase(records, "weights_verified")["ok"] and phase(records, "weights_verified")["paths_checked"] == 26
+    assert phase_of(records, "weights_verified")["ok"] and phase_of(records, "weights_verified")["paths_checked"] == 26
     # memory: all 4 devices of the slice in every phase line, and each host holds half of them
     for r in records[:-1]:
         mem = r["memory"]
@@ -89,8 +96,8 @@ def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
         assert sum(h["bytes_in_use_sum"] for h in mem["hosts"]) == total
         if r["phase"] != "jax_ready":
             assert all(0.4 * total <= h["bytes_in_use_sum"] <= 0.6 * total for h in mem["hosts"]), mem["hosts"]
-    swapped = phase(records, "weights_swapped_from_mllm")
-    dummy = phase(records, "engine_ready_dummy")
+    swapped = phase_of(records, "weights_swapped_from_mllm")
+    dummy = phase_of(records, "engine_ready_dummy")
     assert swapped["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] <= \
         1.02 * dummy["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
     assert swapped["rollback_kind"] == "dummy" and swapped["replaced_still_alive"] == 0
@@ -104,13 +111,13 @@ def test_two_hosts_swap_the_trainer_arrays_device_to_device(checkpoint):
         [folder, folder], "--weights-source", "trainer", "--trainer-sharding", "engine", "--alias",
         "--keep-param-dict", "--verify-param-sharing", "--verify-weights")
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
-    assert phase(records, "generate_result")["output_ids"] == reference_output_ids(folder, 4)
+    assert phase_of(records, "generate_result")["output_ids"] == reference_output_ids(folder, 4)
     assert all(c["ok"] for c in records[-1]["checks"].values()) and "single_copy_memory" in records[-1]["checks"]
-    swapped = phase(records, "weights_swapped_from_mllm")
+    swapped = phase_of(records, "weights_swapped_from_mllm")
     assert swapped["source"] == "device" and swapped["aliased_bytes_sum"] > swapped["copied_bytes_sum"] > 0
     # the split covers both hosts: the trainer's arrays the engine does not share are the K/V projections,
     # stored before their heads are repeated (tp 4 > 2 KV heads)
-    trainer = phase(records, "mllm_params_device_ready")["trainer_bytes_sum"]
+    trainer = phase_of(records, "mllm_params_device_ready")["trainer_bytes_sum"]
     assert 0 < swapped["trainer_only_bytes_sum"] < trainer == swapped["trainer_bytes_sum"]
     assert swapped["engine_bytes_sum"] == swapped["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] - \
         swapped["trainer_only_bytes_sum"] - swapped["serving_bytes_sum"]
@@ -123,7 +130,7 @@ def test_a_partial_swap_exits_1_on_every_rank(checkpoint):
     results = run_hosts([folder, folder], "--max-new-tokens", "4", scripts=[[TOOL], [MUTATED, "skip_swap"]])
     assert [code for code, *_ in results] == [1, 1], results[0][3][-3000:] + results[1][3][-3000:]
     records = results[0][1]
-    error = phase(records, "error")
+    error = phase_of(records, "error")
     assert error["stage"] == "swap_agreement" and "rank(s) [1]" in error["error"] and error["failed_rank"] == 1
     assert [h["params_held"] for h in error["hosts"]] == [26, 0]
     # every host put the previous (dummy) weights back, and the engine answers as before the swap
@@ -136,7 +143,7 @@ def test_hosts_with_different_plans_swap_nothing(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     results = run_hosts([folder, folder], "--max-new-tokens", "2", scripts=[[TOOL], [MUTATED, "plan_one_short"]])
     assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:] + results[1][3][-3000:]
-    error = phase(results[0][1], "error")
+    error = phase_of(results[0][1], "error")
     assert error["stage"] == "swap_agreement" and "planned different swaps" in error["error"]
     assert len(set(error["plans"])) == 2 and "weights_swapped_from_mllm" not in [r["phase"] for r in results[0][1]]
 
@@ -154,7 +161,7 @@ def test_a_failure_on_one_rank_ends_every_rank(checkpoint, tmp_path):
     (damaged / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     results = run_hosts([folder, str(damaged)])
     assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:]
-    error = phase(results[0][1], "error")
+    error = phase_of(results[0][1], "error")
     assert error["stage"] == "checkpoint" and error["error"].startswith("rank 1: ") and error["failed_rank"] == 1
     assert "engine_ready_dummy" not in [r["phase"] for r in results[0][1]]
 
@@ -165,7 +172,7 @@ def test_a_failure_while_another_rank_is_busy_ends_every_rank(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     results = run_hosts([folder, folder], scripts=[[TOOL], [MUTATED, "scheduler_start_fails"]])
     assert [code for code, *_ in results] == [3, 3], results[0][3][-3000:] + results[1][3][-3000:]
-    error = phase(results[0][1], "error")
+    error = phase_of(results[0][1], "error")
     assert error["stage"] == "engine_start" and error["failed_rank"] == 1 and "injected" in error["error"]
     assert [h["exit_code"] for h in results[0][1][-1]["hosts"]] == [3, 3]
 
@@ -174,7 +181,7 @@ def test_ranks_out_of_step_or_missing_end_with_an_error_line(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     results = run_hosts([folder, folder], scripts=[[TOOL], [MUTATED, "extra_step"]])
     assert [code for code, *_ in results] == [3, 3], results[0][3][-3000:] + results[1][3][-3000:]
-    error = phase(results[0][1], "error")
+    error = phase_of(results[0][1], "error")
     assert error["stage"] == "hosts" and "different steps" in error["error"] and "extra_step" in error["error"]
     # rank 1 never starts: rank 0 says so before JAX's own deadline ends the process without a word
     run = run_tool("--model-id", folder, "--device", "cpu", "--tp-size", "4", "--nnodes", "2", "--node-rank", "0",
@@ -191,3 +198,70 @@ def test_multi_host_usage_errors():
     run = run_tool("--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "127.0.0.1:1234", "--tp-size", "4",
                    "--serve-load", "2")
     assert run.returncode == 2 and "--serve-load" in run.phase("error")["error"]
+
+
+LOST_AFTER = 15  # --host-lost-after's default
+EXIT_WITHIN_S = 20  # the issue's bound: from the kill to the other rank's exit
+
+
+def alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("mutation, trigger, delay, phase", [
+    # inside Engine() on rank 1 (its scheduler exists, it sleeps 10 s): rank 0 waits inside its own Engine()
+    ("slow_engine_start", "marker", 1.0, "engine_ready_dummy"),
+    # rank 1's placements sleep 0.3 s each (26 tensors): rank 0 has placed its own and waits for the agreement
+    ("slow_place", "rank 1: sglang_param_dict_ready", 1.5, "weights_swapped_from_mllm"),
+    # rank 1's forward steps sleep 0.5 s each: both ranks are in the first generation's collectives
+    ("slow_forward", "rank 1: engine_ready_dummy", 2.0, "generate_before_swap"),
+])
+def test_a_rank_killed_ends_the_other_within_20_s(checkpoint, tmp_path, mutation, trigger, delay, phase):
+    """kill -9 of rank 1 (the whole process group: a host gone) at three points: rank 0 prints one error line
+    naming rank 1 and its phase, the summary with summary.hosts, exits 3 within 20 s, and leaves nothing
+    running; JAX alone would end it after its 100 s heartbeat timeout with a fatal log and no JSON."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    marker = tmp_path / "marker"
+    commands, env = host_commands([folder, folder], (), [[TOOL], [MUTATED, mutation]])
+    env["PARAM_SWAP_MARKER"] = str(marker)
+    logs = [(open(tmp_path / f"out{r}", "w+"), open(tmp_path / f"err{r}", "w+")) for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT, start_new_session=True)
+             for cmd, (out, err) in zip(commands, logs, strict=True)]
+    try:
+        deadline = time.monotonic() + HOSTS_TIMEOUT
+        while not (marker.exists() if trigger == "marker" else trigger in (tmp_path / "err1").read_text()):
+            assert time.monotonic() < deadline and procs[1].poll() is None and procs[0].poll() is None, \
+                (tmp_path / "err1").read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(delay)
+        assert procs[0].poll() is None, (tmp_path / "err0").read_text()[-3000:]
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        code = procs[0].wait(timeout=EXIT_WITHIN_S + 40)  # bounded; the bound asserted is below
+        took = time.monotonic() - killed
+        records = [strict_json(line) for line in (tmp_path / "out0").read_text().splitlines() if line.strip()]
+        stderr = (tmp_path / "err0").read_text()
+        print(f"rank 0 exited {code} {took:.1f} s after rank 1 was killed")
+        assert code == 3 and took <= EXIT_WITHIN_S, (code, took, stderr[-3000:])
+        error = phase_of(records, "error")
+        assert error["stage"] == "hosts" and error["lost_ranks"] == [1] and error["failed_rank"] == 1, error
+        assert "rank(s) 1 (in " in error["error"] and f"no heartbeat for {LOST_AFTER} s" in error["error"]
+        assert f"this rank was in {phase}" in error["error"], error
+        summary = records[-1]
+        assert summary["phase"] == "summary" and summary["exit_code"] == 3 and not summary["ok"]
+        assert [(h["rank"], h["exit_code"]) for h in summary["hosts"]] == [(0, 3), (1, None)]
+        assert [r["phase"] for r in records].count("error") == 1
+        time.sleep(1)
+        assert not alive(procs[0].pid), "rank 0 left a process running"  # its engine's children too
+    finally:
+        for p in procs:
+            if alive(p.pid):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        for out, err in logs:
+            out.close()
+            err.close()
