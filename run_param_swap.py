@@ -750,9 +750,11 @@ class PhaseLog:
         for sink in self.sinks:
             sink.log(record)
 
-    def phase(self, name: str, memory: bool = True, **fields) -> dict:
+    def phase(self, name: str, sample_memory: bool = True, **fields) -> dict:
+        """One phase line. sample_memory: with a device memory sample (`memory`): a swap's report carries its
+        own (taken while generation was paused), else one is taken now; several hosts: all of them."""
         record = {"phase": name, "elapsed_s": round(time.perf_counter() - self.t0, 3), **fields}
-        if memory:  # a swap's report carries its own sample (taken while paused); several hosts: all of them
+        if sample_memory:
             record["memory"] = HOSTS.memory(record.get("memory") or device_memory())
         return self.write(record)
 
@@ -822,12 +824,12 @@ def validate_args(cfg: RunConfig) -> None:
         if cfg.tp_size % cfg.nnodes:
             problems.append((f"--tp-size {cfg.tp_size} is not a multiple of --nnodes {cfg.nnodes}",
                              "give --tp-size: every host holds tp/nnodes devices of the mesh"))
-        unsupported = [f for f, on in (("--serve-load", cfg.serve_load), ("--demo", cfg.demo),
-                                       ("--weights-source torch", cfg.weights_source == "torch")) if on]
+        unsupported = [f for f, on in (("--demo", cfg.demo), ("--weights-source torch", cfg.weights_source == "torch"))
+                       if on]
         if unsupported:
             problems.append((f"{', '.join(unsupported)} with --nnodes > 1 is not supported",
                              "multi-host runs swap safetensors read on every host (or that tree on the devices: "
-                             "--weights-source trainer), on an idle engine"))
+                             "--weights-source trainer)"))
     if cfg.single_copy_tolerance < 1.0:
         problems.append((f"--single-copy-tolerance {cfg.single_copy_tolerance} < 1", "e.g. 1.02 allows 2%"))
     if cfg.verify_logits:
@@ -1386,6 +1388,12 @@ def engine_tokenizer(engine):
     return engine.tokenizer_manager.tokenizer
 
 
+def radix_cache_tokens(scheduler) -> int | None:
+    """Tokens the scheduler's radix (prefix) cache holds; None where it has none (radix cache disabled)."""
+    size = getattr(getattr(scheduler, "tree_cache", None), "total_size", None)
+    return int(size()) if callable(size) else None
+
+
 def engine_loaded_dummy(engine) -> bool:
     return str(getattr(getattr(engine, "server_args", None), "load_format", None)) in ("dummy", "LoadFormat.DUMMY")
 
@@ -1550,6 +1558,9 @@ class ServeGuard:
         self.mixed: list[dict] = []  # forward steps that saw a change of weights
         self.hold_waiting = False  # set by flush(): hold waiting requests aside while the scheduler flushes
         self.held = 0
+        self.flushes = 0  # flushes the scheduler has handled (its own thread; rank >= 1: rank 0's, forwarded)
+        self.flushes_at_pause = 0  # flushes when the last pause was confirmed (the swap's flush is the next)
+        self.last_flush: dict = {}  # the last one's success, message, requests held aside, radix tokens after it
         self.batch_inputs: list[list] = []  # weakrefs to the input arrays of the last BATCH_INPUTS_KEPT forwards
         self.before_serving = {id(a): weakref.ref(a) for a in jax.live_arrays()}  # never counted as a batch's
         run_model = model_runner.jitted_run_model
@@ -1575,7 +1586,7 @@ class ServeGuard:
         model_runner.jitted_run_model = jitted_run_model
         flush = scheduler.flush_cache
 
-        def flush_cache():
+        def held_aside():
             if not self.hold_waiting:
                 return flush()
             held = scheduler.waiting_queue
@@ -1588,6 +1599,14 @@ class ServeGuard:
             finally:
                 scheduler.waiting_queue = held + scheduler.waiting_queue
                 self.held = len(held)
+
+        def flush_cache():
+            out = held_aside()
+            self.last_flush = {"success": bool(out[0]), "message": str(out[1] or ""),
+                               "held": self.held if self.hold_waiting else 0,
+                               "radix_tokens_after": radix_cache_tokens(scheduler)}
+            self.flushes += 1
+            return out
 
         scheduler.flush_cache = flush_cache
         mapping = scheduler._request_dispatcher._mapping
@@ -1626,14 +1645,15 @@ class ServeGuard:
 
         await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
 
-    async def send_flush(self) -> tuple[bool, str, int]:
-        """The scheduler's flush_cache with the waiting (retracted) requests held aside: (success, message, held)."""
+    async def send_flush(self) -> bool:
+        """The scheduler's flush_cache with the waiting (retracted) requests held aside (last_flush says how it
+        went); its answer's success."""
         self.hold_waiting = True
         try:
             answer = await self.engine.tokenizer_manager.flush_cache()
         finally:
             self.hold_waiting = False
-        return bool(answer.success), str(getattr(answer, "error_msg", "") or ""), self.held
+        return bool(answer.success)
 
     async def send_continue(self) -> None:
         from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
@@ -2744,6 +2764,7 @@ PAUSE_WAIT_S = 120.0  # how long a swap waits for the scheduler to confirm it pa
 
 
 async def continue_generation(guard: ServeGuard) -> None:
+    guard.hold_waiting = False  # rank >= 1: set since its pause (rank 0's flush is over or will not come)
     if HOSTS.rank:  # rank 0's reaches this host's scheduler
         return
     await guard.send_continue()
@@ -2754,7 +2775,7 @@ async def pause_generation(guard: ServeGuard, pauses: int) -> int:
     left running (the tokenizer manager's pause only sends the request; ServeGuard's hook on the scheduler
     records when it is done). `pauses`: the guard's count before this pause. Returns the requests the
     scheduler holds. Rank >= 1 of several hosts: rank 0's pause reaches this host's scheduler too (it
-    forwards every request); wait for it."""
+    forwards every request); wait for it, then hold its waiting requests aside for rank 0's flush to come."""
     if HOSTS.rank == 0:
         await guard.send_pause()
     deadline = time.perf_counter() + PAUSE_WAIT_S
@@ -2767,21 +2788,53 @@ async def pause_generation(guard: ServeGuard, pauses: int) -> int:
             HOSTS.fail(error)
             raise error
         await asyncio.sleep(0.002)
+    guard.hold_waiting = HOSTS.rank > 0
+    guard.flushes_at_pause = guard.flushes  # rank 0's flush can reach this scheduler before flush_radix_cache runs
     return guard.paused_requests
 
 
+def agree_paused(guard: ServeGuard, pauses: int) -> None:
+    """Every rank's scheduler confirmed this swap's pause with nothing running (its own hook's record, not
+    the waiting above) before any rank touches a Param; else none does (generation continues), exit 3."""
+    mine = {"pauses": guard.pauses - pauses, "running": guard.paused_requests is None}
+    seen = HOSTS.agree("swap_paused", mine)
+    late = [r for r, s in enumerate(seen) if s["pauses"] < 1 or s["running"]]
+    if late:
+        raise ToolError("swap_pause", f"rank(s) {late} had not paused generation when the swap was to start: "
+                        + "; ".join(f"rank {r}: {s['pauses']} pause(s) handled, requests "
+                                    f"{'still running' if s['running'] else 'paused'}" for r, s in enumerate(seen)),
+                        "nothing was swapped (a forward there would mix weight sets); generation continues",
+                        EXIT_ENGINE, not_paused_ranks=late, failed_rank=late[0])
+
+
+FLUSH_WAIT_S = 60.0  # rank >= 1: how long it waits for rank 0's flush to reach its scheduler
+
+
 async def flush_radix_cache(guard: ServeGuard) -> int:
-    """The scheduler's flush_cache with the waiting (retracted) requests held aside; a refusal is an error
-    (stale prefix KV of the old weights would survive). Returns how many requests were held aside.
-    Rank >= 1 of several hosts: rank 0's flush reaches this host's scheduler; 0."""
-    if HOSTS.rank:
-        return 0
-    success, message, held = await guard.send_flush()
-    if not success:
-        raise ToolError("swap_flush", f"the radix cache flush was refused: {message}",
-                        "generation stays paused: the cache may hold prefix KV of the previous weights",
-                        EXIT_ENGINE, generation="paused")
-    return held
+    """The scheduler's flush_cache with the waiting (retracted) requests held aside, on every rank (rank 0's
+    reaches the others' schedulers), and proven: every rank's flush succeeded and left its radix cache empty
+    (stale prefix KV of the old weights would survive a refused or skipped flush: an error, generation stays
+    paused). Returns how many requests were held aside (rank 0's)."""
+    flushes = guard.flushes_at_pause
+    if HOSTS.rank == 0:
+        await guard.send_flush()
+    deadline = time.perf_counter() + FLUSH_WAIT_S
+    while guard.flushes == flushes and time.perf_counter() < deadline:
+        await asyncio.sleep(0.002)
+    guard.hold_waiting = False
+    mine = dict(guard.last_flush) if guard.flushes > flushes else {"success": False, "message": "no flush arrived "
+                                                                   f"within {FLUSH_WAIT_S:.0f} s", "held": 0,
+                                                                   "radix_tokens_after": None}
+    seen = HOSTS.agree("swap_flushed", mine)
+    bad = [r for r, f in enumerate(seen) if not f["success"] or f["radix_tokens_after"]]
+    if bad:
+        why = {r: seen[r]["message"] or f"it succeeded, yet {seen[r]['radix_tokens_after']} tokens are still cached"
+               for r in bad}
+        raise ToolError("swap_flush", "the radix cache flush was refused or incomplete: " + (
+            "; ".join(f"rank {r}: {w}" for r, w in why.items()) if HOSTS.multi else why[0]),
+            "generation stays paused: the cache may hold prefix KV of the previous weights",
+            EXIT_ENGINE, generation="paused", flushes=seen, failed_rank=bad[0])
+    return seen[0]["held"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3099,7 +3152,11 @@ class ParamSwapper:
         agree_plan(plan)
         start = time.perf_counter()
         paused = await pause_generation(self.guard, pauses)
-        HOSTS.agree("swap_paused")
+        try:
+            agree_paused(self.guard, pauses)
+        except ToolError:
+            await continue_generation(self.guard)
+            raise
         paused_at = time.perf_counter()
         error, param_dict = None, {}
         undo = UndoPoint(self.swaps, self.free_rollback, rollback)  # agree_swapped may undo the swap with it
@@ -3214,13 +3271,18 @@ class ServeLoad:
     flight across the first swap and every --rounds swap (each request in flight at a pause spans that swap).
     The checked prompt runs through generate_alone(): the clients hold and the requests in flight finish
     first, so its answer is computed alone, like its reference (batched bf16 answers differ from solo ones at
-    near-ties)."""
+    near-ties).
+
+    Several hosts: the clients run on rank 0 (its scheduler hands every request on to the others'); the
+    other ranks follow (`leader` False): the same swaps, generations and phases in the same order, no
+    clients, no waits of their own; every rank's forward steps are checked (check_forwards)."""
 
     def __init__(self, engine, swapper: ParamSwapper, cfg):
         self.engine, self.swapper, self.cfg, self.clients = engine, swapper, cfg, cfg.serve_load
+        self.leader = HOSTS.rank == 0
         m = cfg.max_new_tokens
         self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
-        self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt)
+        self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt) if self.leader else []
         self.requests: list[dict] = []  # every finished load request
         self.in_flight = 0
         self.tasks: list = []
@@ -3267,7 +3329,9 @@ class ServeLoad:
             await asyncio.sleep(0.01)
 
     async def busy(self) -> None:
-        """Every client has a request in flight and the engine ran forward steps since."""
+        """Every client has a request in flight and the engine ran forward steps since (rank 0)."""
+        if not self.leader:
+            return
         self.go.set()
         await self.wait_for("every client sending a request", lambda: self.in_flight >= self.clients)
         start = self.swapper.guard.forwards
@@ -3276,7 +3340,7 @@ class ServeLoad:
     def start(self, phases: PhaseLog) -> None:
         async def start():
             self.go = asyncio.Event()
-            self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients)]
+            self.tasks = [asyncio.ensure_future(self.client(i)) for i in range(self.clients if self.leader else 0)]
             await self.busy()
 
         phases.begin("serve_load_started")
@@ -3306,12 +3370,16 @@ class ServeLoad:
         return result
 
     def hold(self) -> None:
-        """Hold the clients and let the requests in flight finish (the next generate_alone() lets them go)."""
+        """Hold the clients and let the requests in flight finish (the next generate_alone() lets them go).
+        Several hosts: every rank goes on once rank 0's requests have finished (its memory is sampled next)."""
         if not self.stopping:
             run_on_engine_loop(self.engine, self.drain())
+            HOSTS.agree("serve_held")
 
     async def drain(self) -> None:
         self.go.clear()
+        if not self.leader:
+            return
         await self.wait_for("the load's requests in flight finishing", lambda: self.in_flight == 0)
 
     def generate_alone(self, prompt: str, max_new_tokens: int, logprobs: bool = False) -> dict:
@@ -3336,8 +3404,9 @@ class ServeLoad:
         async def finish():
             self.stopping = True
             self.go.set()
-            done, pending = await asyncio.wait(self.tasks, timeout=SERVE_WAIT_S)
-            self.unfinished = len(pending)
+            if self.tasks:
+                done, pending = await asyncio.wait(self.tasks, timeout=SERVE_WAIT_S)
+                self.unfinished = len(pending)
 
         run_on_engine_loop(self.engine, finish())
 
@@ -3348,13 +3417,16 @@ class ServeLoad:
             await self.busy()
             t, n, f = time.perf_counter(), len(self.requests), self.swapper.guard.forwards
             for k, (source, plan, alias, weights) in enumerate(with_swaps):
-                await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
+                if self.leader:  # the others swap when rank 0 does (its steps wait for them)
+                    await asyncio.sleep(max(0.0, t + seconds * (k + 1) / (len(with_swaps) + 1) - time.perf_counter()))
                 await self.swap_under_load(source, plan, alias, f"throughput {k + 1}", weights, fresh=False)
             await asyncio.sleep(max(0.0, t + seconds - time.perf_counter()))
             return time.perf_counter() - t, len(self.requests) - n, self.swapper.guard.forwards - f
 
         s0, n0, f0 = run_on_engine_loop(self.engine, window([]))
         s1, n1, f1 = run_on_engine_loop(self.engine, window(swaps))
+        if not self.leader:
+            return {"window_s": seconds, "swaps_in_window": len(swaps)}  # rank 0's figures are the run's
         return {"window_s": seconds, "window_without_swaps_s": round(s0, 3), "requests_without_swaps": n0,
                 "requests_per_s_without_swaps": round(n0 / s0, 3), "forward_steps_without_swaps": f0,
                 "requests_with_swaps": n1, "swaps_in_window": len(swaps), "window_with_swaps_s": round(s1, 3),
@@ -3372,8 +3444,8 @@ class ServeLoad:
         for weights, (source, plan, alias) in sources.items():
             run_on_engine_loop(self.engine, self.swapper._swap(source, self.cfg.swap_mode, alias, self.cfg.rollback,
                                                                plan))
-            flushed = self.engine.flush_cache()
-            if not flushed.success:
+            flushed = self.engine.flush_cache() if self.leader else None  # rank 0's reaches every scheduler
+            if flushed is not None and not flushed.success:
                 raise ToolError("serve_reference", f"flush_cache refused on the idle engine: {flushed.error_msg}",
                                 "no request should be running once the load has finished", EXIT_ENGINE)
             refs[weights] = generate_greedy(self.engine, self.cfg.prompt, self.cfg.max_new_tokens)
@@ -3382,7 +3454,9 @@ class ServeLoad:
 
     def check_requests(self, phases: PhaseLog) -> None:
         """serve_no_lost_requests: every load request returned all its tokens, none errored or was aborted,
-        and every swap had requests in flight (else the load proved nothing)."""
+        and every swap had requests in flight (else the load proved nothing). Rank 0's, where the clients are."""
+        if not self.leader:
+            return
         lost = [r for r in self.requests if r.get("error") or r.get("finish") != "length"
                 or not r.get("tokens") == r.get("completion_tokens") == r["max_new_tokens"]]
         idle_swaps = [s["swap"] for s in self.swaps if not s.get("requests_paused") and "failed" not in s]
@@ -3391,12 +3465,18 @@ class ServeLoad:
                    swaps_with_no_request_in_flight=idle_swaps,
                    requests_paused_per_swap={s["swap"]: s.get("requests_paused") for s in self.swaps})
 
-    def check_forwards(self, phases: PhaseLog) -> None:
-        """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights."""
+    def check_forwards(self, phases: PhaseLog, across_ranks: bool = True) -> None:
+        """serve_no_mixed_forward: forward steps ran while serving, and none saw a change of weights, on any
+        rank. Several hosts (across_ranks): also every rank ran as many steps on each weight set as rank 0;
+        a rank's weight ids only grow, so equal counts mean that every step ran on the same set everywhere."""
         g = self.swapper.guard
-        phases.check("serve_no_mixed_forward", g.forwards > self.forwards_at_start and not g.mixed,
-                   forwards_while_serving=g.forwards - self.forwards_at_start, **g.forward_counts(),
-                   mixed_examples=g.mixed[:5])
+        mine = {"forwards_while_serving": g.forwards - self.forwards_at_start, **g.forward_counts(),
+                "mixed_examples": g.mixed[:5]}
+        ranks = HOSTS.agree("serve_forwards", mine) if across_ranks else [mine]
+        same = all(r["forwards_by_weights"] == ranks[0]["forwards_by_weights"] for r in ranks)
+        ok = same and all(r["forwards_while_serving"] > 0 and not r["forwards_mixed"] for r in ranks)
+        phases.check("serve_no_mixed_forward", ok, **mine, **({"ranks": ranks, "ranks_on_the_same_sets": same}
+                                                               if HOSTS.multi and across_ranks else {}))
 
     def check_fresh(self, phases: PhaseLog, refs: dict[str, dict]) -> None:
         """serve_fresh_after_swap: the checked prompt, sent after each swap, answers exactly as its reference
@@ -3417,10 +3497,11 @@ class ServeLoad:
 
     def after_failure(self, phases: PhaseLog, error: ToolError) -> None:
         """A swap failed while serving. Rolled back: generation went on with the previous weights; every
-        request in flight must complete on them (forward steps after the failure: that weight set only)."""
-        self.check_forwards(phases)
-        if not error.details.get("restored"):
-            return  # generation stays paused: the requests in flight cannot finish
+        request in flight must complete on them (forward steps after the failure: that weight set only).
+        Each rank checks its own forward steps (the ranks may have failed at different steps)."""
+        self.check_forwards(phases, across_ranks=False)
+        if not error.details.get("restored") or not self.leader:
+            return  # generation stays paused: the requests in flight cannot finish (or: no clients here)
         g, failed = self.swapper.guard, self.swaps[-1]
         in_flight = self.in_flight
         self.finish()
@@ -3723,7 +3804,7 @@ def logits_match_reference(phases: PhaseLog, cfg, model_path: str, answer: dict)
                                  "reference_logprob": round(ref["logprobs"][i], 6), "reference_argmax": ref["argmax"][i],
                                  "margin": round(margins[i], 6)} for i in worst]}
     phases.check("logits_match_reference", ok, **details)
-    phases.phase("logits_verified", memory=not HOSTS.multi, ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
+    phases.phase("logits_verified", sample_memory=not HOSTS.multi, ok=ok, **details, seconds=round(time.perf_counter() - t, 3),
                engine_logprobs=[round(v, 6) for v in engine_lp], reference_logprobs=[round(v, 6) for v in ref["logprobs"]],
                reference_argmax=ref["argmax"])
     return ok
@@ -4097,7 +4178,7 @@ def summary(phases: PhaseLog, error: ToolError | None = None) -> int:
     ok = error is None and bool(phases.checks) and all(c["ok"] for c in phases.checks.values())
     code = error.exit_code if error is not None else EXIT_OK if ok else EXIT_CHECK_FAILED
     code, hosts = HOSTS.end(code, [name for name, c in phases.checks.items() if not c["ok"]])
-    phases.phase("summary", memory=False, ok=code == EXIT_OK, checks=phases.checks,
+    phases.phase("summary", sample_memory=False, ok=code == EXIT_OK, checks=phases.checks,
                **({"exit_code": code, "hosts": hosts} if HOSTS.multi else {}))
     return code
 

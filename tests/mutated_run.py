@@ -5,7 +5,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   skip_one_param  the swap leaves the last planned Param dummy
   copy_in_dict    after the swap, one dict entry is a copy of the engine's array, not the array itself
   no_flush        the radix cache is not flushed after the swap
-  no_pause        generation is not paused around the swap (forward steps run on half-swapped weights)
+  no_pause        generation is not paused around the swap, nor is the pause confirmed (agree_paused): forward
+                  steps run on half-swapped weights
   flush_ignored   the flush is sent without holding the retracted requests aside and its answer is ignored
                   (sglang-jax refuses it while requests wait: the cache keeps the old weights' prefix KV)
   crash_while_serving  the scheduler thread raises once the --serve-load clients run (exit 3, one error line)
@@ -16,6 +17,11 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
   slow_engine_start  inside Engine(), once its scheduler exists: writes the file $PARAM_SWAP_MARKER, sleeps 10 s
                   (not a defect: a window to send a signal while the engine starts)
+  pause_not_awaited  this process's swap goes on without waiting for its scheduler to confirm the pause, and
+                  that scheduler takes 2 s to handle it (on one rank of several hosts: a rank not paused when
+                  the Params change; the swap_paused agreement must refuse the swap on every rank)
+  flush_skipped   this process's scheduler answers every radix cache flush with success and flushes nothing (on
+                  one rank of several hosts: its cache keeps the old weights' prefix KV; swap_flush on every rank)
   slow_forward    every forward step of this process's model runner sleeps 0.5 s first (not a defect: a window
                   to kill one rank of several hosts while they generate)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
@@ -85,6 +91,7 @@ def apply(mutation: str) -> None:
             return 0
 
         rps.pause_generation = pause_generation
+        rps.agree_paused = lambda guard, pauses: None
     elif mutation == "flush_ignored":
         async def flush_radix_cache(guard):
             await guard.engine.tokenizer_manager.flush_cache()
@@ -138,6 +145,35 @@ def apply(mutation: str) -> None:
             return original_place(*args, **kwargs)
 
         rps.place = place
+    elif mutation == "pause_not_awaited":
+        import time
+
+        async def pause_generation(guard, pauses):
+            guard.flushes_at_pause = guard.flushes
+            return 0
+
+        rps.pause_generation = pause_generation
+        original_guard = rps.serve_guard
+
+        def serve_guard(engine):
+            extras = rps.engine_extras(engine)
+            if "serve_guard" not in extras:  # before the guard wraps it: the scheduler's pause handler is slow
+                mapping = rps.engine_scheduler(engine)._request_dispatcher._mapping
+                index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
+                handler = mapping[index][1]
+
+                def slow(recv_req):
+                    time.sleep(2)
+                    return handler(recv_req)
+
+                mapping[index] = (mapping[index][0], slow)
+            return original_guard(engine)
+
+        rps.serve_guard = serve_guard
+    elif mutation == "flush_skipped":
+        from sgl_jax.srt.managers.scheduler import Scheduler
+
+        Scheduler.flush_cache = lambda self: (True, "", 0)
     elif mutation == "slow_forward":
         import time
 

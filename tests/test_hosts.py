@@ -123,6 +123,61 @@ def test_two_hosts_swap_the_trainer_arrays_device_to_device(checkpoint):
         swapped["trainer_only_bytes_sum"] - swapped["serving_bytes_sum"]
 
 
+SERVE_CHECKS = ("serve_no_lost_requests", "serve_no_mixed_forward", "serve_fresh_after_swap")
+
+
+def test_two_hosts_swap_while_serving(checkpoint):
+    """--serve-load with --nnodes: rank 0's clients keep requests in flight across every swap; each swap
+    pauses every rank's scheduler (each confirms before any rank touches a Param), flushes every rank's radix
+    cache (each proves it empty), continues; no forward step on any rank saw a change, and every rank ran as
+    many steps on each weight set; the answers equal sglang-jax's own loader on one process."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    (code0, records, _, err0), (code1, _, _, err1) = run_hosts(
+        [folder, folder], "--serve-load", "4", "--rounds", "2", "--serve-seconds", "1", "--max-new-tokens", "6")
+    assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
+    checks = records[-1]["checks"]
+    assert all(c["ok"] for c in checks.values()) and all(checks[c]["ok"] for c in SERVE_CHECKS)
+    assert [(h["rank"], h["exit_code"], h["failed_checks"]) for h in records[-1]["hosts"]] == [(0, 0, []), (1, 0, [])]
+    forwards = checks["serve_no_mixed_forward"]
+    assert [r["forwards_mixed"] for r in forwards["ranks"]] == [0, 0] and forwards["ranks_on_the_same_sets"]
+    assert forwards["ranks"][1]["forwards_while_serving"] == forwards["forwards_while_serving"] > 0
+    assert len(forwards["forwards_by_weights"]) >= 4  # dummy, A, B and the sets the window and references swap in
+    reference = reference_output_ids(folder, 4, max_new=6)
+    assert phase_of(records, "generate_result")["output_ids"] == reference
+    rounds = [r for r in records if r["phase"] == "swap_round"]
+    assert [r["weights"] for r in rounds] == ["B", "A"] and rounds[1]["output_ids"] == reference
+    fresh = checks["serve_fresh_after_swap"]["swaps"]
+    assert [(f["swap"], f["weights"], f["equal"]) for f in fresh] == [("first swap", "A", True), ("round 1", "B", True),
+                                                                       ("round 2", "A", True)]
+    load = phase_of(records, "serve_load")
+    assert len(load["swaps"]) == 5 and all(s["requests_paused"] > 0 for s in load["swaps"])
+    for r in [phase_of(records, "weights_swapped_from_mllm"), *rounds]:
+        assert r["requests_paused"] > 0 and r["requests_held_in_flush"] == r["requests_paused"]
+
+
+@pytest.mark.parametrize("mutation, stage, words", [
+    ("pause_not_awaited", "swap_pause", "rank(s) [1] had not paused generation"),
+    ("flush_skipped", "swap_flush", "rank 1: it succeeded, yet"),
+])
+def test_a_rank_not_paused_or_not_flushed_fails_every_rank(checkpoint, mutation, stage, words):
+    """Planted on rank 1 under load: its swap does not wait for its scheduler's pause (which is slow to come),
+    or its scheduler's flush answers success and flushes nothing. Both ranks exit 3 with the same error; a rank
+    not paused stops the swap before any Param changes."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], "--serve-load", "4", "--max-new-tokens", "6",
+                        scripts=[[TOOL], [MUTATED, mutation]])
+    assert [code for code, *_ in results] == [3, 3], results[0][3][-3000:] + results[1][3][-3000:]
+    records = results[0][1]
+    error = phase_of(records, "error")
+    assert error["stage"] == stage and words in error["error"] and error["failed_rank"] == 1, error
+    if stage == "swap_pause":
+        assert error["not_paused_ranks"] == [1] and "weights_swapped_from_mllm" not in [r["phase"] for r in records]
+    else:
+        assert [f["success"] for f in error["flushes"]] == [True, True] and error["flushes"][0]["radix_tokens_after"] == 0
+        assert error["flushes"][1]["radix_tokens_after"] > 0 and error["generation"] == "paused"
+    assert [h["exit_code"] for h in records[-1]["hosts"]] == [3, 3]
+
+
 def test_a_partial_swap_exits_1_on_every_rank(checkpoint):
     """Rank 1's swap touches nothing but says it succeeded: without the agreement rank 0 would generate with
     rank 1's dummy shards and no error at all."""
@@ -196,8 +251,8 @@ def test_multi_host_usage_errors():
     run = run_tool("--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "127.0.0.1:1234")
     assert run.returncode == 2 and "ranks are 0 .. nnodes-1" in run.phase("error")["hint"]
     run = run_tool("--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "127.0.0.1:1234", "--tp-size", "4",
-                   "--serve-load", "2")
-    assert run.returncode == 2 and "--serve-load" in run.phase("error")["error"]
+                   "--demo")
+    assert run.returncode == 2 and "--demo" in run.phase("error")["error"]
 
 
 LOST_AFTER = 15  # --host-lost-after's default
