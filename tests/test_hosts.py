@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool, strict_json
 
-pytestmark = pytest.mark.engine  # make test-fast leaves these out
+pytestmark = [pytest.mark.engine, pytest.mark.hosts]  # make test-hosts runs these (make test and test-fast do not)
 
 HOSTS_TIMEOUT = 420
 
