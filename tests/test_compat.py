@@ -10,7 +10,7 @@ import signal
 
 import pytest
 from conftest import MUTATED, PROMPT, TOOL, run_tool
-from test_hosts import phase, run_hosts
+from test_hosts import phase_of, run_hosts
 from test_signals import CPU4, assert_stopped, stop_run
 
 import run_param_swap as rps
@@ -82,7 +82,7 @@ def test_two_hosts(checkpoint):
     (code0, records, _, err0), (code1, _, _, err1) = run_hosts([folder, folder], "--verify-weights", "--rounds", "1")
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert records[-1]["ok"] and [h["exit_code"] for h in records[-1]["hosts"]] == [0, 0]
-    assert phase(records, "weights_verified")["ok"] and phase(records, "engine_ready_dummy")["stack"] == STACK
+    assert phase_of(records, "weights_verified")["ok"] and phase_of(records, "engine_ready_dummy")["stack"] == STACK
 
 
 @supported
