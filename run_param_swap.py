@@ -475,7 +475,7 @@ class Hosts:
         self.lost_after = DEFAULT_HOST_LOST_S
         self.lost: ToolError | None = None  # set by the watcher: a rank (or the coordination service) is gone
         self.seen: dict[int, tuple[Any, float, str]] = {}  # rank -> (its last beat, when it changed, its phase)
-        self.doing = lambda: ""  # this rank's phase in progress, sent with its heartbeat (main: PhaseLog.doing)
+        self.doing = lambda: ""  # this rank's phase in progress, sent with its heartbeat (the CLI: PhaseLog.doing)
 
     @property
     def multi(self) -> bool:
@@ -514,6 +514,7 @@ class Hosts:
         self.client = distributed.global_state.client
         now = time.monotonic()
         self.seen = {r: (None, now, "jax_ready") for r in range(nnodes) if r != rank}
+        threading.Thread(target=self.beat, name="param-swap-heartbeat", daemon=True).start()
         threading.Thread(target=self.watch, name="param-swap-hosts", daemon=True).start()
 
     def agree(self, name: str, value: Any = None) -> list:
@@ -580,17 +581,27 @@ class Hosts:
         return ToolError(record["stage"], f"rank {rank}: {record['error']}", record["hint"], record["exit_code"],
                          **details)
 
+    def beat(self) -> None:
+        """This rank's heartbeat, every HEARTBEAT_S until the process exits (also while it ends: a rank that
+        finished first must not look lost to one still finishing), with the phase it is in."""
+        count = 0
+        while True:
+            count += 1
+            try:
+                self.client.key_value_set(f"{self.KEY}/alive/{self.rank}", json.dumps([count, self.doing()]),
+                                          allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - the coordination service is gone: the watcher says so
+                return
+            time.sleep(HEARTBEAT_S)
+
     def watch(self) -> None:
-        """Every HEARTBEAT_S: this rank's heartbeat out, the others' in. Ends this rank when another rank
-        failed and the main thread does not notice (it is inside the engine's start, a generation, a
+        """Every HEARTBEAT_S: the other ranks' heartbeats and published failures. Ends this rank when another
+        rank failed and the main thread does not notice (it is inside the engine's start, a generation, a
         checkpoint read): within HOST_ERROR_GRACE_S; when a rank is lost (no heartbeat for lost_after s,
         or the coordination service unreachable as long): at once (the main thread's step raises it)."""
-        beat, reachable = 0, time.monotonic()
+        reachable = time.monotonic()
         while not self.handled.is_set():
             try:
-                beat += 1
-                self.client.key_value_set(f"{self.KEY}/alive/{self.rank}", json.dumps([beat, self.doing()]),
-                                          allow_overwrite=True)
                 lost = self.silent(self.kv_dir(f"{self.KEY}/alive/", "heartbeat"))
                 failure = self.failure()
                 reachable = time.monotonic()
@@ -618,10 +629,11 @@ class Hosts:
         if not gone:
             return None
         phases = {r: self.seen[r][2] for r in gone}
-        return ToolError("hosts", "rank(s) " + ", ".join(f"{r} (in {phases[r]})" for r in gone) + " stopped "
-                         f"answering: no heartbeat for {self.lost_after:.0f} s, while this rank was in "
-                         f"{self.doing()}", LOST_HINT, EXIT_ENGINE, lost_ranks=gone, lost_in_phase=phases,
-                         failed_rank=gone[0])
+        here = f", while this rank was in {self.doing()}" if self.doing() else ""
+        return ToolError("hosts", "rank(s) " + ", ".join(f"{r}" + (f" (in {phases[r]})" if phases[r] else "")
+                                                         for r in gone)
+                         + f" stopped answering: no heartbeat for {self.lost_after:.0f} s{here}", LOST_HINT,
+                         EXIT_ENGINE, lost_ranks=gone, lost_in_phase=phases, failed_rank=gone[0])
 
     def lost_since(self, t: float) -> ToolError | None:
         """After a failure here that a lost rank can cause (a forward's collective failed: the scheduler's
