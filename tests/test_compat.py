@@ -77,12 +77,16 @@ def test_a_planted_layout_error_fails_both_oracles():
 
 
 @supported
-def test_two_hosts(checkpoint):
+def test_two_hosts_while_serving(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
-    (code0, records, _, err0), (code1, _, _, err1) = run_hosts([folder, folder], "--verify-weights", "--rounds", "1")
+    (code0, records, _, err0), (code1, _, _, err1) = run_hosts([folder, folder], "--verify-weights", "--rounds", "1",
+                                                               "--serve-load", "4", "--serve-seconds", "1",
+                                                               "--max-new-tokens", "6")
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert records[-1]["ok"] and [h["exit_code"] for h in records[-1]["hosts"]] == [0, 0]
     assert phase_of(records, "weights_verified")["ok"] and phase_of(records, "engine_ready_dummy")["stack"] == STACK
+    forwards = records[-1]["checks"]["serve_no_mixed_forward"]  # every rank paused, flushed, in step
+    assert forwards["ok"] and forwards["ranks_on_the_same_sets"] and records[-1]["checks"]["serve_fresh_after_swap"]["ok"]
 
 
 @supported
