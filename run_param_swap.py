@@ -3297,6 +3297,7 @@ class ServeLoad:
         self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt) if self.leader else []
         self.requests: list[dict] = []  # every finished load request
         self.in_flight = 0
+        self.live: dict[int, tuple[int, int]] = {}  # requests in flight: (max_new_tokens, forward steps at submission)
         self.tasks: list = []
         self.go = None  # asyncio.Event: clients may send (cleared by drain())
         self.stopping = False
@@ -3320,6 +3321,7 @@ class ServeLoad:
             k += 1
             rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
             self.in_flight += 1
+            self.live[id(rec)] = (n, self.swapper.guard.forwards)
             try:
                 out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params=greedy(n))
                 meta = out["meta_info"]
@@ -3329,6 +3331,7 @@ class ServeLoad:
                 rec["error"] = f"{type(e).__name__}: {e}"
             finally:
                 self.in_flight -= 1
+                del self.live[id(rec)]
                 rec["done_s"] = self.now()
                 self.requests.append(rec)
 
@@ -3341,13 +3344,17 @@ class ServeLoad:
             await asyncio.sleep(0.01)
 
     async def busy(self) -> None:
-        """Every client has a request in flight and the engine ran forward steps since (rank 0)."""
+        """Every client has a request in flight, the engine ran forward steps since, and a request of the
+        longest kind is 1-3 forward steps old (rank 0). So the next pause finds requests to hold: without the
+        young request, every request in flight could finish before the pause is handled (seen on
+        0.1.0rc0-jax0.11: a swap of the requests/s window paused none, 1 run in 3)."""
         if not self.leader:
             return
         self.go.set()
         await self.wait_for("every client sending a request", lambda: self.in_flight >= self.clients)
-        start = self.swapper.guard.forwards
-        await self.wait_for("forward steps with the load", lambda: self.swapper.guard.forwards >= start + 2)
+        g, start, longest = self.swapper.guard, self.swapper.guard.forwards, max(self.lengths)
+        await self.wait_for("forward steps with the load, and a young long request", lambda: g.forwards >= start + 2
+                            and any(n == longest and 1 <= g.forwards - f <= 3 for n, f in self.live.values()))
 
     def start(self, phases: PhaseLog) -> None:
         async def start():
@@ -3709,6 +3716,15 @@ def compare_arrays(ours, theirs) -> dict | None:
     return problems or None
 
 
+def hold_for_collectives(load: ServeLoad | None) -> None:
+    """Several hosts: sglang-jax's own loader (the weights oracle) runs device collectives across the hosts from
+    this thread, and none may interleave with a forward's collectives on the scheduler's thread (seen on
+    0.1.0rc0 under --serve-load: gloo's "collective mismatch" abort, or both ranks hung). The load is held,
+    its requests in flight finished, until the next answer lets it go (ServeLoad.generate_alone)."""
+    if load is not None and HOSTS.multi:
+        load.hold()
+
+
 def weights_equal_loader(phases: PhaseLog, state: EngineState, model_path: str, swap: str = "first swap") -> bool:
     """Every engine Param against what sglang-jax's OWN loader (its model file's weight mappings, its
     WeightLoader) makes of the checkpoint at `model_path`, in this process and on these devices: values
@@ -3901,6 +3917,7 @@ def swap_rounds(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, load: S
             raise
         checkpoint = info.path if which == "A" else path_b
         if cfg.verify_weights and checkpoint:  # a perturbed B has no checkpoint to load
+            hold_for_collectives(load)
             weights_equal_loader(phases, swapper.state, checkpoint, swap=f"round {r}")
         out = answer(engine, cfg, load)
         outputs[which].append(out["output_ids"])
@@ -4339,6 +4356,7 @@ def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
         if cfg.verify_param_sharing:
             param_sharing_check(phases, state, param_dict)
         if cfg.verify_weights:
+            hold_for_collectives(load)
             weights_equal_loader(phases, state, info.path)
         if load is not None:
             load.hold()  # the memory phases below are sampled with no forward in flight
