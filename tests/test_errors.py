@@ -291,6 +291,8 @@ def poison(tensors) -> None:
     # no rollback (a device source, --no-rollback): the whole tree is checked first, nothing is assigned
     (["--weights-source", "trainer", "--no-rollback"], "in the tree", "off",
      {"model.layers_0.mlp.up_proj.kernel": 1, "model.layers_1.input_layernorm.scale": 1}),
+    (["--no-rollback"], "in the tree", "off",  # the host tree: bf16, which numpy's isfinite does not see as a float
+     {"model.layers_0.mlp.up_proj.kernel": 1, "model.layers_1.input_layernorm.scale": 1}),
 ])
 def test_nonfinite_weights_are_refused_and_the_engine_keeps_its_weights(ckpt_copy, extra, where, rollback, refused):
     folder = ckpt_copy()
