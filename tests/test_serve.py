@@ -67,7 +67,7 @@ def test_the_weights_oracle_under_load_still_fails_a_double_load_and_a_wrong_ten
 
 
 @pytest.mark.parametrize("mutation, code, failing", [
-    ("no_pause", 3, "serve_no_mixed_forward"),        # forward steps ran on half-swapped weights
+    ("no_pause", None, "serve_no_mixed_forward"),     # forward steps ran on half-swapped weights (exit 3 or 1)
     ("no_flush", 1, "serve_fresh_after_swap"),        # the prompt's prefix KV of the dummy weights is reused
     ("flush_ignored", 1, "serve_fresh_after_swap"),   # refused while the retracted requests wait; ignored
 ])
@@ -78,13 +78,19 @@ def test_each_serve_check_fails_on_its_defect(checkpoint, mutation, code, failin
     extra = ["--bucket-mb", "0"] if mutation == "no_pause" else []
     run = run_tool(mutation, "--model-id", folder, *SERVE, *extra, script=MUTATED)
     checks = run.summary["checks"]
-    assert run.returncode == code, (checks, run.stderr[-3000:])
-    assert not checks[failing]["ok"]
+    assert not checks[failing]["ok"], (checks, run.stderr[-3000:])
     if mutation == "no_pause":
         assert checks[failing]["forwards_mixed"] > 0
-        error = run.phase("error")  # and the flush is refused: requests were running
-        assert error["stage"] == "swap_flush" and "running=" in error["error"]
+        # what else the defect breaks depends on timing: requests still running when the flush comes make it
+        # refused (exit 3); if they all finished during the swap (the clients' loop is busy with it), the run
+        # goes on to its verdict, exit 1, with this check among the failed ones
+        if run.returncode == 3:
+            error = run.phase("error")
+            assert error["stage"] == "swap_flush" and "running=" in error["error"], error
+        else:
+            assert run.returncode == 1 and "error" not in run.phases(), run.stderr[-3000:]
     else:
+        assert run.returncode == code, (checks, run.stderr[-3000:])
         first = checks[failing]["swaps"][0]
         assert first["swap"] == "first swap" and not first["equal"] and first["cached_tokens"] > 0
         assert checks["serve_no_lost_requests"]["ok"] and checks["serve_no_mixed_forward"]["ok"]
