@@ -1599,6 +1599,7 @@ class ServeGuard:
         flush = scheduler.flush_cache
 
         def held_aside():
+            self.held = 0
             if not self.hold_waiting:
                 return flush()
             held = scheduler.waiting_queue
@@ -1615,7 +1616,7 @@ class ServeGuard:
         def flush_cache():
             out = held_aside()
             self.last_flush = {"success": bool(out[0]), "message": str(out[1] or ""),
-                               "held": self.held if self.hold_waiting else 0,
+                               "held": self.held,
                                "radix_tokens_after": radix_cache_tokens(scheduler)}
             self.flushes += 1
             return out
@@ -1657,15 +1658,14 @@ class ServeGuard:
 
         await self.engine.tokenizer_manager.pause_generation(PauseGenerationReqInput(mode=PAUSE_MODE))
 
-    async def send_flush(self) -> bool:
+    async def send_flush(self) -> None:
         """The scheduler's flush_cache with the waiting (retracted) requests held aside (last_flush says how it
-        went); its answer's success."""
+        went, on every rank)."""
         self.hold_waiting = True
         try:
-            answer = await self.engine.tokenizer_manager.flush_cache()
+            await self.engine.tokenizer_manager.flush_cache()
         finally:
             self.hold_waiting = False
-        return bool(answer.success)
 
     async def send_continue(self) -> None:
         from sgl_jax.srt.managers.io_struct import ContinueGenerationReqInput
@@ -2614,17 +2614,6 @@ def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-def refuse_nonfinite(found: list[tuple[SwapItem, int, int]], where: str) -> None:
-    """Raise exit 2 naming the tensors that hold NaN or infinite values: (item, count, elements counted)."""
-    if found:
-        named = [f"{item.source} -> {item.target} ({n} of {size})" for item, n, size in found]
-        raise ToolError("weights_finite", f"{len(found)} tensor(s) hold NaN or infinite values ({where}): "
-                        + ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else ""),
-                        "a trainer that diverged, or a damaged checkpoint; the engine keeps its previous weights "
-                        "(--allow-nonfinite, ParamSwapper(engine, allow_nonfinite=True): swap them knowingly)",
-                        EXIT_BAD_INPUT, nonfinite={item.source: n for item, n, _ in found})
-
-
 FINITE_WHERE = {"target": "placed on the devices, before their assignment", "source": "in the tree, before the swap"}
 
 
@@ -2633,8 +2622,14 @@ def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: str) -> f
     (placed) or source (the tree itself) names. Returns the seconds it took."""
     t = time.perf_counter()
     found = nonfinite_counts(arrays)
-    named = {getattr(i, by): i for i in items}
-    refuse_nonfinite([(named[k], n, int(np.prod(arrays[k].shape))) for k, n in found.items()], FINITE_WHERE[by])
+    if found:
+        item = {getattr(i, by): i for i in items}
+        named = [f"{item[k].source} -> {item[k].target} ({n} of {int(np.prod(arrays[k].shape))})" for k, n in found.items()]
+        raise ToolError("weights_finite", f"{len(found)} tensor(s) hold NaN or infinite values ({FINITE_WHERE[by]}): "
+                        + ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else ""),
+                        "a trainer that diverged, or a damaged checkpoint; the engine keeps its previous weights "
+                        "(--allow-nonfinite, ParamSwapper(engine, allow_nonfinite=True): swap them knowingly)",
+                        EXIT_BAD_INPUT, nonfinite={item[k].source: n for k, n in found.items()})
     return time.perf_counter() - t
 
 
@@ -3315,7 +3310,6 @@ class ServeLoad:
         self.lengths = [max(1, m // 4), max(1, m // 2), m, 2 * m]
         self.prompts = load_prompts(engine_tokenizer(engine), cfg.prompt) if self.leader else []
         self.requests: list[dict] = []  # every finished load request
-        self.in_flight = 0
         self.live: dict[int, tuple[int, int]] = {}  # requests in flight: (max_new_tokens, forward steps at submission)
         self.tasks: list = []
         self.go = None  # asyncio.Event: clients may send (cleared by drain())
@@ -3326,6 +3320,10 @@ class ServeLoad:
         self.fresh: list[dict] = []  # the checked prompt's answer right after each swap: {swap, weights, answer}
         self.pending: tuple | None = None  # (swap label, weights) whose answer has not been taken yet
         self.unfinished = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.live)
 
     def now(self) -> float:
         return round(time.perf_counter() - self.t0, 3)
@@ -3339,7 +3337,6 @@ class ServeLoad:
             j, n = (i + k) % len(self.prompts), self.lengths[(i + k) % len(self.lengths)]
             k += 1
             rec = {"client": i, "prompt": j, "max_new_tokens": n, "submitted_s": self.now()}
-            self.in_flight += 1
             self.live[id(rec)] = (n, self.swapper.guard.forwards)
             try:
                 out = await self.engine.async_generate(prompt=self.prompts[j], sampling_params=greedy(n))
@@ -3349,7 +3346,6 @@ class ServeLoad:
             except Exception as e:  # noqa: BLE001 - a request that errors is what serve_no_lost_requests counts
                 rec["error"] = f"{type(e).__name__}: {e}"
             finally:
-                self.in_flight -= 1
                 del self.live[id(rec)]
                 rec["done_s"] = self.now()
                 self.requests.append(rec)

@@ -22,6 +22,9 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
                   the Params change; the swap_paused agreement must refuse the swap on every rank)
   flush_skipped   this process's scheduler answers every radix cache flush with success and flushes nothing (on
                   one rank of several hosts: its cache keeps the old weights' prefix KV; swap_flush on every rank)
+  weights_id_kept  this process's guard never learns that a swap completed (its forward steps are all counted
+                  on the dummy set): on one rank of several hosts, the ranks' counts per weight set differ
+                  (serve_no_mixed_forward: ranks_on_the_same_sets)
   slow_forward    every forward step of this process's model runner sleeps 0.5 s first (not a defect: a window
                   to kill one rank of several hosts while they generate)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
@@ -174,6 +177,16 @@ def apply(mutation: str) -> None:
         from sgl_jax.srt.managers.scheduler import Scheduler
 
         Scheduler.flush_cache = lambda self: (True, "", 0)
+    elif mutation == "weights_id_kept":
+        original_change = rps.ParamSwapper._change_engine
+
+        def _change_engine(self, *args, **kwargs):
+            kept = self.guard.weights_id
+            out = original_change(self, *args, **kwargs)
+            self.guard.weights_id = kept
+            return out
+
+        rps.ParamSwapper._change_engine = _change_engine
     elif mutation == "slow_forward":
         import time
 

@@ -140,7 +140,8 @@ def test_two_hosts_swap_while_serving(checkpoint):
     assert [(h["rank"], h["exit_code"], h["failed_checks"]) for h in records[-1]["hosts"]] == [(0, 0, []), (1, 0, [])]
     forwards = checks["serve_no_mixed_forward"]
     assert [r["forwards_mixed"] for r in forwards["ranks"]] == [0, 0] and forwards["ranks_on_the_same_sets"]
-    assert forwards["ranks"][1]["forwards_while_serving"] == forwards["forwards_while_serving"] > 0
+    # (each rank counts "while serving" from its own start of the load: the counts per weight set are compared)
+    assert forwards["ranks"][1]["forwards_while_serving"] > 0 and forwards["forwards_while_serving"] > 0
     assert len(forwards["forwards_by_weights"]) >= 4  # dummy, A, B and the sets the window and references swap in
     reference = reference_output_ids(folder, 4, max_new=6)
     assert phase_of(records, "generate_result")["output_ids"] == reference
@@ -176,6 +177,20 @@ def test_a_rank_not_paused_or_not_flushed_fails_every_rank(checkpoint, mutation,
         assert [f["success"] for f in error["flushes"]] == [True, True] and error["flushes"][0]["radix_tokens_after"] == 0
         assert error["flushes"][1]["radix_tokens_after"] > 0 and error["generation"] == "paused"
     assert [h["exit_code"] for h in records[-1]["hosts"]] == [3, 3]
+
+
+def test_ranks_on_different_weight_sets_fail_the_forward_check(checkpoint):
+    """Planted on rank 1 under load: its guard never learns a swap completed, so its steps are counted on the
+    dummy set. Each rank's own steps are unmixed; only the comparison across ranks fails, on both ranks."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], "--serve-load", "4", "--max-new-tokens", "6", "--serve-seconds", "1",
+                        scripts=[[TOOL], [MUTATED, "weights_id_kept"]])
+    assert [code for code, *_ in results] == [1, 1], results[0][3][-3000:] + results[1][3][-3000:]
+    summary = results[0][1][-1]
+    assert [h["failed_checks"] for h in summary["hosts"]] == [["serve_no_mixed_forward"]] * 2
+    forwards = summary["checks"]["serve_no_mixed_forward"]
+    assert not forwards["ranks_on_the_same_sets"] and [r["forwards_mixed"] for r in forwards["ranks"]] == [0, 0]
+    assert list(forwards["ranks"][1]["forwards_by_weights"]) == ["0"] != list(forwards["forwards_by_weights"])
 
 
 def test_a_partial_swap_exits_1_on_every_rank(checkpoint):
