@@ -2225,7 +2225,7 @@ class SwapStats:
     source: str = "host"  # host (numpy) or device (trainer-resident jax.Arrays)
     transpose: str = "device"  # host sources: where kernels are transposed (--transpose)
     bucket_bytes: int | None = None  # streaming: device bytes placed before they are assigned (None: bulk)
-    buckets: int = 0
+    bucket_tensors: list[int] = dataclasses.field(default_factory=list)  # tensors per bucket, in swap order
     host_s: float = 0.0  # layout + dtype on the host
     put_s: float = 0.0  # jax.device_put into the target sharding (and device transforms), until ready
     assign_s: float = 0.0  # Param assignment + leaves rebind
@@ -2269,7 +2269,8 @@ class SwapStats:
 
         place_s = self.host_s + self.put_s
         return {"swap_mode": self.mode, "source": self.source, "transpose": self.transpose,
-                "bucket_bytes": self.bucket_bytes, "buckets": self.buckets,
+                "bucket_bytes": self.bucket_bytes, "buckets": len(self.bucket_tensors),
+                "bucket_tensors": self.bucket_tensors,
                 "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
                 "meter_s": round(self.meter_s, 4), "prepare_s": round(self.prepare_s, 4),
@@ -2728,7 +2729,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
             placed = {i.target: place(i, source[i.source], num_kv_heads, stats, alias, stats.transpose) for i in bucket}
             jax.block_until_ready(list(placed.values()))
             stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
-            stats.buckets += 1
+            stats.bucket_tensors.append(len(bucket))
             if stats.finite_check == "target":  # before anything of this bucket is assigned
                 stats.finite_check_s += check_finite(bucket, placed, "target")
             stats.sample_peak()
@@ -4222,6 +4223,9 @@ def summary(phases: PhaseLog, error: ToolError | None = None) -> int:
     ok = error is None and bool(phases.checks) and all(c["ok"] for c in phases.checks.values())
     code = error.exit_code if error is not None else EXIT_OK if ok else EXIT_CHECK_FAILED
     code, hosts = HOSTS.end(code, [name for name, c in phases.checks.items() if not c["ok"]])
+    for h in hosts:  # several hosts: a check that failed on another rank fails this one's verdict too
+        if h["rank"] != HOSTS.rank and h["failed_checks"]:
+            log(f"rank {h['rank']}: check(s) failed there: {', '.join(h['failed_checks'])}")
     phases.phase("summary", sample_memory=False, ok=code == EXIT_OK, checks=phases.checks,
                **({"exit_code": code, "hosts": hosts} if HOSTS.multi else {}))
     return code

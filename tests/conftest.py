@@ -112,3 +112,75 @@ def reference_output_ids(model: str, tp: int, prompt: str = PROMPT, max_new: int
         assert proc.returncode == 0, proc.stderr[-3000:]
         _reference_cache[key] = json.loads(proc.stdout.strip().splitlines()[-1])["output_ids"]
     return _reference_cache[key]
+
+
+# --- every check the tool prints is proven to fail by a planted defect ---------------------------------------
+# docs/phases.md's table "check | planted defect | test" names, for each check, the tests that plant its defect
+# (tests/mutated_run.py). Those tests assert the failure with assert_checks_failed, which records it; at the end
+# of the session every check whose listed tests ran must have been seen failing (else the session fails), and
+# the count is printed. tests/test_checks.py holds the table against the tool's own checks.
+PHASES_DOC = os.path.join(ROOT, "docs", "phases.md")
+SEEN_FAILING: dict[str, set[str]] = {}  # check -> the tests that saw it fail in this session
+PASSED: set[str] = set()  # test functions (file.py::name, parameters left out) with a passing call
+
+
+def planted_table(path: str = PHASES_DOC) -> dict[str, list[str]]:
+    """docs/phases.md's table of planted defects: {check: ["test_file.py::test_name", ...]}."""
+    import re
+
+    text = open(path).read()
+    start = text.index("| check | planted defect | test |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = re.findall(r"(test_\w+\.py::test_\w+)", cells[2])
+    return rows
+
+
+def current_test() -> str:
+    """The running test as file.py::name (its parameters left out)."""
+    nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+    return os.path.basename(nodeid.split("::")[0]) + "::" + nodeid.split("::")[-1].split("[")[0]
+
+
+def assert_checks_failed(checks: dict | list, *names: str, exactly: bool = True) -> None:
+    """`names` failed (exactly: and no other check did). `checks`: summary.checks, or a rank's failed_checks
+    (summary.hosts). Recorded for the session's count of checks proven to fail."""
+    failed = set(checks) if isinstance(checks, list) else {k for k, v in checks.items() if not v["ok"]}
+    if exactly:
+        assert failed == set(names), (sorted(failed), names)
+    else:
+        assert set(names) <= failed, (sorted(failed), names)
+    for name in names:
+        SEEN_FAILING.setdefault(name, set()).add(current_test())
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        PASSED.add(os.path.basename(report.nodeid.split("::")[0]) + "::" + report.nodeid.split("::")[-1].split("[")[0])
+
+
+PROOF: list[str] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every check whose planted-defect tests passed in this session must have been seen failing by one of them."""
+    table = planted_table()
+    ran = {check: [t for t in tests if t in PASSED] for check, tests in table.items()}
+    proven = {check for check, tests in table.items() if SEEN_FAILING.get(check, set()) & set(tests)}
+    unseen = sorted(check for check in table if ran[check] and check not in proven)
+    not_run = sorted(check for check in table if not ran[check])
+    if any(ran.values()):
+        PROOF.append(f"checks proven to fail by a planted defect in this session: {len(proven)} of {len(table)}"
+                     + (f" (not run here: {', '.join(not_run)})" if not_run else ""))
+    if unseen:
+        PROOF.append(f"FAILED: the tests docs/phases.md lists for {', '.join(unseen)} passed without seeing the "
+                     "check fail (assert_checks_failed)")
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in PROOF:
+        terminalreporter.write_line(line)

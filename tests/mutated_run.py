@@ -27,6 +27,16 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
                   (serve_no_mixed_forward: ranks_on_the_same_sets)
   slow_forward    every forward step of this process's model runner sleeps 0.5 s first (not a defect: a window
                   to kill one rank of several hosts while they generate)
+  recorder_drops_last_token  the tool's record of each answer misses its last generated id (the engine's answer
+                  cannot be trusted: generate)
+  stale_tensor_in_round  the third swap (--rounds 2: round 2, back to A) places layer 0's down_proj from the
+                  previous swap's tree (B): state that leaks between swaps, which only rounds_consistent sees
+  replaced_kept_in_rounds  from the second swap on, the arrays each swap replaced stay referenced (rounds_no_leak:
+                  memory that grows with every swap, and replaced_still_alive)
+  copy_kept_in_rounds  from the second swap on, a copy of every placed array stays on the devices (rounds_no_leak
+                  by its memory alone: every leaf is the new array)
+  flush_drops_waiting  the swap's flush makes sglang-jax's flush_cache succeed by aborting the waiting (retracted)
+                  requests instead of holding them aside: the requests in flight are lost (serve_no_lost_requests)
   rollback_from_b  a rollback from the previous swap's tree places 0.02 - w of it (weights B) instead
   skip_swap       this process's swap touches nothing but reports success (on one rank of several hosts: a
                   partial swap, which swap_agreement must turn into exit 1 on every rank)
@@ -325,6 +335,62 @@ def apply(mutation: str) -> None:
         from sgl_jax.srt.managers.scheduler import Scheduler
 
         del Scheduler.pause_generation
+    elif mutation == "recorder_drops_last_token":
+        original_take = rps.RequestRecorder.take
+
+        def take(self, rid):
+            record = original_take(self, rid)
+            return {**record, "output_ids": record["output_ids"][:-1]}
+
+        rps.RequestRecorder.take = take
+    elif mutation in ("stale_tensor_in_round", "replaced_kept_in_rounds", "copy_kept_in_rounds"):
+        original_swap, sources, kept = rps.place_and_assign, [], []
+
+        def place_and_assign(state, plan, source, *args, **kwargs):
+            sources.append(source)
+            if mutation == "stale_tensor_in_round" and len(sources) == 3:
+                key = next(i.source for i in plan if i.target == "model.layers.0.mlp.down_proj.weight")
+                source = {**{k: source[k] for k in source}, key: sources[1][key]}
+            return original_swap(state, plan, source, *args, **kwargs)
+
+        rps.place_and_assign = place_and_assign
+        if mutation == "replaced_kept_in_rounds":
+            original_release = rps.SwapStats.release
+
+            def release(self, old):
+                if len(sources) >= 2:
+                    kept.append(old)
+                return original_release(self, old)
+
+            rps.SwapStats.release = release
+        elif mutation == "copy_kept_in_rounds":
+            original_place = rps.place
+
+            def place(*args, **kwargs):
+                arr = original_place(*args, **kwargs)
+                if len(sources) >= 2:
+                    kept.append(arr + 0)
+                return arr
+
+            rps.place = place
+    elif mutation == "flush_drops_waiting":
+        from sgl_jax.srt.managers.io_struct import AbortReq
+
+        original_init = rps.ServeGuard.__init__
+
+        def __init__(self, engine):
+            original_init(self, engine)
+            scheduler = rps.engine_scheduler(engine)
+            guarded = scheduler.flush_cache
+
+            def flush_cache():
+                if self.hold_waiting and scheduler.waiting_queue:
+                    scheduler.abort_request(AbortReq(rid="", abort_all=True))
+                return guarded()
+
+            scheduler.flush_cache = flush_cache
+
+        rps.ServeGuard.__init__ = __init__
     elif mutation == "rollback_from_b":
         original_arrays = rps.Rollback.arrays
 

@@ -1,7 +1,8 @@
 """The demo end to end, and the swapped engine against sglang-jax's own loader (the heart)."""
 
 import pytest
-from conftest import CONSOLE_SCRIPT, MAX_NEW, MUTATED, PROMPT, clean_env, reference_output_ids, run_tool
+from conftest import (CONSOLE_SCRIPT, MAX_NEW, MUTATED, PROMPT, assert_checks_failed, clean_env, reference_output_ids,
+                      run_tool)
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -138,8 +139,9 @@ def test_mutation_no_rebind_fails_swap_effective(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     run = run_tool("no_rebind", *swap_args(folder, 4), script=MUTATED)
     assert run.returncode == 1
-    checks = run.summary["checks"]
-    assert not checks["swap_effective"]["ok"] and not checks["leaves_unchanged"]["ok"]
+    # the leaves list still holds the dummies (the forward answers as before the swap) beside the Params' new set
+    assert_checks_failed(run.summary["checks"], "swap_effective", "leaves_unchanged", "single_copy_memory")
+    assert run.phase("generate_result")["output_ids"] == run.phase("generate_before_swap")["output_ids"]
     assert run.phase("generate_result")["output_ids"] != reference_output_ids(folder, 4)
 
 
@@ -147,7 +149,9 @@ def test_mutation_one_param_left_dummy_fails_leaves_unchanged(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
     run = run_tool("skip_one_param", *swap_args(folder, 4, "--max-new-tokens", "2"), script=MUTATED)
     assert run.returncode == 1
-    assert not run.summary["checks"]["leaves_unchanged"]["ok"]
+    assert_checks_failed(run.summary["checks"], "leaves_unchanged")
+    leaves = run.summary["checks"]["leaves_unchanged"]
+    assert leaves["params_swapped"] == leaves["params_in_model"] - 1
 
 
 def test_mutation_copy_in_dict_fails_buffer_sharing(checkpoint):
@@ -155,5 +159,42 @@ def test_mutation_copy_in_dict_fails_buffer_sharing(checkpoint):
     run = run_tool("copy_in_dict", *swap_args(folder, 4, "--verify-param-sharing", "--max-new-tokens", "2"),
                    script=MUTATED)
     assert run.returncode == 1
+    assert_checks_failed(run.summary["checks"], "param_sharing")
     sharing = run.summary["checks"]["param_sharing"]
-    assert not sharing["ok"] and len(sharing["not_same_buffer"]) == 1 and len(sharing["not_identical"]) == 1
+    assert len(sharing["not_same_buffer"]) == 1 and len(sharing["not_identical"]) == 1
+
+
+def test_mutation_answer_one_id_short_fails_generate(checkpoint):
+    """The tool's record of every answer misses its last id: the count no longer matches completion_tokens,
+    whatever the weights (the swap itself is right, and every other check passes)."""
+    run = run_tool("recorder_drops_last_token", *swap_args(checkpoint(tied=True, num_kv_heads=2), 4), script=MUTATED)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert_checks_failed(run.summary["checks"], "generate")
+    check = run.summary["checks"]["generate"]
+    assert check["num_tokens"] == [MAX_NEW - 1] * 2 and set(check["inconsistent"]) == {"generate_before_swap",
+                                                                                       "generate_result"}
+    for problems in check["inconsistent"].values():
+        assert f"{MAX_NEW - 1} ids, completion_tokens {MAX_NEW}, max_new_tokens {MAX_NEW}" in problems
+
+
+@pytest.mark.parametrize("mutation, failing", [
+    ("stale_tensor_in_round", "rounds_consistent"),  # round 2 (A again) keeps one tensor of B
+    ("replaced_kept_in_rounds", "rounds_no_leak"),   # each round's replaced set stays referenced
+    ("copy_kept_in_rounds", "rounds_no_leak"),       # each round keeps a copy of what it placed: memory alone
+])
+def test_each_rounds_check_fails_on_its_defect(checkpoint, mutation, failing):
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool(mutation, *swap_args(folder, 4, "--rounds", "2"), script=MUTATED)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert_checks_failed(run.summary["checks"], failing)  # the first swap's own checks all pass
+    check = run.summary["checks"][failing]
+    if failing == "rounds_consistent":  # round 1 (B) was right, round 2 (A) no longer answers as the first swap
+        assert (check["b_rounds_equal"], check["a_rounds_equal"], check["a_rounds"]) == (1, 0, 1)
+        return
+    # one more set of the params on the devices after each round: round r holds r sets more than the first swap
+    first = run.phase("weights_swapped_from_mllm")["engine_bytes_sum"]
+    params = run.phase("engine_ready_dummy")["param_bytes_sum"]
+    assert [f["round"] for f in check["failed_rounds"]] == [1, 2]
+    for f in check["failed_rounds"]:
+        assert f["engine_bytes_sum"] - first == pytest.approx(f["round"] * params, rel=0.02)
+        assert f["leaves_ok"] is (mutation == "copy_kept_in_rounds")  # replaced arrays alive: the leaves check too

@@ -226,27 +226,54 @@ def test_plan_refuses_what_the_engine_cannot_hold():
 # --- faults once the engine runs -----------------------------------------------------------------------------
 
 
-TENSORS = 26  # the tiny tied 2-layer checkpoint's plan: a swap places 26 tensors
+def plan_size(folder: str) -> int:
+    """The tensors a swap places: one per checkpoint tensor the config asks for (the tool's own reading)."""
+    return len(rps.expected_tensors(rps.read_checkpoint_info(folder)))
 
 
-@pytest.mark.parametrize("fail_at, extra, kind, assigned", [
-    (5, ["--bucket-mb", "1"], "dummy", 4),  # the first swap: sglang-jax's dummy initialiser again, no copy made
-    (TENSORS + 10, ["--bucket-mb", "1", "--rounds", "1"], "source", 8),  # round 1: A placed again from its tree
-    (TENSORS + 10, ["--bucket-mb", "1", "--rounds", "1", "--weights-source", "trainer", "--rollback"], "copy", 8),
-    (5, ["--swap-mode", "bulk"], "kept", 0),  # bulk assigns only once every tensor is placed
+@pytest.fixture(scope="module")
+def one_mb_buckets(checkpoint) -> list[int]:
+    """How a correct swap of the default test checkpoint packs 1 MB buckets (tensors per bucket)."""
+    run = run_tool("--model-id", checkpoint(), *CPU4, "--bucket-mb", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.phase("weights_swapped_from_mllm")["bucket_tensors"]
+
+
+def assigned_before(bucket_tensors: list[int], failing: int) -> int:
+    """Tensors assigned when the `failing`-th tensor of a swap (1-based) fails: every bucket before its own."""
+    done = 0
+    for n in bucket_tensors:
+        if done + n >= failing:
+            return done
+        done += n
+    raise AssertionError(f"tensor {failing} is past the plan {bucket_tensors}")
+
+
+@pytest.mark.parametrize("swap, failing, extra, kind", [
+    (1, 5, ["--bucket-mb", "1"], "dummy"),  # the first swap: sglang-jax's dummy initialiser again, no copy made
+    (2, 10, ["--bucket-mb", "1", "--rounds", "1"], "source"),  # round 1: A placed again from its tree
+    (2, 10, ["--bucket-mb", "1", "--rounds", "1", "--weights-source", "trainer", "--rollback"], "copy"),
+    (1, 5, ["--swap-mode", "bulk"], "kept"),  # bulk assigns only once every tensor is placed
 ])
 @pytest.mark.engine
-def test_failure_mid_swap_restores_previous_weights(checkpoint, fail_at, extra, kind, assigned):
-    run = run_tool(f"fail_swap_at_{fail_at}", "--model-id", checkpoint(), *CPU4, *extra, script=MUTATED)
+def test_failure_mid_swap_restores_previous_weights(checkpoint, one_mb_buckets, swap, failing, extra, kind):
+    tensors = plan_size(checkpoint())
+    assert sum(one_mb_buckets) == tensors and len(one_mb_buckets) > 2  # 1 MB buckets: a real restore
+    run = run_tool(f"fail_swap_at_{(swap - 1) * tensors + failing}", "--model-id", checkpoint(), *CPU4, *extra,
+                   script=MUTATED)
     error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
     assert error["restored"] is True and error["rollback"] == kind and error["previous_weights_answer_matches"] is True
-    assert f"after {assigned} of {TENSORS} tensors were assigned" in error["error"]  # 1 MB buckets: a real restore
+    assigned = 0 if kind == "kept" else assigned_before(one_mb_buckets, failing)
+    assert assigned > 0 or kind == "kept"
+    assert f"after {assigned} of {tensors} tensors were assigned" in error["error"]
+    if swap == 2:  # the round swaps the same plan as the first swap: packed the same
+        assert run.phase("weights_swapped_from_mllm")["bucket_tensors"] == one_mb_buckets
 
 
 @pytest.mark.engine
 def test_wrong_rollback_is_seen(checkpoint):
     """Planted: the rollback re-creates B (0.02 - A) instead of A: the answer after the restore differs."""
-    run = run_tool(f"fail_swap_at_{TENSORS + 10}+rollback_from_b", "--model-id", checkpoint(), *CPU4,
+    run = run_tool(f"fail_swap_at_{plan_size(checkpoint()) + 10}+rollback_from_b", "--model-id", checkpoint(), *CPU4,
                    "--bucket-mb", "1", "--rounds", "1", script=MUTATED)
     error = assert_error(run, 3, "swap", "RESOURCE_EXHAUSTED")
     assert error["restored"] is True and error["previous_weights_answer_matches"] is False

@@ -1,9 +1,10 @@
 """Property-based fuzzing of the inputs (hypothesis): config.json fields and safetensors headers.
 
 Validation level (in process, no engine, many cases): every case passes or raises ToolError with exit code 2,
-never another exception. Whole-tool level (a few cases, subprocesses): a config that validation lets through
-with odd values runs the tool to the end: exit 0, 2 or 3, one error line and the summary on failure, never
-137, never a traceback on stdout.
+never another exception, and the verdict is the one an independent reading of the edit expects (expected_*:
+what must be refused, what must pass, and the few edits whose verdict belongs to transformers). Whole-tool
+level (a few cases, subprocesses): a config that validation lets through with odd but valid values runs the
+tool to the end with exit 0 and every check passed; a context too short for the prompt is exit 2.
 """
 
 import json
@@ -54,29 +55,72 @@ def variant(base: str, config: dict | None = None, header_edit=None) -> str:
     return folder
 
 
-def validate(folder: str) -> None:
-    """Everything the tool checks before JAX or the engine start: passes, or ToolError with exit 2."""
+def validate(folder: str) -> bool:
+    """Everything the tool checks before JAX or the engine start: True if it refuses the checkpoint (always a
+    ToolError with exit 2 and a message), False if it passes."""
     try:
         info = rps.read_checkpoint_info(folder)
         rps.validate_checkpoint(info)
         rps.validate_parallelism(info, 4)
+        return False
     except rps.ToolError as e:
         assert e.exit_code == 2, e.record()
         assert e.record()["error"]
+        return True
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+REFUSE, PASS, EITHER = "refused", "passes", "either"
+SHAPES = ["num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size",
+          "vocab_size"]  # any other value changes the tensors' shapes or count: the checkpoint no longer fits
+
+
+def is_int(v) -> bool:
+    return type(v) is int  # noqa: E721 - not bool, not float
+
+
+def expected_config(base: dict, field: str, value) -> str:
+    """The verdict one edit of config.json must get, read from the edit alone (not from the tool's code)."""
+    if value is not MISSING and value == base.get(field, MISSING) and type(value) is type(base.get(field)):
+        return PASS  # no change
+    if field in SHAPES:  # transformers' defaults for a missing field are a 7B model's: no tensor fits
+        return REFUSE
+    if field == "max_position_embeddings":  # only the token budget reads it (not validated here)
+        return PASS if value is MISSING or (is_int(value) and value >= 1) else REFUSE
+    if field == "head_dim":  # absent or null: hidden_size / num_attention_heads = 128, the tensors' own
+        return PASS if value is MISSING or value is None else REFUSE
+    if field == "architectures":  # absent or not a list: model_type "qwen2" is no architecture the tool swaps
+        return PASS if isinstance(value, list) and value[:1] == ["Qwen2ForCausalLM"] else REFUSE
+    if field == "tie_word_embeddings":  # tied: the untied checkpoint's lm_head is left out, as HF does
+        return PASS if value is MISSING or isinstance(value, bool) else EITHER
+    if field in ("rope_theta", "rms_norm_eps", "torch_dtype"):  # read by the engine, not by validation
+        return PASS if value is MISSING or isinstance(value, float) and field != "torch_dtype" else EITHER
+    return EITHER  # model_type: AutoConfig picks its class by it (or by the folder's name when absent)
+
+
+def combined(verdicts) -> str:
+    verdicts = list(verdicts)
+    return REFUSE if REFUSE in verdicts else PASS if all(v == PASS for v in verdicts) else EITHER
+
+
+def assert_verdict(refused: bool, expected: str, what) -> None:
+    if expected != EITHER:
+        assert refused == (expected == REFUSE), f"{what}: expected {expected}, got {'refused' if refused else 'passes'}"
 
 
 @SETTINGS
 @given(edits=st.dictionaries(st.sampled_from(FIELDS), VALUES, min_size=1, max_size=3))
 def test_config_fields(base, edits):
-    config = json.load(open(os.path.join(base, "config.json")))
+    original = json.load(open(os.path.join(base, "config.json")))
+    config = dict(original)
     for field, value in edits.items():
         if value is MISSING:
             config.pop(field, None)
         else:
             config[field] = value
-    validate(variant(base, config))
+    expected = combined(expected_config(original, f, v) for f, v in edits.items())
+    assert_verdict(validate(variant(base, config)), expected, edits)
 
 
 def pack(header: dict, data: bytes) -> bytes:
@@ -102,36 +146,62 @@ HEADER_EDITS = st.one_of(
 @given(edit=HEADER_EDITS, which=st.integers(0, 1000))
 def test_safetensors_headers(base, edit, which):
     kind, value = edit
+    expected = []
 
     def header_edit(header: dict, data: bytes) -> bytes:
         names = sorted(k for k in header if k != "__metadata__")
         name = names[which % len(names)]
+        entry = dict(header[name])
+        nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+        full = pack(header, data)
         if kind == "offsets":
             header[name]["data_offsets"] = value
-        elif kind in ("dtype", "shape"):
+            start_end = len(value) == 2 and all(isinstance(o, int) for o in value) and 0 <= value[0] <= value[1]
+            elsewhere = start_end and value[1] - value[0] == nbytes and value[1] <= len(data)
+            expected.append(PASS if value == entry["data_offsets"] else EITHER if elsewhere else REFUSE)
+        elif kind == "dtype":  # BF16 <-> F16 keeps every byte count: the dtype is not the model's to check
             header[name][kind] = value
+            expected.append(PASS if value in ("BF16", "F16") and entry["dtype"] in ("BF16", "F16") else REFUSE)
+        elif kind == "shape":
+            header[name][kind] = value
+            expected.append(PASS if value == entry["shape"] else REFUSE)
         elif kind == "rename":
             header[value] = header.pop(name)
-        elif kind == "drop":
-            header.pop(name)
-        elif kind == "not_a_dict":
-            header[name] = value
+            expected.append(PASS if value == name else REFUSE)
+        elif kind in ("drop", "not_a_dict"):
+            if kind == "drop":
+                header.pop(name)
+            else:
+                header[name] = value
+            expected.append(REFUSE)
         elif kind == "header_length":
-            blob = pack(header, data)
-            return struct.pack("<Q", value) + blob[8:]
+            (real,) = struct.unpack("<Q", full[:8])
+            expected.append(PASS if value == real else REFUSE)
+            return struct.pack("<Q", value) + full[8:]
         elif kind == "truncate":
-            return pack(header, data)[:value]
+            expected.append(PASS if value >= len(full) else REFUSE)
+            return full[:value]
         return pack(header, data)
 
-    validate(variant(base, header_edit=header_edit))
+    folder = variant(base, header_edit=header_edit)
+    assert_verdict(validate(folder), expected[0], edit)
 
 
-# the whole tool, on configs validation lets through: exit 0, 2 or 3, never 137, never a traceback on stdout
+# the whole tool, on configs validation lets through with odd but valid values: every check passes
 ODD_BUT_VALID = st.fixed_dictionaries({
-    "max_position_embeddings": st.sampled_from([16, 100, 32768]),
+    "max_position_embeddings": st.sampled_from([32, 100, 32768]),
     "rope_theta": st.sampled_from([1.0, 10000.0, 1e9]),
     "rms_norm_eps": st.sampled_from([1e-12, 1e-6, 0.5]),
 })
+
+
+def run_with_config(base: str, edits: dict):
+    folder = variant(base, {**json.load(open(os.path.join(base, "config.json"))), **edits})
+    try:
+        return run_tool("--model-id", folder, "--device", "cpu", "--tp-size", "4", "--prompt", "The quick brown fox",
+                        "--max-new-tokens", "4")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @settings(max_examples=2, deadline=None, derandomize=True,
@@ -139,14 +209,21 @@ ODD_BUT_VALID = st.fixed_dictionaries({
 @given(edits=ODD_BUT_VALID)
 @pytest.mark.engine
 def test_odd_configs_through_the_whole_tool(base, edits):
-    config = {**json.load(open(os.path.join(base, "config.json"))), **edits}
-    folder = variant(base, config)
-    try:
-        run = run_tool("--model-id", folder, "--device", "cpu", "--tp-size", "4", "--prompt", "The quick brown fox",
-                       "--max-new-tokens", "4")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    assert run.returncode in (0, 1, 2, 3), (run.returncode, run.stderr[-2000:])
-    assert "Traceback" not in run.stdout and run.records[-1]["phase"] == "summary"
-    errors = [r for r in run.records if r["phase"] == "error"]
-    assert len(errors) == (run.returncode in (2, 3)), run.records[-2:]
+    run = run_with_config(base, edits)
+    assert run.returncode == 0, (edits, run.records[-2:], run.stderr[-2000:])
+    assert run.phases()[-1] == "summary" and "error" not in run.phases()
+    assert run.summary["ok"] and all(c["ok"] for c in run.summary["checks"].values())
+
+
+@pytest.mark.engine
+def test_a_context_too_short_for_the_prompt_is_bad_input(base):
+    """max_position_embeddings below prompt + new tokens (counted with the checkpoint's tokenizer): exit 2
+    before the engine starts, naming the context."""
+    from transformers import AutoTokenizer
+
+    prompt_tokens = len(AutoTokenizer.from_pretrained(base)("The quick brown fox")["input_ids"])
+    run = run_with_config(base, {"max_position_embeddings": prompt_tokens + 4})  # needs one more: total < context
+    assert run.returncode == 2, (run.records[-2:], run.stderr[-2000:])
+    error = run.phase("error")
+    assert error["stage"] == "arguments" and f"the model's context of {prompt_tokens + 4} tokens" in error["error"]
+    assert "engine_ready_dummy" not in run.phases() and run.phases()[-1] == "summary"

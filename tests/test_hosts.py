@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from conftest import MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, clean_env, reference_output_ids, run_tool, strict_json
+from conftest import (MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, assert_checks_failed, clean_env, reference_output_ids,
+                      run_tool, strict_json)
 
 pytestmark = [pytest.mark.engine, pytest.mark.hosts]  # make test-hosts runs these (make test and test-fast do not)
 
@@ -188,9 +189,27 @@ def test_ranks_on_different_weight_sets_fail_the_forward_check(checkpoint):
     assert [code for code, *_ in results] == [1, 1], results[0][3][-3000:] + results[1][3][-3000:]
     summary = results[0][1][-1]
     assert [h["failed_checks"] for h in summary["hosts"]] == [["serve_no_mixed_forward"]] * 2
+    assert_checks_failed(summary["checks"], "serve_no_mixed_forward")
     forwards = summary["checks"]["serve_no_mixed_forward"]
     assert not forwards["ranks_on_the_same_sets"] and [r["forwards_mixed"] for r in forwards["ranks"]] == [0, 0]
     assert list(forwards["ranks"][1]["forwards_by_weights"]) == ["0"] != list(forwards["forwards_by_weights"])
+
+
+def test_a_check_failing_on_one_rank_fails_every_rank(checkpoint):
+    """Rank 1's dict holds a copy of one engine array: its param_sharing fails, rank 0's passes. Both ranks exit
+    1, and rank 0's summary names rank 1 and its failed check."""
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    results = run_hosts([folder, folder], "--verify-param-sharing", "--max-new-tokens", "2",
+                        scripts=[[TOOL], [MUTATED, "copy_in_dict"]])
+    assert [code for code, *_ in results] == [1, 1], results[0][3][-3000:] + results[1][3][-3000:]
+    summary = results[0][1][-1]
+    assert summary["ok"] is False and summary["exit_code"] == 1
+    assert all(c["ok"] for c in summary["checks"].values())  # rank 0's own checks
+    # each rank's own verdict; the common exit code is the worst of them
+    assert [(h["rank"], h["exit_code"], h["failed_checks"]) for h in summary["hosts"][:1]] == [(0, 0, [])]
+    assert summary["hosts"][1]["exit_code"] == 1
+    assert_checks_failed(summary["hosts"][1]["failed_checks"], "param_sharing")
+    assert "check param_sharing: FAILED" in results[1][3] and "rank 1: check(s) failed there: param_sharing" in results[0][3]
 
 
 def test_a_partial_swap_exits_1_on_every_rank(checkpoint):

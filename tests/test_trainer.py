@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ENGINE_TIMEOUT, MUTATED, ROOT, clean_env, reference_output_ids, run_tool
+from conftest import ENGINE_TIMEOUT, MUTATED, ROOT, assert_checks_failed, clean_env, reference_output_ids, run_tool
 from test_end_to_end import swap_args
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
@@ -88,7 +88,7 @@ def test_single_copy_fails_when_a_device_swap_keeps_a_second_set(checkpoint):
                                                   "--weights-source", "trainer", "--max-new-tokens", "2"),
                    script=MUTATED)
     assert run.returncode == 1, run.stderr[-2000:]
-    assert not run.summary["checks"]["single_copy_memory"]["ok"]
+    assert_checks_failed(run.summary["checks"], "single_copy_memory")
 
 
 def test_rl_loop_through_the_api(checkpoint, tmp_path):
