@@ -1,8 +1,16 @@
 """The demo end to end, and the swapped engine against sglang-jax's own loader (the heart)."""
 
 import pytest
-from conftest import (CONSOLE_SCRIPT, MAX_NEW, MUTATED, PROMPT, assert_checks_failed, clean_env, reference_output_ids,
-                      run_tool)
+from conftest import (
+    CONSOLE_SCRIPT,
+    MAX_NEW,
+    MUTATED,
+    PROMPT,
+    assert_checks_failed,
+    clean_env,
+    reference_output_ids,
+    run_tool,
+)
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 

@@ -11,8 +11,18 @@ import sys
 import time
 
 import pytest
-from conftest import (MAX_NEW, MUTATED, PROMPT, ROOT, TOOL, assert_checks_failed, clean_env, reference_output_ids,
-                      run_tool, strict_json)
+from conftest import (
+    MAX_NEW,
+    MUTATED,
+    PROMPT,
+    ROOT,
+    TOOL,
+    assert_checks_failed,
+    clean_env,
+    reference_output_ids,
+    run_tool,
+    strict_json,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.hosts]  # make test-hosts runs these (make test and test-fast do not)
 
