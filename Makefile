@@ -1,6 +1,7 @@
 # make demo: tiny random Qwen2 on 4 virtual CPU devices, the whole verification.
 # make test: ruff and the test suite on the pinned stack (CPU, virtual devices; builds its own checkpoints),
-#   but the several-hosts tests, which make test-hosts runs (2 processes x 2 virtual devices on 127.0.0.1).
+#   but the several-hosts tests, which make test-hosts runs (2 processes x 2 virtual devices on 127.0.0.1),
+#   and the documented serving demo, which make test-long runs (about 8 minutes).
 # make test-compat: the tool on every other supported sglang-jax stack (and the refusal of the unsupported one).
 # make stress: the documented serving command, 5 runs in a row on each supported stack.
 # make test-fast: ruff, the engine-free tests and one end-to-end run (a few minutes): the edit-test loop.
@@ -18,7 +19,7 @@ COMPAT_STACKS := bd09a87 0.1.0rc0 0.1.0rc0-jax0.11 registry-0.0.2
 STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
 
-.PHONY: setup demo test test-hosts test-fast test-compat stacks stress lint bench check-requirements check-install device-kit device-rehearsal clean
+.PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress lint bench check-requirements check-install device-kit device-rehearsal clean
 
 setup: $(STAMP)
 
@@ -39,10 +40,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not hosts"
+	$(PY) -m pytest -m "not hosts and not long"
 
 test-hosts: $(STAMP)
 	$(PY) -m pytest -m hosts
+
+test-long: $(STAMP)
+	$(PY) -m pytest -m long
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check .

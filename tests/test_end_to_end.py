@@ -12,6 +12,8 @@ from conftest import (
     run_tool,
 )
 
+import run_param_swap as rps
+
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
 DEMO_PHASES = ["jax_ready", "engine_ready_dummy", "generate_before_swap", "mllm_params_cpu_ready",
@@ -45,12 +47,15 @@ def test_demo(tmp_path):
     assert set(run.summary["checks"]) == {"leaves_unchanged", "param_sharing", "generate", "swap_effective",
                                           "single_copy_memory", "weights_equal_loader", "logits_match_reference"}
     assert all(c["ok"] for c in run.summary["checks"].values())
-    # 64 tokens, exactly as generated: the independent reference's argmax at every position (teacher-forced on
-    # the engine's own tokens, agreement everywhere = the reference's greedy decode is the same sequence)
+    # --max-new-tokens' default, exactly as generated: the independent reference's argmax at every position
+    # (teacher-forced on the engine's own tokens, agreement everywhere = its greedy decode is the same sequence)
+    new_tokens = rps.parse_args([]).max_new_tokens
     result, logits = run.phase("generate_result"), run.phase("logits_verified")
-    assert len(result["output_ids"]) == result["meta_info"]["completion_tokens"] == 64
-    assert logits["reference_argmax"] == result["output_ids"] and logits["argmax_agreement"] == "64/64"
-    assert run.phase("weights_verified")["paths_checked"] == 26 and run.phase("weights_verified")["differing"] == {}
+    assert len(result["output_ids"]) == result["meta_info"]["completion_tokens"] == new_tokens
+    assert logits["reference_argmax"] == result["output_ids"] and logits["argmax_agreement"] == f"{new_tokens}/{new_tokens}"
+    # one Param per tensor of the demo checkpoint (kept in --demo-dir), each checked
+    params = len(rps.expected_tensors(rps.read_checkpoint_info(str(tmp_path / "demo"))))
+    assert run.phase("weights_verified")["paths_checked"] == params and run.phase("weights_verified")["differing"] == {}
     for record in run.records[:-1]:
         summary = record["memory"]["jax_device_memory_summary"]
         assert record["memory"]["source"] == "live_arrays" and record["memory"]["process_rss_bytes"] > 0
@@ -65,7 +70,7 @@ def test_demo(tmp_path):
     for rec in (swapped, kept):
         assert rec["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] <= base * 1.02
     assert swapped["param_bytes_sum"] == dummy["param_bytes_sum"] > 0
-    assert run.phase("param_sharing_check")["paths_checked"] == dummy["num_params"] == 26
+    assert run.phase("param_sharing_check")["paths_checked"] == dummy["num_params"] == params
     assert (tmp_path / "demo.jsonl").read_text().splitlines() == run.stdout.strip().splitlines()
     assert run.phase("generate_result")["output_ids"] != run.phase("generate_before_swap")["output_ids"]
 

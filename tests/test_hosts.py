@@ -205,6 +205,35 @@ def test_ranks_on_different_weight_sets_fail_the_forward_check(checkpoint):
     assert list(forwards["ranks"][1]["forwards_by_weights"]) == ["0"] != list(forwards["forwards_by_weights"])
 
 
+def test_api_multi_host_example_runs(checkpoint):
+    """docs/api.md's "Several hosts" block as written, on 2 processes x 2 virtual CPU devices (PLATFORM=cpu):
+    both steps answer as sglang-jax's own loader on one host, and every rank gets rank 0's answer."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "docs", "api.md")).read(), re.S)
+    code = next(b for b in blocks if 'NNODES, RANK = int(os.environ["NNODES"])' in b)
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**clean_env(), "CKPT": folder, "NNODES": "2", "RANK": str(rank), "ADDR": f"127.0.0.1:{port}",
+               "PLATFORM": "cpu", "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=ROOT))
+    try:
+        outs = [p.communicate(timeout=HOSTS_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    reference = reference_output_ids(folder, 4)
+    for rank, (stdout, _) in enumerate(outs):
+        lines = [strict_json(line) for line in stdout.splitlines() if line.startswith("{")]
+        assert [(r["rank"], r["step"]) for r in lines] == [(rank, 0), (rank, 1)]
+        assert [r["output_ids"] for r in lines] == [reference, reference]
+
+
 def test_a_check_failing_on_one_rank_fails_every_rank(checkpoint):
     """Rank 1's dict holds a copy of one engine array: its param_sharing fails, rank 0's passes. Both ranks exit
     1, and rank 0's summary names rank 1 and its failed check."""

@@ -9,6 +9,8 @@ from conftest import MAX_NEW, MUTATED, PROMPT, assert_checks_failed, reference_o
 from test_end_to_end import ORACLES, swap_args
 from test_errors import assert_error
 
+import run_param_swap as rps
+
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
 ORACLE_CHECKS = ("weights_equal_loader", "logits_match_reference")
@@ -17,7 +19,7 @@ ORACLE_CHECKS = ("weights_equal_loader", "logits_match_reference")
 PLANTED = {
     "gate_up_swapped": {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"},
     "kv_heads_tiled": {f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in (0, 1) for p in "kv" for w in ("weight", "bias")},
-    "layers_swapped": None,  # all 24 Params of layers 0 and 1 (20 are listed): checked by count below
+    "layers_swapped": None,  # every Param of layers 0 and 1 (20 are listed): checked by count below
     "kernel_shifted": {"model.layers.0.mlp.down_proj.weight"},
     "norm_left_dummy": {"model.layers.0.post_attention_layernorm.scale"},
 }
@@ -36,7 +38,8 @@ def test_planted_layout_error_passes_structural_checks_and_fails_both_oracles(ch
     assert_checks_failed(checks, *ORACLE_CHECKS)
     named = set(run.phase("weights_verified")["differing"])
     if PLANTED[mutation] is None:
-        assert run.phase("weights_verified")["num_differing"] == 24  # 12 Params in each of the 2 layers
+        layers = [n for n in rps.expected_tensors(rps.read_checkpoint_info(folder)) if ".layers." in n]
+        assert run.phase("weights_verified")["num_differing"] == len(layers)  # both layers, every Param
         assert all(".layers.0." in p or ".layers.1." in p for p in named)
     else:
         assert named == PLANTED[mutation]

@@ -14,7 +14,8 @@ def records():
 
     return [rec("jax_ready", 0.1, 0), rec("engine_ready_dummy", 5.0, 1000, param_bytes_sum=800),
             rec("sglang_param_dict_ready", 6.0, 1800), rec("weights_swapped_from_mllm", 7.0, 1000),
-            rec("swap_round", 8.0, 1000, round=1), {"phase": "summary", "elapsed_s": 9.0, "ok": True, "checks": {}}]
+            rec("swap_round", 8.0, 1000, round=1), {"phase": "summary", "elapsed_s": 9.0, "ok": False,
+                                                    "checks": {"generate": {"ok": True}, "swap_effective": {"ok": False}}}]
 
 
 def test_memory_table_marks_two_sets():
@@ -77,7 +78,15 @@ def test_wandb_metrics_are_numbers(monkeypatch, record):
     monkeypatch.setattr(wandb, "init", lambda **kw: Run())
     sink = rps.WandbSink(args())
     sink.log(record)
-    assert all(isinstance(v, (int, float)) for _, m in logged for v in m.values())
+    # what must be logged, read from the record: its numbers (not its flags), the memory summary, the verdict
+    expected = {f"{record['phase']}/{k}": v for k, v in record.items() if type(v) in (int, float)}
+    if "memory" in record:
+        expected.update({f"memory/{k}": v for k, v in record["memory"]["jax_device_memory_summary"].items()})
+        expected["memory/process_rss_bytes"] = record["memory"]["process_rss_bytes"]
+    if record["phase"] == "summary":
+        expected.update({"summary/ok": 0, "checks/generate": 1, "checks/swap_effective": 0})
+    assert logged == [(0, expected)] and expected
+    assert all(type(v) in (int, float) for v in expected.values())
 
 
 def test_phase_lines_are_strict_json():

@@ -97,12 +97,19 @@ def test_stop_mid_swap_lets_the_swap_complete(checkpoint, tmp_path):
 
 
 def test_timeout_ends_the_demo_with_its_summary():
+    """`timeout 8` ends the demo wherever it is: the error line names the phase after the last one written
+    (the demo's phases in order, test_end_to_end.DEMO_PHASES), and the summary follows."""
+    from test_end_to_end import DEMO_PHASES
+
     demos = set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*"))
     proc = subprocess.run(["timeout", "8", sys.executable, TOOL, "--demo"], capture_output=True, text=True,
                           env=clean_env(compile_cache=False), cwd=ROOT, timeout=120)
     lines = [strict_json(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 124  # timeout's own code; the tool exited 143
     assert lines[-2]["stage"] == "interrupted" and lines[-2]["exit_code"] == 143
+    written = [r["phase"] for r in lines[:-2]]
+    assert written == DEMO_PHASES[:len(written)]  # the demo's own order, cut where the signal came
+    assert lines[-2]["interrupted_phase"] == DEMO_PHASES[len(written)]
     assert lines[-1]["phase"] == "summary" and lines[-1]["ok"] is False
     assert "device bytes in use (sum)" in proc.stderr  # the table
     assert set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*")) == demos  # its temp checkpoint removed
