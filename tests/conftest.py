@@ -124,25 +124,30 @@ SEEN_FAILING: dict[str, set[str]] = {}  # check -> the tests that saw it fail in
 PASSED: set[str] = set()  # test functions (file.py::name, parameters left out) with a passing call
 
 
-def planted_table(path: str = PHASES_DOC) -> dict[str, list[str]]:
-    """docs/phases.md's table of planted defects: {check: ["test_file.py::test_name", ...]}."""
+def planted_table(path: str = PHASES_DOC, column: str = "tests") -> dict[str, list[str]]:
+    """docs/phases.md's table of planted defects, one column: {check: ["test_file.py::test_name", ...]}
+    ("tests"), or {check: [mutation, ...]} ("defects": the backquoted names of tests/mutated_run.py's)."""
     import re
 
     text = open(path).read()
     start = text.index("| check | planted defect | test |")
+    pattern, index = {"tests": (r"(test_\w+\.py::test_\w+)", 2), "defects": (r"`(\w+)`", 1)}[column]
     rows = {}
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0].strip("`")] = re.findall(r"(test_\w+\.py::test_\w+)", cells[2])
+        rows[cells[0].strip("`")] = re.findall(pattern, cells[index])
     return rows
 
 
-def current_test() -> str:
-    """The running test as file.py::name (its parameters left out)."""
-    nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+def test_name(nodeid: str) -> str:
+    """A test's node id as file.py::name (its parameters left out)."""
     return os.path.basename(nodeid.split("::")[0]) + "::" + nodeid.split("::")[-1].split("[")[0]
+
+
+def current_test() -> str:
+    return test_name(os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0])
 
 
 def assert_checks_failed(checks: dict | list, *names: str, exactly: bool = True) -> None:
@@ -159,7 +164,7 @@ def assert_checks_failed(checks: dict | list, *names: str, exactly: bool = True)
 
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.passed:
-        PASSED.add(os.path.basename(report.nodeid.split("::")[0]) + "::" + report.nodeid.split("::")[-1].split("[")[0])
+        PASSED.add(test_name(report.nodeid))
 
 
 PROOF: list[str] = []

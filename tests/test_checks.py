@@ -38,20 +38,8 @@ def test_every_check_has_a_planted_defect_and_a_test_that_sees_it_fail():
             assert name in functions, f"{check}: {test} does not exist"
             assert "assert_checks_failed(" in functions[name], f"{check}: {test} never asserts a failed check"
     documented = open(MUTATED).read().split('"""')[1]  # mutated_run.py's usage: one line per mutation
-    for check, names in planted_defects().items():
+    for check, names in planted_table(column="defects").items():
         assert names, f"{check}: no planted defect named"
         for n in names:
             assert re.search(rf"^  {n} ", documented, re.M), f"{check}: planted defect {n} is not in tests/mutated_run.py"
 
-
-def planted_defects() -> dict[str, list[str]]:
-    """The planted-defect column: the mutated_run.py mutations (in backquotes) of each check."""
-    text = open(os.path.join(ROOT, "docs", "phases.md")).read()
-    start = text.index("| check | planted defect | test |")
-    out = {}
-    for line in text[start:].splitlines()[2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        out[cells[0].strip("`")] = re.findall(r"`(\w+)`", cells[1])
-    return out
