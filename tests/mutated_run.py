@@ -14,7 +14,8 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   sigquit_in_generate  the scheduler "dies" during the second generation (SIGQUIT, as sglang-jax signals it)
   scheduler_start_fails  the sglang-jax scheduler raises while the Engine starts (exit 3, never 137)
   device_copy_kept  a device-to-device swap keeps an extra copy of every placed array (single_copy_memory)
-  slow_place      each tensor placement sleeps 0.3 s (not a defect: a window to send a signal mid-swap)
+  slow_place      each tensor placement sleeps 0.3 s; the first writes the file $PARAM_SWAP_MARKER when set (not a
+                  defect: a window to send a signal mid-swap)
   slow_engine_start  inside Engine(), once its scheduler exists: writes the file $PARAM_SWAP_MARKER, sleeps 10 s
                   (not a defect: a window to send a signal while the engine starts)
   pause_not_awaited  this process's swap goes on without waiting for its scheduler to confirm the pause, and
@@ -154,6 +155,8 @@ def apply(mutation: str) -> None:
         original_place = rps.place
 
         def place(*args, **kwargs):
+            if os.environ.get("PARAM_SWAP_MARKER"):
+                open(os.environ["PARAM_SWAP_MARKER"], "a").close()  # the swap has begun placing
             time.sleep(0.3)
             return original_place(*args, **kwargs)
 

@@ -90,8 +90,10 @@ def test_stop_during_a_generation(checkpoint, tmp_path, sig, code):
 
 
 def test_stop_mid_swap_lets_the_swap_complete(checkpoint, tmp_path):
+    # the signal 1 s after the first tensor placement began (not after a phase line: the swap's compiles
+    # before the pause take a machine-dependent time)
     run = stop_run([MUTATED, "slow_place", "--model-id", checkpoint(), *CPU4, "--max-new-tokens", "4"],
-                   "sglang_param_dict_ready", signal.SIGTERM, tmp_path, delay=1.0)
+                   None, signal.SIGTERM, tmp_path, delay=1.0, marker=tmp_path / "placing")
     error = assert_stopped(run, signal.SIGTERM, 143, "weights_swapped_from_mllm")
     assert error["engine_holds"].startswith("the weights of swap 1; the swap in progress completed before stopping")
 
@@ -109,7 +111,11 @@ def test_timeout_ends_the_demo_with_its_summary():
     assert lines[-2]["stage"] == "interrupted" and lines[-2]["exit_code"] == 143
     written = [r["phase"] for r in lines[:-2]]
     assert written == DEMO_PHASES[:len(written)]  # the demo's own order, cut where the signal came
-    assert lines[-2]["interrupted_phase"] == DEMO_PHASES[len(written)]
+    # the run was after its last line and before the next: in that phase, or in the validation before the
+    # engine ("checkpoint", a stage without a line of its own, between jax_ready and engine_ready_dummy)
+    stages = ["jax_ready", "checkpoint", *DEMO_PHASES[1:]]
+    last, following = stages.index(written[-1]), stages.index(DEMO_PHASES[len(written)])
+    assert lines[-2]["interrupted_phase"] in stages[last + 1:following + 1], (written, lines[-2])
     assert lines[-1]["phase"] == "summary" and lines[-1]["ok"] is False
     assert "device bytes in use (sum)" in proc.stderr  # the table
     assert set(glob.glob(f"{tempfile.gettempdir()}/param_swap_demo_*")) == demos  # its temp checkpoint removed
