@@ -1224,6 +1224,28 @@ def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
                         "sglang-jax replicates KV heads only by a whole factor")
 
 
+def engine_dtype(cfg, info: CheckpointInfo) -> str:
+    """The engine's dtype: --dtype, or with auto the checkpoint's (config.json torch_dtype; newer: dtype)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    raw = json.load(open(os.path.join(info.path, "config.json")))
+    return str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+
+
+def validate_cpu_devices(cfg, info: CheckpointInfo, device: str, tp: int) -> None:
+    """A float32 engine on more CPU virtual devices than this process has cores deadlocks in XLA's CPU all-reduce
+    (measured, sglang-jax's own loader too: the first forward waits, and after 40 s XLA aborts the process,
+    "Termination timeout for all reduce ... Expected 4 threads to join", exit 134 and no JSON line): 4 devices on
+    2 cores, 2 on 1 core, every try. bfloat16 there, and float32 on as many devices as cores, run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = tp // cfg.nnodes  # this host's devices
+    if device == "cpu" and local > cores and engine_dtype(cfg, info) == "float32":
+        raise ToolError("arguments", f"a float32 engine on {local} CPU devices with {cores} core(s): XLA's CPU "
+                        "all-reduce deadlocks there and aborts the process after 40 s",
+                        f"use --dtype bfloat16, or --tp-size {cores} or less on this machine (docs/phases.md, "
+                        "exit codes)", devices=local, cores=cores)
+
+
 # ----------------------------------------------------------------------------------------------
 # The sglang-jax adapter: every use of sglang-jax beyond its public Engine API
 # ----------------------------------------------------------------------------------------------
@@ -4337,6 +4359,7 @@ def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
     info = read_checkpoint_info(resolve_checkpoint(model_id, cfg.download_dir))
     validate_checkpoint(info)
     validate_parallelism(info, tp_size)
+    validate_cpu_devices(cfg, info, device, tp_size)
     if cfg.rounds and cfg.model_id_b:
         info_b = read_checkpoint_info(resolve_checkpoint(cfg.model_id_b, cfg.download_dir))
         validate_checkpoint(info_b)

@@ -5,6 +5,7 @@ line: per case the ids the tool reports (the scheduler's record), the engine API
 independent ids. Usage: python tests/greedy_probe.py --model-id DIR --device cpu --tp-size 1 --dtype float32
   [--lengths 20,49,50,51,64,200]"""
 
+import faulthandler
 import json
 import os
 import sys
@@ -30,6 +31,9 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def main() -> None:
+    # tests/test_tokens.py waits 600 s; a run that hangs (seen twice in slow CI runs, never reproduced here, not
+    # with 4 busy loops on the 2 cores either: 138 s) prints every thread's stack on stderr and exits first
+    faulthandler.dump_traceback_later(540, exit=True)
     argv = sys.argv[1:]
     lengths = [20, 49, 50, 51, 64, 200]
     if "--lengths" in argv:

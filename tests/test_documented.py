@@ -48,6 +48,20 @@ def assert_all_checks_pass(run, *expected: str) -> dict:
     return checks
 
 
+def test_the_readme_tpu_command(checkpoint, tmp_path):
+    """README "On a TPU VM": --chat --keep-param-dict --verify-param-sharing --verify-weights --verify-logits
+    (the default prompt, in the chat template)."""
+    args = documented_args("README.md", "--keep-param-dict")
+    assert {"--chat", "--keep-param-dict", "--verify-param-sharing", "--verify-weights", "--verify-logits",
+            "--json-out"} <= set(args) and "--prompt" not in args
+    folder = checkpoint(tied=True, num_kv_heads=2)
+    run = run_tool(*on_this_machine(args, folder, tmp_path))
+    assert_all_checks_pass(run, "param_sharing", "weights_equal_loader", "logits_match_reference")
+    assert run.phase("generate_result")["prompt"] == rps.chat_prompt(folder, rps.parse_args([]).prompt)
+    assert "before_generate_param_dict_kept" in run.phases()
+    assert (tmp_path / "swap.jsonl").read_text().splitlines() == run.stdout.strip().splitlines()
+
+
 def test_the_trainer_handoff_command(checkpoint, tmp_path):
     """docs/tpu.md "The trainer-resident handoff": --weights-source trainer --trainer-sharding engine --alias."""
     args = documented_args("docs/tpu.md", "--trainer-sharding engine")

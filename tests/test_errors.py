@@ -1,6 +1,7 @@
 """Bad input and faults: one error line with a stage and a message that names the problem, then the summary
 (ok: false), and the documented exit code. Nothing is left behind."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,6 +102,49 @@ def test_tp_times_dp_must_equal_devices(checkpoint):
     env = {**clean_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     run = run_tool("--model-id", checkpoint(), "--tp-size", "2", env=env)
     assert_error(run, 2, "arguments", "2 x 1 != 4 devices")
+
+
+@contextlib.contextmanager
+def one_core():
+    """This process (and so the tool it starts) on one core."""
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
+@pytest.mark.parametrize("dtype, file_dtype", [("float32", "bfloat16"), ("auto", "float32")])
+def test_a_float32_engine_on_more_cpu_devices_than_cores_is_refused(checkpoint, dtype, file_dtype):
+    """XLA's CPU all-reduce deadlocks there and aborts the process after 40 s with no line (measured: 4 devices
+    on 2 cores, 2 on 1): refused before the engine starts. On one core, so on any machine."""
+    with one_core():
+        run = run_tool("--model-id", checkpoint(dtype=file_dtype), "--device", "cpu", "--tp-size", "2",
+                       "--dtype", dtype)
+    error = assert_error(run, 2, "arguments", "a float32 engine on 2 CPU devices with 1 core", "--dtype bfloat16",
+                         "--tp-size 1 or less")
+    assert (error["devices"], error["cores"]) == (2, 1)
+    assert "engine_ready_dummy" not in run.phases()
+
+
+@pytest.mark.engine
+def test_a_bfloat16_engine_on_more_cpu_devices_than_cores_runs(checkpoint):
+    with one_core():
+        run = run_tool("--model-id", checkpoint(), "--device", "cpu", "--tp-size", "2", "--dtype", "bfloat16",
+                       "--max-new-tokens", "4")
+    assert run.returncode == 0, (run.records[-2:], run.stderr[-2000:])
+
+
+def test_the_documented_float32_command_on_this_machine(checkpoint):
+    """The issue's command, `--dtype float32 --tp-size 4 --device cpu`: refused on fewer than 4 cores, else it
+    is not this refusal."""
+    run = run_tool("--model-id", checkpoint(), "--dtype", "float32", "--tp-size", "4", "--device", "cpu",
+                   "--max-new-tokens", "4")
+    if len(os.sched_getaffinity(0)) < 4:
+        assert_error(run, 2, "arguments", "a float32 engine on 4 CPU devices", "all-reduce deadlocks")
+    else:
+        assert "all-reduce deadlocks" not in run.stdout
 
 
 # --- the checkpoint ----------------------------------------------------------------------------------------
