@@ -21,7 +21,8 @@ import run_param_swap as rps  # noqa: E402
 
 # (engine dtype, tp, checkpoint keywords). fp32 engines run at tp 1: at tp 4, and sometimes at tp 2, a float32
 # engine on this 2-core machine aborts in XLA's CPU all-reduce ("Termination timeout for all reduce
-# RendezvousKey ... only 3 of them arrived"), with sglang-jax's own loader too; bf16 engines do not.
+# RendezvousKey ... only 3 of them arrived"), with sglang-jax's own loader too; bf16 engines do not. The tool
+# now refuses a float32 engine on more CPU devices than cores (exit 2: docs/phases.md, exit codes).
 CORRECT = [
     ("bfloat16", 4, dict(tied=True, num_kv_heads=2)),
     ("bfloat16", 4, dict(tied=False, num_kv_heads=1, dtype="float32")),
