@@ -1,5 +1,5 @@
 # make demo: tiny random Qwen2 on 4 virtual CPU devices, the whole verification.
-# make test: ruff and the test suite on the pinned stack (CPU, virtual devices; builds its own checkpoints),
+# make test: ruff and the test suite on the pinned stack (CPU, virtual devices; builds its own checkpoints; 2 workers),
 #   but the several-hosts tests, which make test-hosts runs (2 processes x 2 virtual devices on 127.0.0.1),
 #   and the documented serving demo, which make test-long runs (about 8 minutes).
 # make test-compat: the tool on every other supported sglang-jax stack (and the refusal of the unsupported one).
@@ -18,6 +18,7 @@ STACKS_DIR := .stacks
 COMPAT_STACKS := bd09a87 0.1.0rc0 0.1.0rc0-jax0.11 registry-0.0.2
 STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
+TEST_WORKERS := 2
 
 .PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress lint bench check-requirements check-install device-kit device-rehearsal clean
 
@@ -38,9 +39,10 @@ $(STAMP): $(REQ)
 demo: $(STAMP)
 	$(PY) run_param_swap.py --demo
 
+# two pytest-xdist workers, each test to whichever is free (worksteal); TEST_WORKERS=0: one process, in file order
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not hosts and not long"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not hosts and not long"
 
 test-hosts: $(STAMP)
 	$(PY) -m pytest -m hosts

@@ -25,9 +25,12 @@ ENGINE_TIMEOUT = 600
 
 
 # JAX's persistent compilation cache, shared by every process this test session starts: the same tiny models
-# compile the same programs in most runs (measured: a tool run 25.9 s -> 17.6 s). Fresh per session.
-COMPILE_CACHE = tempfile.mkdtemp(prefix="param_swap_jax_cache_")
-atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
+# compile the same programs in most runs (measured: a tool run 25.9 s -> 17.6 s). Fresh per session; made by the
+# first process that loads this file (pytest-xdist's controller, before it starts its workers, which inherit it).
+COMPILE_CACHE = os.environ.get("PARAM_SWAP_TEST_JAX_CACHE", "")
+if not COMPILE_CACHE:
+    COMPILE_CACHE = os.environ["PARAM_SWAP_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="param_swap_jax_cache_")
+    atexit.register(shutil.rmtree, COMPILE_CACHE, ignore_errors=True)
 
 
 def clean_env(compile_cache: bool = True) -> dict:
@@ -173,10 +176,28 @@ def pytest_runtest_logreport(report):
 
 
 PROOF: list[str] = []
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # make test runs the suite on 2 pytest-xdist workers
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """The controller: a worker's record (pytest_sessionfinish below), merged before the controller's own."""
+    record = getattr(node, "workeroutput", {}).get("planted_checks")
+    if record:
+        for check, tests in record["seen_failing"].items():
+            SEEN_FAILING.setdefault(check, set()).update(tests)
+        PASSED.update(record["passed"])
+        PARTLY_RUN.update(record["partly_run"])
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Every check whose planted-defect tests passed in this session must have been seen failing by one of them."""
+    """Every check whose planted-defect tests passed in this session must have been seen failing by one of them.
+    A pytest-xdist worker hands its record to the controller, which counts for the whole session."""
+    if WORKER:
+        session.config.workeroutput["planted_checks"] = {
+            "seen_failing": {k: sorted(v) for k, v in SEEN_FAILING.items()}, "passed": sorted(PASSED),
+            "partly_run": sorted(PARTLY_RUN)}
+        return
     table = planted_table()
     ran = {check: [t for t in tests if t in PASSED and t not in PARTLY_RUN] for check, tests in table.items()}
     proven = {check for check, tests in table.items() if SEEN_FAILING.get(check, set()) & set(tests)}

@@ -3,7 +3,7 @@ loader, generates greedily (ignore_eos) at several lengths, one request at a tim
 decodes the same prompts token by token with transformers' model in float32 on the host. Prints one JSON
 line: per case the ids the tool reports (the scheduler's record), the engine API's `output_ids`, and the
 independent ids. Usage: python tests/greedy_probe.py --model-id DIR --device cpu --tp-size 1 --dtype float32
-  [--lengths 20,49,50,51,64,200]"""
+  [--lengths 20,49,50,51,101]"""
 
 import faulthandler
 import json
@@ -35,7 +35,7 @@ def main() -> None:
     # with 4 busy loops on the 2 cores either: 138 s) prints every thread's stack on stderr and exits first
     faulthandler.dump_traceback_later(540, exit=True)
     argv = sys.argv[1:]
-    lengths = [20, 49, 50, 51, 64, 200]
+    lengths = [20, 49, 50, 51, 101]
     if "--lengths" in argv:
         i = argv.index("--lengths")
         lengths = [int(x) for x in argv[i + 1].split(",")]
