@@ -181,12 +181,12 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # make test runs the suite on 2 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    """The controller: a worker's record (pytest_sessionfinish below), merged before the controller's own."""
+    """The controller: a worker's record (pytest_sessionfinish below), merged before the controller's own. The
+    passed tests need no record: the controller's pytest_runtest_logreport sees every worker's reports."""
     record = getattr(node, "workeroutput", {}).get("planted_checks")
     if record:
         for check, tests in record["seen_failing"].items():
             SEEN_FAILING.setdefault(check, set()).update(tests)
-        PASSED.update(record["passed"])
         PARTLY_RUN.update(record["partly_run"])
 
 
@@ -195,8 +195,7 @@ def pytest_sessionfinish(session, exitstatus):
     A pytest-xdist worker hands its record to the controller, which counts for the whole session."""
     if WORKER:
         session.config.workeroutput["planted_checks"] = {
-            "seen_failing": {k: sorted(v) for k, v in SEEN_FAILING.items()}, "passed": sorted(PASSED),
-            "partly_run": sorted(PARTLY_RUN)}
+            "seen_failing": {k: sorted(v) for k, v in SEEN_FAILING.items()}, "partly_run": sorted(PARTLY_RUN)}
         return
     table = planted_table()
     ran = {check: [t for t in tests if t in PASSED and t not in PARTLY_RUN] for check, tests in table.items()}
