@@ -214,3 +214,30 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter):
     for line in PROOF:
         terminalreporter.write_line(line)
+
+
+# --- the phase lines' keys are an interface: users grep them -------------------------------------------------
+# tests/phase_keys.json holds, for the demo, a `--rounds 2 --serve-load 4` run and an error, the keys of every
+# phase line as the tool printed them before it became a package (written by phase_keys() from those runs).
+PHASE_KEYS = os.path.join(ROOT, "tests", "phase_keys.json")
+
+
+def phase_keys(records: list[dict]) -> dict[str, list[str]]:
+    """{phase: its lines' keys}: the top-level ones, memory's, and summary's check names with each check's own."""
+    keys: dict[str, set[str]] = {}
+    for r in records:
+        found = keys.setdefault(r["phase"], set())
+        found.update(r)
+        found.update(f"memory.{k}" for k in r.get("memory", {}))
+        for check, details in r.get("checks", {}).items():
+            found.update([f"checks.{check}", *(f"checks.{check}.{k}" for k in details)])
+    return {phase: sorted(k) for phase, k in keys.items()}
+
+
+def assert_phase_keys(run: "ToolRun", which: str) -> None:
+    """The run's phase lines have exactly the keys committed for `which` (demo, rounds_serve, error)."""
+    want = json.load(open(PHASE_KEYS))[which]
+    got = phase_keys(run.records)
+    assert list(got) == list(want), (list(got), list(want))
+    for phase in want:
+        assert got[phase] == want[phase], (phase, sorted(set(got[phase]) ^ set(want[phase])))

@@ -7,6 +7,7 @@ from conftest import (
     MUTATED,
     PROMPT,
     assert_checks_failed,
+    assert_phase_keys,
     clean_env,
     reference_output_ids,
     run_tool,
@@ -43,6 +44,7 @@ def test_demo(tmp_path):
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert run.phases() == DEMO_PHASES
+    assert_phase_keys(run, "demo")
     assert run.summary["ok"] is True
     assert set(run.summary["checks"]) == {"leaves_unchanged", "param_sharing", "generate", "swap_effective",
                                           "single_copy_memory", "weights_equal_loader", "logits_match_reference"}

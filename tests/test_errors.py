@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import MUTATED, clean_env, run_tool
+from conftest import MUTATED, assert_phase_keys, clean_env, run_tool
 from safetensors.numpy import load_file, save_file
 
 import run_param_swap as rps
@@ -67,6 +67,10 @@ def rewrite_tensors(folder: str, change) -> None:
 def test_usage_errors(checkpoint, args, words):
     run = run_tool("--model-id", checkpoint(), *CPU4, *args)
     assert_error(run, 2, "arguments", *words)
+
+
+def test_an_error_line_has_the_keys_it_always_had():
+    assert_phase_keys(run_tool("--demo", "--max-new-tokens", "0"), "error")
 
 
 def test_an_sglang_jax_without_what_the_swap_needs_is_bad_input_before_the_engine_starts(checkpoint):

@@ -3,7 +3,7 @@ checks pass on a correct swap under load, and each fails on its planted defect; 
 back while the requests in flight finish on the previous weights; a scheduler crash is exit 3."""
 
 import pytest
-from conftest import MUTATED, PROMPT, assert_checks_failed, run_tool
+from conftest import MUTATED, PROMPT, assert_checks_failed, assert_phase_keys, run_tool
 from test_errors import assigned_before
 
 import run_param_swap as rps
@@ -25,6 +25,7 @@ def test_swaps_under_load_pass_the_serve_checks(checkpoint):
     checks = run.summary["checks"]
     assert run.returncode == 0, ({k: v for k, v in checks.items() if not v["ok"]}, run.stderr[-3000:])
     assert all(checks[c]["ok"] for c in SERVE_CHECKS)
+    assert_phase_keys(run, "rounds_serve")
     fresh = checks["serve_fresh_after_swap"]["swaps"]
     assert [(f["swap"], f["weights"]) for f in fresh] == [("first swap", "A"), ("round 1", "B"), ("round 2", "A")]
     assert all(f["cached_tokens"] == 0 for f in fresh)  # computed from an empty cache, like the reference
