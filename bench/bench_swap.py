@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import run_param_swap as rps  # noqa: E402
+from param_swap import demo  # noqa: E402
 
 QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
                        intermediate_size=11008, tied=True)
@@ -42,9 +42,9 @@ OTHER_SOURCES = [("streaming", "torch", ()), ("bulk", "torch", ())]
 D2D_COPY = """
 import json, sys, time
 import jax, numpy as np
-import run_param_swap as rps
-info = rps.read_checkpoint_info({folder!r})
-tensors = rps.read_safetensors(info)  # memory-mapped: only shapes and dtypes are used
+from param_swap import checkpoint, demo, memory
+info = checkpoint.read_checkpoint_info({folder!r})
+tensors = checkpoint.read_safetensors(info)  # memory-mapped: only shapes and dtypes are used
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
 def fsdp(shape):
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if shape[0] % mesh.size == 0 else None))
@@ -58,7 +58,7 @@ for _ in range(3):
     for c, a in zip(copies, arrays):
         c(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-nbytes = sum(rps.param_bytes_sum([a]) for a in arrays)
+nbytes = sum(memory.param_bytes_sum([a]) for a in arrays)
 print(json.dumps({{"bytes": nbytes, "seconds": best, "gb_per_s": nbytes / best / 1e9}}))
 """
 
@@ -206,7 +206,7 @@ def main() -> None:
     folder = args.checkpoint_dir or (tmp := tempfile.mkdtemp(prefix="bench_ckpt_"))
     if not os.path.exists(os.path.join(folder, "config.json")):
         t = time.perf_counter()
-        rps.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
+        demo.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
         print(f"checkpoint written in {time.perf_counter() - t:.1f} s: {folder}", file=sys.stderr)
     warm_page_cache(folder)
     rows = []

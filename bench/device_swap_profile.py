@@ -23,6 +23,9 @@ import os
 import time
 
 import run_param_swap as rps
+from param_swap import checkpoint, flags, placement, runner, trees
+from param_swap.flags import TrainerSharding
+from param_swap.swapper import DEFAULT_BUCKET_MB, buckets
 
 COMPILES: list[float] = []
 
@@ -72,32 +75,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-id", required=True)
     p.add_argument("--tp-size", type=int, default=4)
-    p.add_argument("--bucket-mb", type=float, default=rps.DEFAULT_BUCKET_MB)
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB)
     p.add_argument("--ways", default="per_tensor,per_bucket,pipelined,device_put,plain_copy")
-    p.add_argument("--trainer-sharding", choices=rps.TRAINER_SHARDINGS, default="fsdp")
+    p.add_argument("--trainer-sharding", choices=list(TrainerSharding), default="fsdp")
     p.add_argument("--kinds", action="store_true", help="first, per kind of tensor: best of 5 ms of each way")
     a = p.parse_args()
-    cfg = rps.run_config(rps.parse_args(["--model-id", a.model_id, "--device", "cpu", "--tp-size", str(a.tp_size)]))
-    device = rps.configure_platform(cfg)
+    cfg = flags.run_config(flags.parse_args(["--model-id", a.model_id, "--device", "cpu", "--tp-size", str(a.tp_size)]))
+    device = runner.configure_platform(cfg)
     import jax
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
-    info = rps.read_checkpoint_info(os.path.abspath(a.model_id))
-    engine, _ = rps.start_engine(rps.engine_kwargs(cfg, info.path, device, "dummy"))
+    info = checkpoint.read_checkpoint_info(os.path.abspath(a.model_id))
+    engine, _ = rps.start_engine(runner.engine_kwargs(cfg, info.path, device, "dummy"))
     try:
         swapper = rps.ParamSwapper(engine)
-        flat = rps.flatten(rps.load_mllm_params(info.path))
+        flat = trees.flatten(checkpoint.load_mllm_params(info.path))
         plan = swapper.plan(flat)
-        trainer = {i.source: rps.put(flat[i.source], rps.trainer_sharding(i, flat[i.source].shape, a.trainer_sharding))
+        trainer = {i.source: placement.put(flat[i.source], runner.trainer_sharding(i, flat[i.source].shape, a.trainer_sharding))
                    for i in plan}
         jax.block_until_ready(list(trainer.values()))
         del flat
-        bucket_list = rps.buckets(plan, int(a.bucket_mb * 2**20))
+        bucket_list = buckets(plan, int(a.bucket_mb * 2**20))
         nbytes = sum(i.nbytes_sum for i in plan)
         k = swapper.num_kv_heads
 
         def per_tensor(bucket):
-            return [rps.place_device(i, trainer[i.source], k) for i in bucket]
+            return [placement.place_device(i, trainer[i.source], k) for i in bucket]
 
         bucket_fns = {}
 
@@ -105,7 +108,7 @@ def main() -> None:
             srcs = [trainer[i.source] for i in bucket]
             key = tuple(i.target for i in bucket)
             if key not in bucket_fns:
-                steps = [[st.fn for st in rps.device_steps(i, tuple(x.shape), x.dtype, x.sharding, k)]
+                steps = [[st.fn for st in placement.device_steps(i, tuple(x.shape), x.dtype, x.sharding, k)]
                          for i, x in zip(bucket, srcs, strict=True)]
 
                 def whole(*xs):
@@ -147,11 +150,11 @@ def main() -> None:
                 kinds.setdefault((i.op, i.replicas, i.shape, str(i.sharding.spec)), []).append(i)
             for (op, _, shape, spec), items in kinds.items():
                 i, src = items[0], trainer[items[0].source]
-                steps = rps.device_steps(i, tuple(src.shape), src.dtype, src.sharding, k)
-                plain = [rps.device_transform(i.op, i.replicas, k, i.dtype, i.sharding)] if len(steps) == 1 else None
+                steps = placement.device_steps(i, tuple(src.shape), src.dtype, src.sharding, k)
+                plain = [placement.device_transform(i.op, i.replicas, k, i.dtype, i.sharding)] if len(steps) == 1 else None
                 ident = jax.jit(lambda x: x, out_shardings=src.sharding)
                 row = {"kind": f"{op} {list(shape)} {spec}", "tensors": len(items), "mb_each": round(i.nbytes_sum / 1e6, 1),
-                       "tool_ms": best_ms(lambda: rps.place_device(i, src, k)),  # noqa: B023
+                       "tool_ms": best_ms(lambda: placement.place_device(i, src, k)),  # noqa: B023
                        "without_bits_ms": best_ms(lambda: plain[0](src)) if plain else None,  # noqa: B023
                        "plain_copy_ms": best_ms(lambda: ident(src)),  # noqa: B023
                        "device_put_ms": best_ms(lambda: jax.device_put(src, i.sharding))}  # noqa: B023

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_swap import QWEN25_3B_SHAPE  # noqa: E402
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import demo  # noqa: E402
 
 SOURCES = {"host": ("--weights-source", "safetensors"), "trainer fsdp": ("--weights-source", "trainer",
                                                                         "--trainer-sharding", "fsdp")}
@@ -47,7 +47,7 @@ def main() -> None:
     args = p.parse_args()
     folder = args.checkpoint_dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     if not os.path.exists(os.path.join(folder, "config.json")):
-        rps.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
+        demo.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
     print("| source | swap | finite_check | finite_check_s | swap_s checked | swap_s allowed | check / swap_s |")
     print("|---|---|---|---|---|---|---|")
     for name, flags in SOURCES.items():

@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import run_param_swap as rps  # noqa: E402
+from param_swap import demo  # noqa: E402
 
 # (engine dtype, tp, checkpoint keywords). fp32 engines run at tp 1: at tp 4, and sometimes at tp 2, a float32
 # engine on this 2-core machine aborts in XLA's CPU all-reduce ("Termination timeout for all reduce
@@ -61,12 +61,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (dtype, tp, kw) in enumerate(CORRECT):
-            folder = rps.write_demo_checkpoint(os.path.join(tmp, f"c{i}"), **kw)
+            folder = demo.write_demo_checkpoint(os.path.join(tmp, f"c{i}"), **kw)
             for prompt in PROMPTS:
                 rows.append({"case": "correct", "engine_dtype": dtype, "tp": tp, "checkpoint": kw, "prompt": prompt,
                              **run_case(folder, dtype, tp, prompt, args.max_new_tokens, None)})
                 print(json.dumps(rows[-1]), flush=True)
-        folder = rps.write_demo_checkpoint(os.path.join(tmp, "m"), tied=True, num_kv_heads=2)
+        folder = demo.write_demo_checkpoint(os.path.join(tmp, "m"), tied=True, num_kv_heads=2)
         for dtype, tp in (("bfloat16", 4), ("float32", 1)):
             for mutation in MUTATIONS if tp > 1 else [m for m in MUTATIONS if m != "kv_heads_tiled"]:
                 rows.append({"case": mutation, "engine_dtype": dtype, "tp": tp, "prompt": PROMPTS[0],

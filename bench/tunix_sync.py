@@ -36,6 +36,7 @@ import time
 import types
 
 import run_param_swap as rps  # noqa: E402
+from param_swap import checkpoint, engine_state, flags, generation, memory, runner, trees  # noqa: E402
 
 PROMPT = "The quick brown fox"
 
@@ -110,22 +111,22 @@ def main() -> None:
     p.add_argument("--source", choices=["device", "host"], default="device")
     p.add_argument("--max-new-tokens", type=int, default=8)
     a = p.parse_args()
-    args = rps.parse_args(["--model-id", a.model_id, "--device", a.device, "--tp-size", str(a.tp_size)])
-    device = rps.configure_platform(args)
+    args = flags.parse_args(["--model-id", a.model_id, "--device", a.device, "--tp-size", str(a.tp_size)])
+    device = runner.configure_platform(args)
     import jax
     import numpy as np
     from flax import nnx
 
     utils, reshard, mapping = import_tunix()
-    info = rps.read_checkpoint_info(os.path.abspath(a.model_id))
-    engine, model_runner = rps.start_engine(rps.engine_kwargs(args, info.path, device, "dummy"))
+    info = checkpoint.read_checkpoint_info(os.path.abspath(a.model_id))
+    engine, model_runner = rps.start_engine(runner.engine_kwargs(args, info.path, device, "dummy"))
     result = {"source": a.source}
     try:
-        state = rps.EngineState(model_runner)
-        param_bytes = rps.param_bytes_sum(p.get_value() for p in state.params.values())
-        gen = lambda: rps.generate_greedy(engine, PROMPT, a.max_new_tokens)["output_ids"]  # noqa: E731
+        state = engine_state.EngineState(model_runner)
+        param_bytes = memory.param_bytes_sum(p.get_value() for p in state.params.values())
+        gen = lambda: generation.generate_greedy(engine, PROMPT, a.max_new_tokens)["output_ids"]  # noqa: E731
         result["dummy_output_ids"] = gen()
-        flat = rps.flatten(rps.load_mllm_params(info.path))
+        flat = trees.flatten(checkpoint.load_mllm_params(info.path))
         layout = tunix_layout(flat, info.num_heads, info.num_kv_heads, info.head_dim)
         if a.source == "device":
             mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
@@ -133,7 +134,7 @@ def main() -> None:
             layout = {k: jax.device_put(v, jax.sharding.NamedSharding(
                 mesh, P("fsdp") if v.shape[0] % mesh.size == 0 else P())) for k, v in layout.items()}
             jax.block_until_ready(layout)
-        trainer = nnx.State(rps.nest({k: nnx.Param(v) for k, v in layout.items()}))
+        trainer = nnx.State(trees.nest({k: nnx.Param(v) for k, v in layout.items()}))
 
         ready = {}  # bytes in use when the new state is ready and the old one still bound (measured, not sampled)
 
@@ -148,32 +149,32 @@ def main() -> None:
             leaves = jax.tree_util.tree_flatten(new_state)[0]
             jax.block_until_ready(leaves)
             seconds = time.perf_counter() - t
-            ready["bytes"] = max(ready.get("bytes", 0), rps.bytes_in_use_sum(rps.device_memory(collect=False)))
+            ready["bytes"] = max(ready.get("bytes", 0), memory.bytes_in_use_sum(memory.device_memory(collect=False)))
             ready["leaves"] = leaves
             model_runner.model_state_leaves = leaves
             return seconds
 
-        before = rps.bytes_in_use_sum(rps.device_memory())
+        before = memory.bytes_in_use_sum(memory.device_memory())
         result["cold_s"] = round(sync(), 4)
         result["output_ids_without_flush"] = gen()
         peak, done = [0], threading.Event()
 
         def sample():
             while not done.is_set():
-                peak[0] = max(peak[0], rps.bytes_in_use_sum(rps.device_memory(collect=False)))
+                peak[0] = max(peak[0], memory.bytes_in_use_sum(memory.device_memory(collect=False)))
                 time.sleep(0.002)
 
-        before = rps.bytes_in_use_sum(rps.device_memory())
+        before = memory.bytes_in_use_sum(memory.device_memory())
         sampler = threading.Thread(target=sample)
         sampler.start()
         result["sampled_s"] = round(sync(), 4)
         done.set()
         sampler.join()
         result["warm_s"] = round(sync(), 4)
-        after = rps.bytes_in_use_sum(rps.device_memory())
+        after = memory.bytes_in_use_sum(memory.device_memory())
         # the engine's leaves that ARE the trainer's buffers (jax.device_put keeps a buffer whose slice lines up)
-        trainer_buffers = {(d.id, p) for v in layout.values() if rps.on_devices(v) for d, p, _ in rps.device_buffers(v)}
-        result["shared_with_trainer_bytes_sum"] = sum(n for leaf in ready["leaves"] for d, p, n in rps.device_buffers(leaf)
+        trainer_buffers = {(d.id, p) for v in layout.values() if trees.on_devices(v) for d, p, _ in memory.device_buffers(v)}
+        result["shared_with_trainer_bytes_sum"] = sum(n for leaf in ready["leaves"] for d, p, n in memory.device_buffers(leaf)
                                                       if (d.id, p) in trainer_buffers)
         result["host_reads"], result["host_read_bytes"] = host_reads(sync)
         result.update(param_bytes_sum=param_bytes, bytes_in_use_sum_before_sync=before,

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-import run_param_swap as rps  # noqa: E402
+from param_swap import demo  # noqa: E402
 
 TOOL = os.path.join(ROOT, "run_param_swap.py")
 REFERENCE = os.path.join(ROOT, "tests", "reference_generate.py")
@@ -96,7 +96,7 @@ def checkpoint(tmp_path_factory):
         key = tuple(sorted(kw.items()))
         if key not in built:
             folder = tmp_path_factory.mktemp("ckpt")
-            built[key] = rps.write_demo_checkpoint(str(folder), **kw)
+            built[key] = demo.write_demo_checkpoint(str(folder), **kw)
         return built[key]
 
     return make

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import memory, placement, planning, stats  # noqa: E402
 
 devices = jax.devices()
 engine_mesh = Mesh(np.array(devices).reshape(1, 4), ("data", "tensor"),
@@ -32,7 +32,7 @@ KV_HEADS = 2  # head_dim 8: a [32, 16] k_proj kernel, repeated x2 to [32, 32] at
 def item(op, shape, spec, replicas=1):
     sharding = NamedSharding(engine_mesh, spec)
     value = jax.device_put(np.zeros(shape, BF16), sharding)
-    return rps.SwapItem("t", "s", op, replicas, tuple(shape), value.dtype, sharding, rps.param_bytes_sum([value]))
+    return planning.SwapItem("t", "s", op, replicas, tuple(shape), value.dtype, sharding, memory.param_bytes_sum([value]))
 
 
 ITEMS = {  # name: (item, MLLM source shape)
@@ -57,17 +57,17 @@ mismatches, cases, compiled_in_place, prepare_compiles = [], 0, [], 0
 for name, (it, shape) in ITEMS.items():
     for dtype in (BF16, np.dtype(np.float32)):
         host = rng.standard_normal(shape).astype(np.float32).astype(dtype)
-        want = rps.place(it, host, KV_HEADS)
+        want = placement.place(it, host, KV_HEADS)
         for source, sharding in SOURCES.items():
             cases += 1
             src = jax.device_put(host, sharding(shape))
-            stats = rps.SwapStats("streaming", source="device")
-            prepare_compiles += rps.prepare_swap([it], {"s": src}, KV_HEADS, "device", False)[1]
-            before = rps.count_compiles()
-            got = rps.place(it, src, KV_HEADS, stats)
+            stats = stats.SwapStats("streaming", source="device")
+            prepare_compiles += placement.prepare_swap([it], {"s": src}, KV_HEADS, "device", False)[1]
+            before = placement.count_compiles()
+            got = placement.place(it, src, KV_HEADS, stats)
             # prepare_swap compiled everything the placement runs (but the jax.device_put of a source on another
             # device order, which JAX compiles itself: device_put_reshards)
-            if rps.count_compiles() != before and rps.same_devices(it, src.sharding):
+            if placement.count_compiles() != before and placement.same_devices(it, src.sharding):
                 compiled_in_place.append(f"{name} {dtype} from {source}")
             same = (got.shape == want.shape and got.dtype == want.dtype
                     and got.sharding.is_equivalent_to(want.sharding, got.ndim)
@@ -78,16 +78,16 @@ for name, (it, shape) in ITEMS.items():
 # own sharding (its mesh: sglang-jax's forward refuses another) over the same buffers, no copy
 row = ITEMS["copy_row"][0]
 fsdp = jax.device_put(rng.standard_normal((64, 32)).astype(BF16), SOURCES["fsdp"]((64, 32)))
-aliased = rps.place(row, fsdp, KV_HEADS, rps.SwapStats("streaming", source="device"), alias=True)
-alias_ok = (rps.can_alias(row, fsdp) and aliased.sharding == row.sharding
-            and sorted(p for _, p, _ in rps.device_buffers(aliased)) == sorted(p for _, p, _ in rps.device_buffers(fsdp)))
+aliased = placement.place(row, fsdp, KV_HEADS, stats.SwapStats("streaming", source="device"), alias=True)
+alias_ok = (placement.can_alias(row, fsdp) and aliased.sharding == row.sharding
+            and sorted(p for _, p, _ in memory.device_buffers(aliased)) == sorted(p for _, p, _ in memory.device_buffers(fsdp)))
 
 # the counter counts: the same placement with the compiled functions forgotten and not prepared compiles again
-rps.device_transform.cache_clear()
-rps.compiled.cache_clear()
-before = rps.count_compiles()
-rps.place(ITEMS["copy_col"][0], jax.device_put(np.zeros((32, 64), BF16), SOURCES["fsdp"]((32, 64))), KV_HEADS)
-unprepared_compiles = rps.count_compiles() - before
+placement.device_transform.cache_clear()
+placement.compiled.cache_clear()
+before = placement.count_compiles()
+placement.place(ITEMS["copy_col"][0], jax.device_put(np.zeros((32, 64), BF16), SOURCES["fsdp"]((32, 64))), KV_HEADS)
+unprepared_compiles = placement.count_compiles() - before
 print(json.dumps({"cases": cases, "mismatches": mismatches, "compiled_in_place": compiled_in_place,
                   "prepare_compiles": prepare_compiles, "unprepared_compiles": unprepared_compiles,
                   "fsdp_alias_is_the_target": alias_ok}))

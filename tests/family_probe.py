@@ -7,6 +7,7 @@ dummy loader's. Prints one JSON line per case.
 Usage: python tests/family_probe.py ARCH:TP:TIED:KV[:BIAS[:MOE_BACKEND]] ... (4 virtual CPU devices; TIED,
 BIAS: 0 or 1; MOE_BACKEND: epmoe or fused)"""
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import numpy as np  # noqa: E402
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import checkpoint as ckpt  # noqa: E402
+from param_swap import demo, families, placement, planning  # noqa: E402
+from param_swap import sglang_adapter as adapter  # noqa: E402
 
 
 def loader_model(folder: str, tp: int, moe_backend: str, load_format: str = "auto"):
@@ -41,15 +44,15 @@ def loader_model(folder: str, tp: int, moe_backend: str, load_format: str = "aut
 
 def loader_params(folder: str, tp: int, moe_backend: str):
     runner = loader_model(folder, tp, moe_backend)
-    return rps.engine_params(runner), runner.model_config.moe_backend.value
+    return adapter.engine_params(runner), runner.model_config.moe_backend.value
 
 
 def dummy_again_mismatched(folder: str, tp: int, moe_backend: str) -> list[str]:
     """Rollback "dummy": the tool's dummy_weights() re-creates every Param of a load_format="dummy" model
     bit for bit (and sharding for sharding)."""
     runner = loader_model(folder, tp, moe_backend, "dummy")
-    params = rps.engine_params(runner)
-    again = rps.dummy_weights(runner, set(params))
+    params = adapter.engine_params(runner)
+    again = adapter.dummy_weights(runner, set(params))
     bad = []
     for path, param in params.items():
         a, b = again[path], param.get_value()
@@ -62,13 +65,13 @@ def case(spec: str, root: str) -> dict:
     arch, tp, tied, kv, *rest = spec.split(":")
     tp, tied, kv, bias = int(tp), tied == "1", int(kv), bool(rest and rest[0] == "1")
     backend = rest[1] if len(rest) > 1 else "epmoe"
-    folder = rps.write_demo_checkpoint(os.path.join(root, spec.replace(":", "_")), arch=arch, tied=tied,
+    folder = demo.write_demo_checkpoint(os.path.join(root, spec.replace(":", "_")), arch=arch, tied=tied,
                                        num_kv_heads=kv, attention_bias=bias)
-    info = rps.read_checkpoint_info(folder)
-    rps.validate_checkpoint(info)
+    info = ckpt.read_checkpoint_info(folder)
+    ckpt.validate_checkpoint(info)
     params, backend = loader_params(folder, tp, backend)
-    flat = rps.hf_to_mllm(rps.read_safetensors(info), info.tie_word_embeddings)
-    plan = rps.plan_swap(flat, params, info.num_kv_heads, info.architecture, backend)
+    flat = ckpt.hf_to_mllm(ckpt.read_safetensors(info), info.tie_word_embeddings)
+    plan = planning.plan_swap(flat, params, info.num_kv_heads, info.architecture, backend)
     result = {"case": spec, "num_params": len(params), "num_planned": len(plan), "mismatched": [],
               "sharding_differs": [], "replicas": sorted({i.replicas for i in plan if i.op == "kv_heads"}),
               "moe_backend": backend, "largest_tensor_ratio": round(max(i.nbytes_sum for i in plan)
@@ -79,7 +82,7 @@ def case(spec: str, root: str) -> dict:
     for item in plan:
         theirs = params[item.target].get_value()
         for transpose in ("device", "host"):  # both ways of --transpose
-            ours = rps.place(item, flat[item.source], info.num_kv_heads, transpose=transpose)
+            ours = placement.place(item, flat[item.source], info.num_kv_heads, transpose=transpose)
             if ours.sharding != theirs.sharding or ours.dtype != theirs.dtype:
                 result["sharding_differs"].append(f"{item.target} ({transpose})")
             a, b = np.asarray(ours), np.asarray(theirs)
@@ -88,16 +91,18 @@ def case(spec: str, root: str) -> dict:
     return result
 
 
-def plant_qk_norm_swapped() -> None:  # layer 0's q_norm and k_norm scales exchanged
-    rps.MLLM_TO_SGLANG[:0] = [
-        (r"model\.layers_(0)\.self_attn\.q_norm\.scale", "model.layers.{0}.self_attn.k_norm.scale", "copy"),
-        (r"model\.layers_(0)\.self_attn\.k_norm\.scale", "model.layers.{0}.self_attn.q_norm.scale", "copy")]
+def plant_qk_norm_swapped() -> None:  # every layer's q_norm and k_norm scales exchanged (the inventory's rows)
+    sglang = {t.mllm: t.sglang for t in families.TENSORS}
+    other = {"model.layers_{i}.self_attn.q_norm.scale": "model.layers_{i}.self_attn.k_norm.scale",
+             "model.layers_{i}.self_attn.k_norm.scale": "model.layers_{i}.self_attn.q_norm.scale"}
+    families.TENSORS = [dataclasses.replace(t, sglang=sglang[other[t.mllm]]) if t.mllm in other else t
+                        for t in families.TENSORS]
 
 
 def plant_experts_gate_up_swapped() -> None:  # every MoE layer's stacked gate and up experts exchanged (epmoe)
-    rps.FAMILIES["Qwen3MoeForCausalLM"].moe_backend_rows["epmoe"][:2] = [
-        (r"model\.layers_(\d+)\.mlp\.experts\.gate_proj\.kernel", "model.layers.{0}.mlp.wi_1", "copy"),
-        (r"model\.layers_(\d+)\.mlp\.experts\.up_proj\.kernel", "model.layers.{0}.mlp.wi_0", "copy")]
+    names = families.FAMILIES["Qwen3MoeForCausalLM"].moe_backends["epmoe"]
+    gate, up = "model.layers_{i}.mlp.experts.gate_proj.kernel", "model.layers_{i}.mlp.experts.up_proj.kernel"
+    names[gate], names[up] = names[up], names[gate]
 
 
 PLANTS = {"qk_norm_swapped": plant_qk_norm_swapped, "experts_gate_up_swapped": plant_experts_gate_up_swapped}

@@ -11,6 +11,7 @@ import os
 import sys
 
 import run_param_swap as rps  # noqa: E402
+from param_swap import flags, generation, runner  # noqa: E402
 
 PROMPTS = ["Explain what a parameter hot-swap is in one sentence.", "The quick brown fox", "JAX arrays"]
 
@@ -40,19 +41,19 @@ def main() -> None:
         i = argv.index("--lengths")
         lengths = [int(x) for x in argv[i + 1].split(",")]
         del argv[i:i + 2]
-    args = rps.parse_args(argv)
-    device = rps.configure_platform(args)
+    args = flags.parse_args(argv)
+    device = runner.configure_platform(args)
     import jax
     import torch
     from transformers import AutoModelForCausalLM
 
     args.tp_size = args.tp_size or jax.device_count()
     path = os.path.abspath(args.model_id)
-    engine, _ = rps.start_engine(rps.engine_kwargs(args, path, device, "auto"))
+    engine, _ = rps.start_engine(runner.engine_kwargs(args, path, device, "auto"))
     cases = []
     try:
         for n in lengths:
-            out = rps.generate_greedy(engine, PROMPTS[0], n)
+            out = generation.generate_greedy(engine, PROMPTS[0], n)
             cases.append({"requests": 1, "max_new_tokens": n, "prompt_ids": out["prompt_ids"],
                           "ids": out["output_ids"], "api_ids": None, "consistent": out["consistent"],
                           "api_output_ids_match": out["api_output_ids_match"]})

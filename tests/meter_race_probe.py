@@ -14,7 +14,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import memory  # noqa: E402
 
 sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("tensor",)), jax.sharding.PartitionSpec("tensor"))
 state = {"kv": jax.device_put(jnp.zeros((4096, 256), jnp.bfloat16), sharding)}
@@ -32,7 +32,7 @@ def naive_walk() -> int:
     for arr in jax.live_arrays():
         try:
             if not arr.is_deleted():
-                rps.device_buffers(arr)
+                memory.device_buffers(arr)
         except (RuntimeError, TypeError):  # deleted mid-read (see live_array_bytes_per_device)
             errors += 1
     return errors
@@ -50,7 +50,7 @@ def main() -> None:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             try:
-                rps.live_array_bytes_per_device()
+                memory.live_array_bytes_per_device()
             except Exception as e:  # noqa: BLE001 - every failure of the meter is what the test counts
                 out["meter_errors"].append(f"{type(e).__name__}: {e}")
             out["meter_walks"] += 1

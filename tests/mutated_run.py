@@ -1,6 +1,10 @@
 """Runs the tool with one deliberate defect, to prove its checks can fail. A check that cannot fail is a
 defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [tool args...]
 
+Each defect patches the module of param_swap/ that defines what it changes, through patch(): the name must
+exist there, and no other module may hold the original by a from-import (the patch would silently not take
+effect there); either is an error before the tool starts (exit 99).
+
   no_rebind       Params are assigned but model_state_leaves is never rebound (the forward keeps the dummies)
   skip_one_param  the swap leaves the last planned Param dummy
   copy_in_dict    after the swap, one dict entry is a copy of the engine's array, not the array itself
@@ -45,7 +49,7 @@ defect of its own. Usage: python tests/mutated_run.py MUTATION[+MUTATION...] [to
   extra_step      this process takes one collective step more after validating the checkpoint (on one rank
                   of several hosts: the ranks run different code)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
-  gate_up_swapped     layer 0's gate_proj and up_proj exchanged (a wrong row in the mapping table)
+  gate_up_swapped     gate_proj and up_proj exchanged in every layer (a wrong row in the tensor inventory)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
   layers_swapped      layers 0 and 1 exchanged
   kernel_shifted      layer 0's down_proj shifted by one column
@@ -57,15 +61,57 @@ The weights oracle itself:
                       not see it, or its fast path would load that tensor again)
   sglang_lacks_pause  the installed sglang-jax has no Scheduler.pause_generation (the probe: exit 2)
 """
-
 import os
 import signal
 import sys
+import types
 
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGQUIT})  # as run_param_swap.py
-import run_param_swap as rps  # noqa: E402
+import param_swap
+
+param_swap.block_stop_signals()  # as run_param_swap.py, before numpy starts a thread
+
+from param_swap import (  # noqa: E402
+    engine_state,
+    families,
+    generation,
+    oracles,
+    pause,
+    placement,
+    planning,
+    rollbacks,
+    rounds,
+    runner,
+    serve_load,
+    stats,
+    swapper,
+    validation,
+)
+from param_swap import sglang_adapter as adapter  # noqa: E402
+from param_swap.hosts import HOSTS  # noqa: E402
 
 mutations, argv = sys.argv[1], sys.argv[2:]
+
+
+def refuse(message: str) -> None:
+    print(f"mutated_run: {message}", file=sys.stderr)
+    sys.exit(99)
+
+
+def patch(owner, name: str, new):
+    """owner.name = new, returning the original. owner: a module of param_swap/ (no other module may hold the
+    original by a from-import) or a class of one (its objects share the patched method)."""
+    if not hasattr(owner, name):
+        refuse(f"{owner.__name__} has no {name}: the mutation no longer fits the code")
+    original = getattr(owner, name)
+    if isinstance(owner, types.ModuleType):
+        holders = [m for m, mod in list(sys.modules.items()) if m.startswith("param_swap") and mod is not owner
+                   and any(v is original for v in vars(mod).values())]
+        if holders:
+            refuse(f"{owner.__name__}.{name} is also held by {holders} (a from-import): the patch would not take "
+                   "effect there")
+    setattr(owner, name, new)
+    return original
+
 
 def apply(mutation: str) -> None:
     if mutation == "no_rebind":
@@ -74,19 +120,19 @@ def apply(mutation: str) -> None:
             self.params[path].set_value(new)
             return old
 
-        rps.EngineState.assign = assign
-        rps.EngineState.rebind_from_model = lambda self: None
+        patch(engine_state.EngineState, "assign", assign)
+        patch(engine_state.EngineState, "rebind_from_model", lambda self: None)
     elif mutation == "skip_one_param":
-        original = rps.place_and_assign
+        original = swapper.place_and_assign
 
         def place_and_assign(state, plan, *args, **kwargs):
             return original(state, plan[:-1], *args, **kwargs)
 
-        rps.place_and_assign = place_and_assign
+        patch(swapper, "place_and_assign", place_and_assign)
     elif mutation == "copy_in_dict":
-        original = rps.weights_swapped_from_mllm
+        original = runner.swap_first
 
-        def weights_swapped_from_mllm(*args, **kwargs):
+        def swap_first(*args, **kwargs):
             import jax.numpy as jnp
 
             param_dict = original(*args, **kwargs)
@@ -94,30 +140,30 @@ def apply(mutation: str) -> None:
             param_dict[path] = jnp.copy(param_dict[path])
             return param_dict
 
-        rps.weights_swapped_from_mllm = weights_swapped_from_mllm
+        patch(runner, "swap_first", swap_first)
     elif mutation == "no_flush":
         async def flush_radix_cache(guard):
             return 0
 
-        rps.flush_radix_cache = flush_radix_cache
+        patch(pause, "flush_radix_cache", flush_radix_cache)
     elif mutation == "no_pause":
         async def pause_generation(guard, pauses):
             return 0
 
-        rps.pause_generation = pause_generation
-        rps.agree_paused = lambda guard, pauses: None
+        patch(pause, "pause_generation", pause_generation)
+        patch(pause, "agree_paused", lambda guard, pauses: None)
     elif mutation == "flush_ignored":
         async def flush_radix_cache(guard):
             await guard.engine.tokenizer_manager.flush_cache()
             return 0
 
-        rps.flush_radix_cache = flush_radix_cache
+        patch(pause, "flush_radix_cache", flush_radix_cache)
     elif mutation == "crash_while_serving":
-        original_start = rps.ServeLoad.start
+        original_start = serve_load.ServeLoad.start
 
         def start(self, phases):
             original_start(self, phases)
-            scheduler, calls = self.engine.scheduler_info["scheduler"], [0]
+            scheduler, calls = adapter.engine_scheduler(self.engine), [0]
             process_batch_result = scheduler.process_batch_result
 
             def failing(*args, **kwargs):
@@ -128,10 +174,10 @@ def apply(mutation: str) -> None:
 
             scheduler.process_batch_result = failing
 
-        rps.ServeLoad.start = start
+        patch(serve_load.ServeLoad, "start", start)
     elif mutation.startswith("fail_swap_at_"):
         fail_at, calls = int(mutation.rsplit("_", 1)[1]), [0]
-        original_place = rps.place
+        original_place = placement.place
 
         def place(*args, **kwargs):
             calls[0] += 1
@@ -139,20 +185,20 @@ def apply(mutation: str) -> None:
                 raise RuntimeError("RESOURCE_EXHAUSTED: injected out of memory while placing a tensor")
             return original_place(*args, **kwargs)
 
-        rps.place = place
+        patch(placement, "place", place)
     elif mutation == "device_copy_kept":  # a device-to-device swap keeps a second copy of every array it places
-        kept, original_place_device = [], rps.place_device
+        kept, original_place_device = [], placement.place_device
 
         def place_device(*args, **kwargs):
             arr = original_place_device(*args, **kwargs)
             kept.append(arr + 0)
             return arr
 
-        rps.place_device = place_device
+        patch(placement, "place_device", place_device)
     elif mutation == "slow_place":  # every tensor placement takes 0.3 s more: a window to stop a run mid-swap
         import time
 
-        original_place = rps.place
+        original_place = placement.place
 
         def place(*args, **kwargs):
             if os.environ.get("PARAM_SWAP_MARKER"):
@@ -160,21 +206,21 @@ def apply(mutation: str) -> None:
             time.sleep(0.3)
             return original_place(*args, **kwargs)
 
-        rps.place = place
+        patch(placement, "place", place)
     elif mutation == "pause_not_awaited":
         import time
 
         async def pause_generation(guard, pauses):
-            guard.flushes_at_pause = guard.flushes
+            guard.paused(hold_waiting=False)
             return 0
 
-        rps.pause_generation = pause_generation
-        original_guard = rps.serve_guard
+        patch(pause, "pause_generation", pause_generation)
+        original_guard = adapter.serve_guard
 
         def serve_guard(engine):
-            extras = rps.engine_extras(engine)
+            extras = adapter.engine_extras(engine)
             if "serve_guard" not in extras:  # before the guard wraps it: the scheduler's pause handler is slow
-                mapping = rps.engine_scheduler(engine)._request_dispatcher._mapping
+                mapping = adapter.engine_scheduler(engine)._request_dispatcher._mapping
                 index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
                 handler = mapping[index][1]
 
@@ -185,21 +231,17 @@ def apply(mutation: str) -> None:
                 mapping[index] = (mapping[index][0], slow)
             return original_guard(engine)
 
-        rps.serve_guard = serve_guard
+        patch(adapter, "serve_guard", serve_guard)
     elif mutation == "flush_skipped":
         from sgl_jax.srt.managers.scheduler import Scheduler
 
-        Scheduler.flush_cache = lambda self: (True, "", 0)
+        patch(Scheduler, "flush_cache", lambda self: (True, "", 0))
     elif mutation == "weights_id_kept":
-        original_change = rps.ParamSwapper._change_engine
+        def end_change(self, weights_id):  # the Params are whole again, but the guard keeps the old set's id
+            if weights_id is not None:
+                self.changing = False
 
-        def _change_engine(self, *args, **kwargs):
-            kept = self.guard.weights_id
-            out = original_change(self, *args, **kwargs)
-            self.guard.weights_id = kept
-            return out
-
-        rps.ParamSwapper._change_engine = _change_engine
+        patch(adapter.ServeGuard, "end_change", end_change)
     elif mutation == "slow_forward":
         import time
 
@@ -211,7 +253,7 @@ def apply(mutation: str) -> None:
             time.sleep(0.5)
             return original_forward(self, *args, **kwargs)
 
-        ModelRunner.forward = forward
+        patch(ModelRunner, "forward", forward)
     elif mutation == "slow_engine_start":
         import functools
         import pathlib
@@ -230,10 +272,9 @@ def apply(mutation: str) -> None:
 
         engine_module.run_scheduler_loop_thread_after_create = create
     elif mutation == "sigquit_in_generate":
-        import signal
         import threading
 
-        original_generate, calls = rps.generate_greedy, [0]
+        original_generate, calls = generation.generate_greedy, [0]
 
         def generate_greedy(*args, **kwargs):
             calls[0] += 1
@@ -241,23 +282,28 @@ def apply(mutation: str) -> None:
                 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGQUIT)).start()
             return original_generate(*args, **kwargs)
 
-        rps.generate_greedy = generate_greedy
+        patch(generation, "generate_greedy", generate_greedy)
     elif mutation == "scheduler_start_fails":  # the engine's own start fails (as a KV cache that does not fit would)
         from sgl_jax.srt.managers import scheduler
 
         def failing_init(self, *args, **kwargs):
             raise RuntimeError("injected scheduler start failure")
 
-        scheduler.Scheduler.__init__ = failing_init
+        patch(scheduler.Scheduler, "__init__", failing_init)
     elif mutation == "gate_up_swapped":
-        rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.gate_proj\.kernel", "model.layers.{0}.mlp.up_proj.weight", "copy"))
-        rps.MLLM_TO_SGLANG.insert(0, (r"model\.layers_(0)\.mlp\.up_proj\.kernel", "model.layers.{0}.mlp.gate_proj.weight", "copy"))
+        import dataclasses
+
+        sglang_of = {t.hf: t.sglang for t in families.TENSORS}
+        exchanged = {"model.layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
+                     "model.layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.gate_proj.weight"}
+        patch(families, "TENSORS", [dataclasses.replace(t, sglang=sglang_of[exchanged[t.hf]]) if t.hf in exchanged
+                                    else t for t in families.TENSORS])
     elif mutation == "kv_heads_tiled":
         import dataclasses
 
         import numpy as np
 
-        original_host_array = rps.host_array
+        original_host_array = placement.host_array
 
         def host_array(item, src, num_kv_heads, *args):
             if item.op != "kv_heads" or item.replicas == 1:
@@ -266,9 +312,9 @@ def apply(mutation: str) -> None:
             axis = 0 if transposed else arr.ndim - 1
             return np.ascontiguousarray(np.concatenate([arr] * item.replicas, axis=axis)), transposed
 
-        rps.host_array = host_array
+        patch(placement, "host_array", host_array)
     elif mutation == "layers_swapped":
-        original_target_name = rps.target_name
+        original_target_name = planning.target_name
 
         def target_name(mllm_key, *args):
             target, op = original_target_name(mllm_key, *args)
@@ -277,11 +323,11 @@ def apply(mutation: str) -> None:
                     return target.replace(a, b), op
             return target, op
 
-        rps.target_name = target_name
+        patch(planning, "target_name", target_name)
     elif mutation == "kernel_shifted":
         import numpy as np
 
-        original_host_array = rps.host_array
+        original_host_array = placement.host_array
 
         def host_array(item, src, num_kv_heads, *args):
             arr, transposed = original_host_array(item, src, num_kv_heads, *args)
@@ -289,11 +335,11 @@ def apply(mutation: str) -> None:
                 arr = np.ascontiguousarray(np.roll(arr, 1, axis=0 if transposed else -1))
             return arr, transposed
 
-        rps.host_array = host_array
+        patch(placement, "host_array", host_array)
     elif mutation == "norm_left_dummy":
         import numpy as np
 
-        original_plan_swap, original_place, engine_params = rps.plan_swap, rps.place, {}
+        original_plan_swap, original_place, engine_params = planning.plan_swap, placement.place, {}
 
         def plan_swap(flat, params, *args):
             engine_params.update(params)
@@ -306,14 +352,15 @@ def apply(mutation: str) -> None:
                 return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
             return original_place(item, src, num_kv_heads, *args, **kwargs)
 
-        rps.plan_swap, rps.place = plan_swap, place
+        patch(planning, "plan_swap", plan_swap)
+        patch(placement, "place", place)
     elif mutation == "no_torch":
         import importlib.util
 
         original_find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name == "torch" else original_find_spec(name, *a)
     elif mutation == "loader_loads_twice":
-        original_loader = rps.run_own_loader
+        original_loader = adapter.run_own_loader
 
         def run_own_loader(model_runner, model_path, on_assign):
             def twice(path, array):
@@ -323,9 +370,9 @@ def apply(mutation: str) -> None:
 
             original_loader(model_runner, model_path, twice)
 
-        rps.run_own_loader = run_own_loader
+        patch(adapter, "run_own_loader", run_own_loader)
     elif mutation == "compare_raises":
-        original_compare, calls = rps.compare_arrays, [0]
+        original_compare, calls = oracles.compare_arrays, [0]
 
         def compare_arrays(ours, theirs):
             calls[0] += 1
@@ -333,21 +380,21 @@ def apply(mutation: str) -> None:
                 raise RuntimeError("injected failure of the oracle's compare")
             return original_compare(ours, theirs)
 
-        rps.compare_arrays = compare_arrays
+        patch(oracles, "compare_arrays", compare_arrays)
     elif mutation == "sglang_lacks_pause":
         from sgl_jax.srt.managers.scheduler import Scheduler
 
         del Scheduler.pause_generation
     elif mutation == "recorder_drops_last_token":
-        original_take = rps.RequestRecorder.take
+        original_take = adapter.RequestRecorder.take
 
         def take(self, rid):
             record = original_take(self, rid)
             return {**record, "output_ids": record["output_ids"][:-1]}
 
-        rps.RequestRecorder.take = take
+        patch(adapter.RequestRecorder, "take", take)
     elif mutation in ("stale_tensor_in_round", "replaced_kept_in_rounds", "copy_kept_in_rounds"):
-        original_swap, sources, kept = rps.place_and_assign, [], []
+        original_swap, sources, kept = swapper.place_and_assign, [], []
 
         def place_and_assign(state, plan, source, *args, **kwargs):
             sources.append(source)
@@ -356,18 +403,18 @@ def apply(mutation: str) -> None:
                 source = {**{k: source[k] for k in source}, key: sources[1][key]}
             return original_swap(state, plan, source, *args, **kwargs)
 
-        rps.place_and_assign = place_and_assign
+        patch(swapper, "place_and_assign", place_and_assign)
         if mutation == "replaced_kept_in_rounds":
-            original_release = rps.SwapStats.release
+            original_release = stats.SwapStats.release
 
             def release(self, old):
                 if len(sources) >= 2:
                     kept.append(old)
                 return original_release(self, old)
 
-            rps.SwapStats.release = release
+            patch(stats.SwapStats, "release", release)
         elif mutation == "copy_kept_in_rounds":
-            original_place = rps.place
+            original_place = placement.place
 
             def place(*args, **kwargs):
                 arr = original_place(*args, **kwargs)
@@ -375,15 +422,15 @@ def apply(mutation: str) -> None:
                     kept.append(arr + 0)
                 return arr
 
-            rps.place = place
+            patch(placement, "place", place)
     elif mutation == "flush_drops_waiting":
         from sgl_jax.srt.managers.io_struct import AbortReq
 
-        original_init = rps.ServeGuard.__init__
+        original_init = adapter.ServeGuard.__init__
 
         def __init__(self, engine):
             original_init(self, engine)
-            scheduler = rps.engine_scheduler(engine)
+            scheduler = adapter.engine_scheduler(engine)
             guarded = scheduler.flush_cache
 
             def flush_cache():
@@ -393,32 +440,33 @@ def apply(mutation: str) -> None:
 
             scheduler.flush_cache = flush_cache
 
-        rps.ServeGuard.__init__ = __init__
+        patch(adapter.ServeGuard, "__init__", __init__)
     elif mutation == "rollback_from_b":
-        original_arrays = rps.Rollback.arrays
+        original_arrays = rollbacks.Rollback.arrays
 
         def arrays(self, items):
             if self.kind == "source":
-                self.source = rps.PerturbedWeights(self.source)
+                self.source = rounds.PerturbedWeights(self.source)
             return original_arrays(self, items)
 
-        rps.Rollback.arrays = arrays
+        patch(rollbacks.Rollback, "arrays", arrays)
     elif mutation == "skip_swap":
-        rps.place_and_assign = lambda *args, **kwargs: {}
+        patch(swapper, "place_and_assign", lambda *args, **kwargs: {})
     elif mutation == "extra_step":
-        original_budget = rps.validate_token_budget
+        original_budget = validation.validate_token_budget
 
         def validate_token_budget(*args):
             original_budget(*args)
-            rps.HOSTS.agree("extra_step")
+            HOSTS.agree("extra_step")
 
-        rps.validate_token_budget = validate_token_budget
+        patch(validation, "validate_token_budget", validate_token_budget)
     elif mutation == "plan_one_short":
-        original_plan = rps.ParamSwapper.plan
-        rps.ParamSwapper.plan = lambda self, tree: original_plan(self, tree)[:-1]
+        original_plan = swapper.ParamSwapper.plan
+        patch(swapper.ParamSwapper, "plan", lambda self, tree: original_plan(self, tree)[:-1])
     else:
-        raise SystemExit(f"unknown mutation {mutation}")
+        refuse(f"unknown mutation {mutation}")
+
 
 for one in mutations.split("+"):
     apply(one)
-rps.cli(argv)
+runner.cli(argv)

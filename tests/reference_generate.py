@@ -11,17 +11,18 @@ import sys
 
 os.environ.setdefault("USE_TORCH", "0")  # transformers without torch: nothing here needs it (6 s less)
 import run_param_swap as rps  # noqa: E402
+from param_swap import flags, generation, runner  # noqa: E402
 
 
 def main() -> None:
-    args = rps.parse_args(sys.argv[1:])
-    device = rps.configure_platform(args)
+    args = flags.parse_args(sys.argv[1:])
+    device = runner.configure_platform(args)
     import jax
 
     args.tp_size = args.tp_size or jax.device_count() // args.dp_size
-    engine, _ = rps.start_engine(rps.engine_kwargs(args, os.path.abspath(args.model_id), device, "auto"))
+    engine, _ = rps.start_engine(runner.engine_kwargs(args, os.path.abspath(args.model_id), device, "auto"))
     try:
-        out = rps.generate_greedy(engine, args.prompt, args.max_new_tokens)
+        out = generation.generate_greedy(engine, args.prompt, args.max_new_tokens)
     finally:
         engine.shutdown()
     print(json.dumps({"output_ids": out["output_ids"], "text": out["text"]}), flush=True)

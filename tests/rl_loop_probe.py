@@ -28,6 +28,7 @@ os.environ.setdefault("USE_TORCH", "0")  # transformers without torch: nothing h
 import numpy as np  # noqa: E402
 
 import run_param_swap as rps  # noqa: E402
+from param_swap import errors, flags, runner, trees  # noqa: E402
 
 PROMPT, MAX_NEW = "The quick brown fox", 12  # conftest's
 
@@ -37,7 +38,7 @@ def save_hf(tree: dict, src_folder: str, folder: str) -> None:
     from safetensors.numpy import save_file
 
     tensors = {}
-    for key, value in rps.flatten(tree).items():
+    for key, value in trees.flatten(tree).items():
         arr = np.asarray(value).astype(np.float32)
         name = key.replace(".layers_", ".layers.")
         if name.endswith(".kernel"):  # flax [in, out] -> HF [out, in]
@@ -53,13 +54,13 @@ def save_hf(tree: dict, src_folder: str, folder: str) -> None:
 
 def main() -> None:
     ckpt, out_dir, tp, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    args = rps.parse_args(["--model-id", ckpt, "--device", "cpu", "--tp-size", str(tp)])
-    device = rps.configure_platform(args)
+    args = flags.parse_args(["--model-id", ckpt, "--device", "cpu", "--tp-size", str(tp)])
+    device = runner.configure_platform(args)
     import jax
     import jax.numpy as jnp
     from jax._src.array import ArrayImpl
 
-    engine, _ = rps.start_engine(rps.engine_kwargs(args, ckpt, device, "dummy"))
+    engine, _ = rps.start_engine(runner.engine_kwargs(args, ckpt, device, "dummy"))
     result: dict = {"steps": []}
     try:
         swapper = rps.ParamSwapper(engine)
@@ -69,7 +70,7 @@ def main() -> None:
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if x.shape[0] % mesh.size == 0
                                                                                else None))
 
-        params = jax.tree.map(lambda x: jax.device_put(x, fsdp(x)), rps.load_mllm_params(ckpt))
+        params = jax.tree.map(lambda x: jax.device_put(x, fsdp(x)), ckpt.load_mllm_params(ckpt))
 
         @jax.jit
         def train_step(p):
@@ -104,9 +105,9 @@ def main() -> None:
 
         # the donation hazard: engine layout, aliased, then a donating trainer step
         plan = swapper.plan(params)
-        flat = rps.flatten(params)
+        flat = trees.flatten(params)
         engine_layout = {i.source: jax.device_put(flat[i.source].astype(i.dtype),
-                                                  rps.trainer_sharding(i, flat[i.source].shape, "engine"))
+                                                  runner.trainer_sharding(i, flat[i.source].shape, "engine"))
                          for i in plan}
         report = swapper.swap(engine_layout, alias=True)
         result["alias"] = {k: report[k] for k in ("aliased_bytes_sum", "copied_bytes_sum", "param_bytes_sum",
@@ -118,7 +119,7 @@ def main() -> None:
         try:
             swapper.generate(PROMPT, MAX_NEW)
             result["after_donation"] = "generated"
-        except rps.ToolError as e:
+        except errors.ToolError as e:
             result["after_donation"] = e.record()
         swapper.swap(donated, alias=True)
         result["after_reswap_output_ids"] = swapper.generate(PROMPT, MAX_NEW)["output_ids"]
@@ -134,7 +135,7 @@ def main() -> None:
             try:
                 swapper.swap(diverged, **kwargs)
                 result["diverged"][name] = "swapped"
-            except rps.ToolError as e:
+            except errors.ToolError as e:
                 result["diverged"][name] = {**e.record(), "output_ids": swapper.generate(PROMPT, MAX_NEW)["output_ids"]}
         swapper.allow_nonfinite = True
         report = swapper.swap(diverged)

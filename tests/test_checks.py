@@ -1,21 +1,24 @@
-"""Every check the tool can print (`phases.check("name", ...)` in run_param_swap.py) has a row in docs/phases.md's
+"""Every check the tool can print (`phases.check("name", ...)` in param_swap/) has a row in docs/phases.md's
 table of planted defects, naming tests that exist and assert its failure (assert_checks_failed). conftest.py
 counts, at the end of each session, the checks those tests saw fail: a check added without such a test fails
 here, and a listed test that stops seeing its check fail fails the session."""
 
 import ast
+import glob
 import os
 import re
 
-from conftest import MUTATED, ROOT, TOOL, planted_table
+from conftest import MUTATED, ROOT, planted_table
 
 
 def tool_checks() -> set[str]:
     """The names of every check the tool can print: the string constants passed to a `.check(...)` call."""
-    tree = ast.parse(open(TOOL).read())
-    return {node.args[0].value for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "check"
-            and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
+    found = set()
+    for path in glob.glob(os.path.join(ROOT, "param_swap", "*.py")):
+        found |= {node.args[0].value for node in ast.walk(ast.parse(open(path).read()))
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "check"
+                  and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)}
+    return found
 
 
 def test_tool_checks_are_found():

@@ -13,7 +13,7 @@ from conftest import MUTATED, PROMPT, TOOL, run_tool
 from test_hosts import phase_of, run_hosts
 from test_signals import CPU4, assert_stopped, stop_run
 
-import run_param_swap as rps
+from param_swap import sglang_adapter as adapter
 
 STACK = os.environ.get("PARAM_SWAP_STACK")
 UNSUPPORTED = "registry-0.0.2"
@@ -33,7 +33,7 @@ def test_demo_with_both_oracles_on_the_stack_named():
     assert_all_ok(run)
     ready = run.phase("engine_ready_dummy")
     assert ready["stack"] == STACK, ready  # the probe found the stack make test-compat installed
-    assert (ready["sglang_jax_version"], run.phase("jax_ready")["jax_version"]) == rps.SUPPORTED_STACKS[STACK]
+    assert (ready["sglang_jax_version"], run.phase("jax_ready")["jax_version"]) == adapter.SUPPORTED_STACKS[STACK]
     assert {"weights_equal_loader", "logits_match_reference", "single_copy_memory"} <= set(run.summary["checks"])
 
 
@@ -104,5 +104,5 @@ def test_registry_0_0_2_is_refused_before_the_engine_starts(checkpoint):
     assert len(errors) == 1 and errors[0]["stage"] == "sglang_jax", errors
     error = errors[0]
     assert "sglang-jax 0.0.2" in error["error"] and "Traceback" not in run.stdout
-    assert all(name in error["hint"] for name in rps.SUPPORTED_STACKS)
+    assert all(name in error["hint"] for name in adapter.SUPPORTED_STACKS)
     assert "ServerArgs.disable_precompile" in error["missing"] and "engine_ready_dummy" not in run.phases()

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
+from param_swap import errors, trees
 
 
 def info_of(folder):
-    return rps.read_checkpoint_info(folder)
+    return ckpt.read_checkpoint_info(folder)
 
 
 def test_names_and_transposes(checkpoint):
     folder = checkpoint(tied=False, num_kv_heads=2)
-    hf = rps.read_safetensors(info_of(folder))
-    flat = rps.hf_to_mllm(hf, tie_word_embeddings=False)
+    hf = ckpt.read_safetensors(info_of(folder))
+    flat = ckpt.hf_to_mllm(hf, tie_word_embeddings=False)
     assert len(flat) == len(hf)
     np.testing.assert_array_equal(flat["model.layers_1.self_attn.k_proj.kernel"], hf["model.layers.1.self_attn.k_proj.weight"].T)
     np.testing.assert_array_equal(flat["model.layers_0.mlp.down_proj.kernel"], hf["model.layers.0.mlp.down_proj.weight"].T)
@@ -28,38 +29,38 @@ def test_names_and_transposes(checkpoint):
     assert flat["model.norm.scale"].dtype == ml_dtypes.bfloat16
     # kernels are views of the checkpoint's arrays, not copies
     assert np.shares_memory(flat["model.layers_0.mlp.up_proj.kernel"], hf["model.layers.0.mlp.up_proj.weight"])
-    tree = rps.nest(flat)
+    tree = trees.nest(flat)
     assert tree["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"].shape == (512, 512)
-    assert rps.flatten(tree).keys() == flat.keys()
+    assert trees.flatten(tree).keys() == flat.keys()
 
 
 def test_tied_checkpoint_has_no_lm_head(checkpoint):
     folder = checkpoint(tied=True)
-    hf = rps.read_safetensors(info_of(folder))
+    hf = ckpt.read_safetensors(info_of(folder))
     assert "lm_head.weight" not in hf
-    flat = rps.hf_to_mllm(hf, tie_word_embeddings=True)
+    flat = ckpt.hf_to_mllm(hf, tie_word_embeddings=True)
     assert "lm_head.kernel" not in flat
     # a tied state_dict (transformers) carries lm_head.weight as an alias of the embedding: dropped too
     hf_with_alias = {**hf, "lm_head.weight": hf["model.embed_tokens.weight"]}
-    assert rps.hf_to_mllm(hf_with_alias, tie_word_embeddings=True).keys() == flat.keys()
+    assert ckpt.hf_to_mllm(hf_with_alias, tie_word_embeddings=True).keys() == flat.keys()
 
 
 def test_sharded_equals_single_file(checkpoint):
-    single = rps.read_safetensors(info_of(checkpoint(tied=False, num_shards=1)))
+    single = ckpt.read_safetensors(info_of(checkpoint(tied=False, num_shards=1)))
     sharded_info = info_of(checkpoint(tied=False, num_shards=3))
     assert len(sharded_info.files) == 3
-    sharded = rps.read_safetensors(sharded_info)
+    sharded = ckpt.read_safetensors(sharded_info)
     assert single.keys() == sharded.keys()
     for k in single:
         np.testing.assert_array_equal(single[k], sharded[k])
 
 
 def test_dtype_cast_and_fp32_sources(checkpoint):
-    hf32 = rps.read_safetensors(info_of(checkpoint(tied=True, dtype="float32")))
+    hf32 = ckpt.read_safetensors(info_of(checkpoint(tied=True, dtype="float32")))
     assert hf32["model.norm.weight"].dtype == np.float32
-    flat = rps.hf_to_mllm(hf32, tie_word_embeddings=True, dtype="bfloat16")
+    flat = ckpt.hf_to_mllm(hf32, tie_word_embeddings=True, dtype="bfloat16")
     assert all(a.dtype == ml_dtypes.bfloat16 for a in flat.values())
-    flat32 = rps.hf_to_mllm(hf32, tie_word_embeddings=True, dtype="float32")
+    flat32 = ckpt.hf_to_mllm(hf32, tie_word_embeddings=True, dtype="float32")
     assert np.shares_memory(flat32["model.norm.scale"], hf32["model.norm.weight"])  # no cast, no copy
 
 
@@ -68,8 +69,8 @@ def test_numpy_and_torch_inputs_agree_bitwise():
     big = np.array([3.0e38, -2.5e38, 7.0e4, 1e-40], dtype=np.float32)  # outside fp16's range: no fp16 detour
     w = np.concatenate([big, rng.standard_normal(60).astype(np.float32)]).reshape(8, 8).astype(ml_dtypes.bfloat16)
     as_torch = torch.from_numpy(w.astype(np.float32)).to(torch.bfloat16)
-    a = rps.hf_to_mllm({"model.layers.0.mlp.up_proj.weight": w}, False)
-    b = rps.hf_to_mllm({"model.layers.0.mlp.up_proj.weight": as_torch}, False)
+    a = ckpt.hf_to_mllm({"model.layers.0.mlp.up_proj.weight": w}, False)
+    b = ckpt.hf_to_mllm({"model.layers.0.mlp.up_proj.weight": as_torch}, False)
     key = "model.layers_0.mlp.up_proj.kernel"
     assert b[key].dtype == ml_dtypes.bfloat16
     assert a[key].view(np.uint16).tobytes() == np.ascontiguousarray(b[key]).view(np.uint16).tobytes()
@@ -78,8 +79,8 @@ def test_numpy_and_torch_inputs_agree_bitwise():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_torch_state_dict_and_safetensors_trees_are_bit_identical(checkpoint, dtype):
     info = info_of(checkpoint(tied=False, num_kv_heads=1, dtype=dtype))
-    from_st = rps.hf_to_mllm(rps.read_safetensors(info), False)
-    from_torch = rps.hf_to_mllm(rps.read_torch_state_dict(info), False)
+    from_st = ckpt.hf_to_mllm(ckpt.read_safetensors(info), False)
+    from_torch = ckpt.hf_to_mllm(ckpt.read_torch_state_dict(info), False)
     assert from_st.keys() == from_torch.keys()
     for k in from_st:
         assert from_st[k].dtype == from_torch[k].dtype, k
@@ -87,8 +88,8 @@ def test_torch_state_dict_and_safetensors_trees_are_bit_identical(checkpoint, dt
 
 
 def test_unknown_tensor_is_refused():
-    with pytest.raises(rps.ToolError, match="unexpected tensor 'model.vision.proj.weight'"):
-        rps.hf_to_mllm({"model.vision.proj.weight": np.zeros((2, 2), np.float32)}, False)
+    with pytest.raises(errors.ToolError, match="unexpected tensor 'model.vision.proj.weight'"):
+        ckpt.hf_to_mllm({"model.vision.proj.weight": np.zeros((2, 2), np.float32)}, False)
 
 
 def test_checkpoint_info(checkpoint):

@@ -9,7 +9,7 @@ import pytest
 from conftest import PROMPT, ROOT, reference_output_ids, run_tool
 from test_serve import SERVE_CHECKS
 
-import run_param_swap as rps
+from param_swap import flags, validation
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -57,7 +57,7 @@ def test_the_readme_tpu_command(checkpoint, tmp_path):
     folder = checkpoint(tied=True, num_kv_heads=2)
     run = run_tool(*on_this_machine(args, folder, tmp_path))
     assert_all_checks_pass(run, "param_sharing", "weights_equal_loader", "logits_match_reference")
-    assert run.phase("generate_result")["prompt"] == rps.chat_prompt(folder, rps.parse_args([]).prompt)
+    assert run.phase("generate_result")["prompt"] == validation.chat_prompt(folder, flags.parse_args([]).prompt)
     assert "before_generate_param_dict_kept" in run.phases()
     assert (tmp_path / "swap.jsonl").read_text().splitlines() == run.stdout.strip().splitlines()
 
@@ -99,7 +99,7 @@ def test_the_serving_demo():
     run = run_tool(*args, timeout=1800)
     checks = assert_all_checks_pass(run, *SERVE_CHECKS, "weights_equal_loader", "logits_match_reference",
                                     "rounds_consistent", "rounds_no_leak", "single_copy_memory")
-    assert checks["single_copy_memory"]["tolerance"] == rps.parse_args([]).single_copy_tolerance
+    assert checks["single_copy_memory"]["tolerance"] == flags.parse_args([]).single_copy_tolerance
     assert checks["weights_equal_loader"]["swaps_checked"] == 3  # the first swap and rounds 2 and 4 (A)
     load = run.phase("serve_load")
     assert load["clients"] == 8 and all(s["requests_paused"] > 0 for s in load["swaps"])

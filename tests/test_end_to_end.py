@@ -13,7 +13,8 @@ from conftest import (
     run_tool,
 )
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
+from param_swap import flags
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -51,12 +52,12 @@ def test_demo(tmp_path):
     assert all(c["ok"] for c in run.summary["checks"].values())
     # --max-new-tokens' default, exactly as generated: the independent reference's argmax at every position
     # (teacher-forced on the engine's own tokens, agreement everywhere = its greedy decode is the same sequence)
-    new_tokens = rps.parse_args([]).max_new_tokens
+    new_tokens = flags.parse_args([]).max_new_tokens
     result, logits = run.phase("generate_result"), run.phase("logits_verified")
     assert len(result["output_ids"]) == result["meta_info"]["completion_tokens"] == new_tokens
     assert logits["reference_argmax"] == result["output_ids"] and logits["argmax_agreement"] == f"{new_tokens}/{new_tokens}"
     # one Param per tensor of the demo checkpoint (kept in --demo-dir), each checked
-    params = len(rps.expected_tensors(rps.read_checkpoint_info(str(tmp_path / "demo"))))
+    params = len(ckpt.expected_tensors(ckpt.read_checkpoint_info(str(tmp_path / "demo"))))
     assert run.phase("weights_verified")["paths_checked"] == params and run.phase("weights_verified")["differing"] == {}
     for record in run.records[:-1]:
         summary = record["memory"]["jax_device_memory_summary"]

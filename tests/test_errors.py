@@ -11,7 +11,9 @@ import pytest
 from conftest import MUTATED, assert_phase_keys, clean_env, run_tool
 from safetensors.numpy import load_file, save_file
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
+from param_swap import errors, families, planning
+from param_swap import sglang_adapter as adapter
 
 CPU4 = ["--device", "cpu", "--tp-size", "4", "--max-new-tokens", "4"]
 
@@ -55,7 +57,6 @@ def rewrite_tensors(folder: str, change) -> None:
 @pytest.mark.parametrize("args,words", [
     (["--prompt", ""], ["--prompt", "empty"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens 0"]),
-    (["--dp-size", "2"], ["--dp-size 2", "single-process"]),
     (["--max-running-requests", "0"], ["--max-running-requests 0"]),
     (["--mem-fraction-static", "1.5"], ["--mem-fraction-static 1.5"]),
     (["--max-total-tokens", "0"], ["--max-total-tokens 0"]),
@@ -69,6 +70,12 @@ def test_usage_errors(checkpoint, args, words):
     assert_error(run, 2, "arguments", *words)
 
 
+def test_dp_size_is_gone():
+    """sglang-jax's single-process engine, which the in-place swap needs, runs dp_size 1: the flag is gone."""
+    run = run_tool("--demo", "--dp-size", "1")
+    assert run.returncode == 2 and "unrecognized arguments: --dp-size" in run.stderr and not run.records
+
+
 def test_an_error_line_has_the_keys_it_always_had():
     assert_phase_keys(run_tool("--demo", "--max-new-tokens", "0"), "error")
 
@@ -80,7 +87,7 @@ def test_an_sglang_jax_without_what_the_swap_needs_is_bad_input_before_the_engin
     error = assert_error(run, 2, "sglang_jax", "Scheduler.pause_generation", "0.0.3rc99", "supported stack")
     assert error["versions"]["sglang-jax"] == "0.0.3rc99" and error["missing"] == [
         "sgl_jax.srt.managers.scheduler.Scheduler.pause_generation"]
-    assert set(error["supported_stacks"]) == set(rps.SUPPORTED_STACKS) and "engine_ready_dummy" not in run.phases()
+    assert set(error["supported_stacks"]) == set(adapter.SUPPORTED_STACKS) and "engine_ready_dummy" not in run.phases()
 
 
 def test_json_out_in_missing_folder(checkpoint, tmp_path):
@@ -102,10 +109,10 @@ def test_tp_must_divide_heads(checkpoint):
     assert_error(run, 2, "arguments", "--tp-size 3", "4 attention heads")
 
 
-def test_tp_times_dp_must_equal_devices(checkpoint):
+def test_tp_must_equal_devices(checkpoint):
     env = {**clean_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     run = run_tool("--model-id", checkpoint(), "--tp-size", "2", env=env)
-    assert_error(run, 2, "arguments", "2 x 1 != 4 devices")
+    assert_error(run, 2, "arguments", "--tp-size 2 != 4 devices")
 
 
 @contextlib.contextmanager
@@ -174,7 +181,7 @@ def test_unsupported_architecture(ckpt_copy):
     config["architectures"] = ["MistralForCausalLM"]
     json.dump(config, open(config_path, "w"))
     run = run_tool("--model-id", folder, *CPU4)
-    assert_error(run, 2, "checkpoint", "MistralForCausalLM", *rps.SUPPORTED_ARCHITECTURES)
+    assert_error(run, 2, "checkpoint", "MistralForCausalLM", *families.SUPPORTED_ARCHITECTURES)
 
 
 def test_missing_kv_heads_is_what_transformers_assumes(ckpt_copy):
@@ -265,10 +272,10 @@ def test_plan_refuses_what_the_engine_cannot_hold():
 
     params = {"model.norm.scale": P((8,)), "model.embed_tokens.embedding": P((16, 8))}
     flat = {"model.norm.scale": np.zeros(8, np.float32), "model.embed_tokens.embedding": np.zeros((16, 4), np.float32)}
-    with pytest.raises(rps.ToolError, match=r"gives \(16, 4\), the engine has \(16, 8\)"):
-        rps.plan_swap(flat, params, 1)
-    with pytest.raises(rps.ToolError, match="model.embed_tokens.embedding: no source tensor"):
-        rps.plan_swap({"model.norm.scale": flat["model.norm.scale"]}, params, 1)
+    with pytest.raises(errors.ToolError, match=r"gives \(16, 4\), the engine has \(16, 8\)"):
+        planning.plan_swap(flat, params, 1)
+    with pytest.raises(errors.ToolError, match="model.embed_tokens.embedding: no source tensor"):
+        planning.plan_swap({"model.norm.scale": flat["model.norm.scale"]}, params, 1)
 
 
 # --- faults once the engine runs -----------------------------------------------------------------------------
@@ -276,7 +283,7 @@ def test_plan_refuses_what_the_engine_cannot_hold():
 
 def plan_size(folder: str) -> int:
     """The tensors a swap places: one per checkpoint tensor the config asks for (the tool's own reading)."""
-    return len(rps.expected_tensors(rps.read_checkpoint_info(folder)))
+    return len(ckpt.expected_tensors(ckpt.read_checkpoint_info(folder)))
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, clean_env, reference_output_ids, run_tool
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
+from param_swap import demo, errors
 
 MATRIX = [  # arch:tp:tied:kv[:attention_bias[:moe_backend]]
     "qwen2:4:1:2", "qwen2:4:0:1", "qwen2:2:0:4", "qwen2:4:1:1", "qwen2:2:1:4", "qwen2:1:0:4", "qwen2:4:0:2",
@@ -60,7 +62,7 @@ def test_rollback_recreates_the_dummy_weights_of_every_family():
 
 
 @pytest.mark.parametrize("plant, case, named", [
-    ("qk_norm_swapped", "qwen3:2:1:2", {"model.layers.0.self_attn.q_norm.scale", "model.layers.0.self_attn.k_norm.scale"}),
+    ("qk_norm_swapped", "qwen3:2:1:2", {f"model.layers.{i}.self_attn.{n}_norm.scale" for i in (0, 1) for n in "qk"}),
     ("experts_gate_up_swapped", "qwen3_moe:2:1:2:0:epmoe", {"model.layers.1.mlp.wi_0", "model.layers.1.mlp.wi_1"}),
 ])
 @pytest.mark.engine
@@ -71,23 +73,23 @@ def test_planted_family_layout_errors_are_named(plant, case, named):
 
 def test_checkpoint_validation_covers_every_family(tmp_path):
     for arch in ("qwen3", "llama", "qwen3_moe"):
-        folder = rps.write_demo_checkpoint(str(tmp_path / arch), arch=arch)
-        info = rps.read_checkpoint_info(folder)
-        rps.validate_checkpoint(info)
-        expected = rps.expected_tensors(info)
+        folder = demo.write_demo_checkpoint(str(tmp_path / arch), arch=arch)
+        info = ckpt.read_checkpoint_info(folder)
+        ckpt.validate_checkpoint(info)
+        expected = ckpt.expected_tensors(info)
         assert any("q_norm" in n for n in expected) == arch.startswith("qwen3")
         if arch == "qwen3_moe":
             assert info.moe_layers == (1,) and "model.layers.1.mlp.experts.3.down_proj.weight" in expected
             assert "model.layers.0.mlp.gate_proj.weight" in expected  # the dense layer
         os.remove(os.path.join(folder, "model.safetensors"))
-        tensors = {n: rps.np.zeros(s, rps.np.float32) for n, s in expected.items()}
+        tensors = {n: np.zeros(s, np.float32) for n, s in expected.items()}
         drop = next(n for n in tensors if "k_norm" in n or "k_proj.weight" in n)
         del tensors[drop]
         from safetensors.numpy import save_file
 
         save_file(tensors, os.path.join(folder, "model.safetensors"))
-        with pytest.raises(rps.ToolError, match="missing"):
-            rps.validate_checkpoint(rps.read_checkpoint_info(folder))
+        with pytest.raises(errors.ToolError, match="missing"):
+            ckpt.validate_checkpoint(ckpt.read_checkpoint_info(folder))
 
 
 @pytest.mark.engine

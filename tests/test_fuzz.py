@@ -18,7 +18,8 @@ from conftest import run_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
+from param_swap import errors, validation
 
 MISSING = object()
 FIELDS = ["num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size",
@@ -59,11 +60,11 @@ def validate(folder: str) -> bool:
     """Everything the tool checks before JAX or the engine start: True if it refuses the checkpoint (always a
     ToolError with exit 2 and a message), False if it passes."""
     try:
-        info = rps.read_checkpoint_info(folder)
-        rps.validate_checkpoint(info)
-        rps.validate_parallelism(info, 4)
+        info = ckpt.read_checkpoint_info(folder)
+        ckpt.validate_checkpoint(info)
+        validation.validate_parallelism(info, 4)
         return False
-    except rps.ToolError as e:
+    except errors.ToolError as e:
         assert e.exit_code == 2, e.record()
         assert e.record()["error"]
         return True

@@ -9,14 +9,14 @@ import sys
 import pytest
 from conftest import ROOT, clean_env
 
-import run_param_swap as rps
+from param_swap import memory
 
 
 def test_an_array_donated_mid_walk_is_skipped_and_the_walk_taken_again(monkeypatch):
     import jax.numpy as jnp
 
     kept, donated = jnp.ones((1000,), jnp.float32), jnp.ones((3000,), jnp.float32)
-    real, raised = rps.device_buffers, []
+    real, raised = memory.device_buffers, []
 
     def racing(arr, **kwargs):  # what a forward's donation looks like from the walk: raises, is_deleted() still False
         if arr is donated and not raised:
@@ -24,16 +24,16 @@ def test_an_array_donated_mid_walk_is_skipped_and_the_walk_taken_again(monkeypat
             raise RuntimeError("Array has been deleted with shape=float32[3000].")
         return real(arr, **kwargs)
 
-    monkeypatch.setattr(rps, "device_buffers", racing)
-    total = sum(rps.live_array_bytes_per_device().values())
+    monkeypatch.setattr(memory, "device_buffers", racing)
+    total = sum(memory.live_array_bytes_per_device().values())
     assert raised and total >= kept.nbytes + donated.nbytes  # the second walk saw both
 
     def broken(arr, **kwargs):  # any other failure to read an array is not a donation: it propagates
         raise RuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(rps, "device_buffers", broken)
+    monkeypatch.setattr(memory, "device_buffers", broken)
     with pytest.raises(RuntimeError, match="something else"):
-        rps.live_array_bytes_per_device()
+        memory.live_array_bytes_per_device()
 
 
 @pytest.mark.engine

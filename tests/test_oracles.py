@@ -9,7 +9,7 @@ from conftest import MAX_NEW, MUTATED, PROMPT, assert_checks_failed, reference_o
 from test_end_to_end import ORACLES, swap_args
 from test_errors import assert_error
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -38,7 +38,7 @@ def test_planted_layout_error_passes_structural_checks_and_fails_both_oracles(ch
     assert_checks_failed(checks, *ORACLE_CHECKS)
     named = set(run.phase("weights_verified")["differing"])
     if PLANTED[mutation] is None:
-        layers = [n for n in rps.expected_tensors(rps.read_checkpoint_info(folder)) if ".layers." in n]
+        layers = [n for n in ckpt.expected_tensors(ckpt.read_checkpoint_info(folder)) if ".layers." in n]
         assert run.phase("weights_verified")["num_differing"] == len(layers)  # both layers, every Param
         assert all(".layers.0." in p or ".layers.1." in p for p in named)
     else:

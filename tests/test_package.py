@@ -1,4 +1,4 @@
-"""`pip install` gives the module, the console script and one extra per use, each pinning what its
+"""`pip install` gives the entry module, its package, the console script and one extra per use, each pinning what its
 requirements file pins (engine-free: builds the wheel and reads it; the demo through the installed console
 script runs in tests/test_end_to_end.py::test_demo, a stop through it in tests/test_signals.py)."""
 
@@ -29,6 +29,7 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     for name in ["pyproject.toml", "README.md", "run_param_swap.py", *REQUIREMENT_FILES]:
         shutil.copy(os.path.join(ROOT, name), src / name)
+    shutil.copytree(os.path.join(ROOT, "param_swap"), src / "param_swap", ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                            "--wheel-dir", str(out), str(src)], capture_output=True, text=True, timeout=300,
                           cwd=str(out))
@@ -42,10 +43,15 @@ def dist_file(wheel: zipfile.ZipFile, name: str) -> str:
     return wheel.read(path).decode()
 
 
-def test_the_wheel_holds_the_module_and_nothing_else_of_the_repo(wheel):
-    code = [n for n in wheel.namelist() if ".dist-info/" not in n]
-    assert code == ["run_param_swap.py"]
-    assert wheel.read("run_param_swap.py") == open(os.path.join(ROOT, "run_param_swap.py"), "rb").read()
+def package_files() -> list[str]:
+    return sorted(f"param_swap/{n}" for n in os.listdir(os.path.join(ROOT, "param_swap")) if n.endswith(".py"))
+
+
+def test_the_wheel_holds_the_entry_and_its_package_and_nothing_else_of_the_repo(wheel):
+    code = sorted(n for n in wheel.namelist() if ".dist-info/" not in n)
+    assert code == sorted(["run_param_swap.py", *package_files()])
+    for name in code:
+        assert wheel.read(name) == open(os.path.join(ROOT, name), "rb").read(), name
 
 
 def test_the_console_script_is_cli(wheel):

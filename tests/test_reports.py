@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-import run_param_swap as rps
+from param_swap import phases, report
 
 
 def records():
@@ -19,7 +19,7 @@ def records():
 
 
 def test_memory_table_marks_two_sets():
-    table = rps.memory_table(records())
+    table = report.memory_table(records())
     lines = table.splitlines()
     assert "device bytes in use (sum)" in lines[0] and len(lines) == 6
     assert "sglang_param_dict_ready" in lines[3] and "1.800x" in lines[3]
@@ -28,7 +28,7 @@ def test_memory_table_marks_two_sets():
 
 def test_plot_is_written(tmp_path):
     path = tmp_path / "m.png"
-    rps.plot_memory(records(), str(path))
+    report.plot_memory(records(), str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -43,7 +43,7 @@ def test_wandb_init_failure_is_a_warning(monkeypatch, capsys):
         raise wandb.errors.UsageError("api_key not configured (no-tty)")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    sink = rps.WandbSink(args())
+    sink = report.WandbSink(args())
     assert sink.run is None
     sink.log(records()[1])  # a no-op, not an exception
     assert "W&B disabled" in capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_wandb_log_failure_turns_the_sink_off(monkeypatch, capsys):
             raise ConnectionError("network is unreachable")
 
     monkeypatch.setattr(wandb, "init", lambda **kw: Run())
-    sink = rps.WandbSink(args())
+    sink = report.WandbSink(args())
     sink.log(records()[1])
     assert sink.run is None and "W&B logging failed" in capsys.readouterr().err
 
@@ -76,7 +76,7 @@ def test_wandb_metrics_are_numbers(monkeypatch, record):
             pass
 
     monkeypatch.setattr(wandb, "init", lambda **kw: Run())
-    sink = rps.WandbSink(args())
+    sink = report.WandbSink(args())
     sink.log(record)
     # what must be logged, read from the record: its numbers (not its flags), the memory summary, the verdict
     expected = {f"{record['phase']}/{k}": v for k, v in record.items() if type(v) in (int, float)}
@@ -99,10 +99,10 @@ def test_phase_lines_are_strict_json():
 
     record = {"phase": "logits_verified", "max": float("nan"), "ok": False, "rows": [1.5, float("-inf")],
               "worst": [{"margin": np.float32("nan"), "engine": np.float32(0.25)}], "n": 3}
-    line = rps.strict_json(record)
+    line = phases.strict_json(record)
     with pytest.raises(ValueError):
         strict_json(json.dumps(record, default=str))  # what json.dumps writes by default is refused
     assert strict_json(line) == {"phase": "logits_verified", "max": None, "ok": False, "rows": [1.5, None],
                                  "worst": [{"margin": None, "engine": 0.25}], "n": 3,
                                  "nonfinite_fields": {"max": "nan", "rows[1]": "-inf", "worst[0].margin": "nan"}}
-    assert rps.strict_json({"phase": "x", "n": 1.0}) == '{"phase": "x", "n": 1.0}'  # nothing to name: no field
+    assert phases.strict_json({"phase": "x", "n": 1.0}) == '{"phase": "x", "n": 1.0}'  # nothing to name: no field

@@ -6,7 +6,7 @@ import pytest
 from conftest import MUTATED, PROMPT, assert_checks_failed, assert_phase_keys, run_tool
 from test_errors import assigned_before
 
-import run_param_swap as rps
+from param_swap import checkpoint as ckpt
 
 pytestmark = pytest.mark.engine  # make test-fast leaves these out
 
@@ -106,7 +106,7 @@ def test_each_serve_check_fails_on_its_defect(checkpoint, mutation, code, failin
 
 def test_failure_mid_swap_while_serving_rolls_back_and_serving_goes_on(checkpoint):
     folder = checkpoint(tied=True, num_kv_heads=2)
-    tensors = len(rps.expected_tensors(rps.read_checkpoint_info(folder)))
+    tensors = len(ckpt.expected_tensors(ckpt.read_checkpoint_info(folder)))
     run = run_tool(f"fail_swap_at_{tensors + 10}", "--model-id", folder, *SERVE, "--rounds", "1", "--bucket-mb", "1",
                    script=MUTATED)
     assert run.returncode == 3, run.stderr[-3000:]

@@ -11,7 +11,8 @@ import sys
 import pytest
 from conftest import ENGINE_TIMEOUT, ROOT, clean_env
 
-import run_param_swap as rps
+from param_swap import errors, generation
+from param_swap import sglang_adapter as adapter
 
 
 @pytest.mark.engine
@@ -55,11 +56,11 @@ def test_generate_flags_an_inconsistent_answer():
         def generate(self, **kwargs):
             return self.answer
 
-    good = rps.generate_greedy(Engine([0, 1, 2], 3, "ABC"), "p", 3)
+    good = generation.generate_greedy(Engine([0, 1, 2], 3, "ABC"), "p", 3)
     assert good["consistent"] and good["output_ids"] == [0, 1, 2]
-    short = rps.generate_greedy(Engine([0, 1], 3, "AB"), "p", 3)
+    short = generation.generate_greedy(Engine([0, 1], 3, "AB"), "p", 3)
     assert not short["consistent"] and "2 ids, completion_tokens 3" in short["consistency_problems"][0]
-    wrong_text = rps.generate_greedy(Engine([0, 1, 2], 3, "ABD"), "p", 3)
+    wrong_text = generation.generate_greedy(Engine([0, 1, 2], 3, "ABD"), "p", 3)
     assert wrong_text["consistency_problems"] == ["the engine's text is not the decoding of the generated ids"]
 
 
@@ -75,7 +76,7 @@ def test_recorder_keeps_the_scheduler_lists_and_drops_untaken_records_oldest_fir
     sent = []
     scheduler = type("Scheduler", (), {})()
     scheduler.stream_output = lambda reqs, *a, **k: sent.append([r.rid for r in reqs])
-    recorder = rps.RequestRecorder(scheduler, keep=2)
+    recorder = adapter.RequestRecorder(scheduler, keep=2)
     scheduler.stream_output([Req("a"), Req("b")])
     scheduler.stream_output([Req("c")])
     assert sent == [["a", "b"], ["c"]]  # the scheduler's own output still goes out
@@ -83,7 +84,7 @@ def test_recorder_keeps_the_scheduler_lists_and_drops_untaken_records_oldest_fir
     assert recorder.take("c") == {"prompt_ids": [1, 2], "output_ids": [3, 4, 5], "output_logprobs": None}
     try:
         recorder.take("a")
-    except rps.ToolError as e:
-        assert e.exit_code == rps.EXIT_ENGINE and "no record" in e.error
+    except errors.ToolError as e:
+        assert e.exit_code == errors.EXIT_ENGINE and "no record" in e.error
     else:
         raise AssertionError("a dropped record must not be returned")

@@ -10,17 +10,17 @@ import os
 import sys
 import time
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import checkpoint, flags, memory, runner  # noqa: E402
 
 
 def main() -> None:
     folder, device, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    rps.configure_platform(rps.parse_args(["--device", device, "--tp-size", str(tp)]))
+    runner.configure_platform(flags.parse_args(["--device", device, "--tp-size", str(tp)]))
     import jax
     import numpy as np
 
-    info = rps.read_checkpoint_info(os.path.abspath(folder))
-    tensors = rps.read_safetensors(info)  # memory-mapped
+    info = checkpoint.read_checkpoint_info(os.path.abspath(folder))
+    tensors = checkpoint.read_safetensors(info)  # memory-mapped
     for arr in tensors.values():  # the page cache, not the disk: a swap from a warm checkpoint is what is compared
         np.asarray(arr).sum(dtype=np.float32)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("fsdp",))
@@ -34,7 +34,7 @@ def main() -> None:
     jax.block_until_ready(arrays)
     put_s = time.perf_counter() - t
     host_bytes = sum(a.nbytes for a in tensors.values())
-    device_bytes = rps.param_bytes_sum(arrays)
+    device_bytes = memory.param_bytes_sum(arrays)
     copies = [jax.jit(lambda a: a + 0, out_shardings=a.sharding) for a in arrays]  # + 0: a real copy, not an alias
     for c, a in zip(copies, arrays, strict=True):
         c(a).block_until_ready()  # compile

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-import run_param_swap as rps  # noqa: E402
+from param_swap import demo  # noqa: E402
 
 QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128,
                        intermediate_size=11008, tied=True)  # as bench/bench_swap.py's
@@ -18,7 +18,7 @@ QWEN25_3B_SHAPE = dict(vocab_size=151936, hidden_size=2048, num_heads=16, num_kv
 def main() -> None:
     folder, layers = sys.argv[1], int(sys.argv[2])
     t = time.perf_counter()
-    rps.write_demo_checkpoint(folder, num_layers=layers, **QWEN25_3B_SHAPE)
+    demo.write_demo_checkpoint(folder, num_layers=layers, **QWEN25_3B_SHAPE)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
     print(json.dumps({"checkpoint": folder, "num_layers": layers, "safetensors_bytes": size,
                       "seconds": round(time.perf_counter() - t, 1)}), flush=True)

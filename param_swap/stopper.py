@@ -1,0 +1,95 @@
+"""Stopping: Ctrl-C (SIGINT) and SIGTERM (`timeout`, schedulers) end the run with its verdict; the engine's
+own failure signal (SIGQUIT) is exit 3 with one error line."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from param_swap import phases
+from param_swap import sglang_adapter as adapter
+from param_swap.errors import ExitCode, ToolError, log
+from param_swap.hosts import HOSTS
+from param_swap.phases import PhaseLog
+from param_swap.swapper import ParamSwapper
+
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+
+
+# sglang-jax's scheduler answers its own failure (an exception, a watchdog timeout) with SIGQUIT, and its
+# handler SIGKILLs the whole process tree: exit 137, no message. The Stopper takes SIGQUIT too: exit 3.
+WATCHED_SIGNALS = {*STOP_SIGNALS, signal.SIGQUIT}
+
+
+SWAP_FINISH_WAIT_S = 120.0  # how long a stop waits for a swap in progress to complete or roll back
+
+
+class Stopper:
+    """SIGINT and SIGTERM are blocked in every thread (install() runs before JAX or the engine start a
+    thread, and threads inherit the mask) and taken by one watcher thread with sigwait, with SIGQUIT (the
+    engine's own failure signal: error line, exit 3, whenever it comes, also inside Engine()). So a stop is seen
+    within moments whatever the main thread is doing (an XLA compile, a generation, a swap), and neither
+    Python's KeyboardInterrupt nor sglang-jax's handlers run half-way through something. The watcher lets a
+    swap in progress complete (or roll back) first, at most SWAP_FINISH_WAIT_S, then writes one error line
+    (stage `interrupted`: the signal, the phase it interrupted, what the engine holds), the summary and the
+    stderr table, kills the engine's child processes and exits 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, phase_log: PhaseLog, cfg):
+        self.phases, self.cfg = phase_log, cfg
+        self.swapper: ParamSwapper | None = None  # set once the engine runs
+        self.cleanup: list = []  # callables run before exiting (the demo's temp folder)
+        self.stopping = threading.Lock()  # held by the one stop() that ends the process
+
+    def install(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED_SIGNALS)
+        threading.Thread(target=self.watch, name="param-swap-stopper", daemon=True).start()
+
+    def engine_holds(self, waited: float | None) -> str:
+        sw = self.swapper
+        if sw is None:
+            return "no engine was running" if self.phases.doing != "engine_ready_dummy" else "the engine was starting"
+        if not sw.idle.is_set():
+            return f"a swap was still running after {waited:.0f} s: the engine is half-swapped"
+        if sw.last_swap_restored is not None:
+            return ("the previous weights (a failed swap was rolled back)" if sw.last_swap_restored
+                    else "half-swapped weights (a failed swap without rollback)")
+        swapped = f"the weights of swap {sw.swaps}" if sw.swaps else "the dummy weights (no swap yet)"
+        return swapped + (f"; the swap in progress completed before stopping ({waited:.1f} s)" if waited else "")
+
+    def watch(self) -> None:
+        signum = signal.sigwait(WATCHED_SIGNALS)
+        name, doing = signal.Signals(signum).name, self.phases.doing
+        log(f"{name}: stopping (during {doing})")
+        if signum == signal.SIGQUIT:
+            lost = HOSTS.lost_since(time.monotonic())  # several hosts: a forward fails when another rank dies
+            if lost is not None:
+                lost.details.update(engine_error=adapter.ENGINE_ERRORS.text() or None, interrupted_phase=doing)
+            self.stop(lost or ToolError(
+                "engine_start" if doing == "engine_ready_dummy" else "engine_crash",
+                "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)"
+                + (f": {adapter.ENGINE_ERRORS.text()}" if adapter.ENGINE_ERRORS.text() else ""),
+                "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
+                ExitCode.ENGINE, interrupted_phase=doing, signal=name))
+        waited = None
+        if self.swapper is not None and not self.swapper.idle.is_set():
+            t = time.perf_counter()
+            self.swapper.idle.wait(SWAP_FINISH_WAIT_S)
+            waited = time.perf_counter() - t
+        self.stop(ToolError("interrupted", f"{name} during {doing}", "the run was stopped; rerun to get a verdict",
+                            STOP_SIGNALS[signum], signal=name, interrupted_phase=doing,
+                            engine_holds=self.engine_holds(waited)))
+
+    def stop(self, error: ToolError) -> None:
+        """The run's end (finish: unless the run already wrote its verdict), then exit at once. Once: a second
+        caller (the hosts' watcher and a signal at the same time) waits for the first one's exit."""
+        if not self.stopping.acquire(blocking=False):
+            threading.Event().wait()
+        code = phases.finish(self.phases, self.cfg, error)
+        for f in self.cleanup:
+            f()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        adapter.kill_engine_children()
+        HOSTS.shutdown()
+        os._exit(code)
