@@ -20,7 +20,7 @@ STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
 TEST_WORKERS := 2
 
-.PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress lint bench check-requirements check-install device-kit device-rehearsal clean
+.PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress lint bench pyz check-requirements check-install device-kit device-rehearsal clean
 
 setup: $(STAMP)
 
@@ -90,6 +90,18 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(PY) bench/bench_swap.py
 
+# dist/run_param_swap.pyz: the entry and its package in one file (python -m zipapp; its __main__ is
+# param_swap/__main__.py), to copy to a TPU VM and run with that environment's Python from any folder
+pyz: dist/run_param_swap.pyz
+
+dist/run_param_swap.pyz: run_param_swap.py $(wildcard param_swap/*.py)
+	rm -rf .pyz && mkdir -p .pyz dist
+	cp run_param_swap.py .pyz/ && mkdir .pyz/param_swap && cp param_swap/*.py .pyz/param_swap/
+	cp param_swap/__main__.py .pyz/__main__.py
+	python3 -m zipapp .pyz --output $@ --python "/usr/bin/env python3" --compress
+	rm -rf .pyz
+	@echo "$@: $$(du -k $@ | cut -f1) KB"
+
 # every requirements-tpu*.txt resolves (pip --dry-run, Linux x86_64, Python 3.12: the TPU VM's)
 check-requirements: $(STAMP)
 	bash stacks/check_requirements.sh $(PY)
@@ -109,4 +121,4 @@ device-rehearsal: $(STAMP) device-kit $(STACKS_DIR)/device-image/.installed
 	  BUDGET_S=1800 STEP_S=900 bash bench/device/run.sh
 
 clean:
-	rm -rf $(VENV) $(STACKS_DIR) .whl .pytest_cache
+	rm -rf $(VENV) $(STACKS_DIR) .whl .pytest_cache dist .pyz

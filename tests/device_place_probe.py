@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from param_swap import memory, placement, planning, stats  # noqa: E402
+from param_swap import memory, placement, planning  # noqa: E402
+from param_swap.stats import SwapStats  # noqa: E402
 
 devices = jax.devices()
 engine_mesh = Mesh(np.array(devices).reshape(1, 4), ("data", "tensor"),
@@ -61,7 +62,7 @@ for name, (it, shape) in ITEMS.items():
         for source, sharding in SOURCES.items():
             cases += 1
             src = jax.device_put(host, sharding(shape))
-            stats = stats.SwapStats("streaming", source="device")
+            stats = SwapStats("streaming", source="device")
             prepare_compiles += placement.prepare_swap([it], {"s": src}, KV_HEADS, "device", False)[1]
             before = placement.count_compiles()
             got = placement.place(it, src, KV_HEADS, stats)
@@ -78,7 +79,7 @@ for name, (it, shape) in ITEMS.items():
 # own sharding (its mesh: sglang-jax's forward refuses another) over the same buffers, no copy
 row = ITEMS["copy_row"][0]
 fsdp = jax.device_put(rng.standard_normal((64, 32)).astype(BF16), SOURCES["fsdp"]((64, 32)))
-aliased = placement.place(row, fsdp, KV_HEADS, stats.SwapStats("streaming", source="device"), alias=True)
+aliased = placement.place(row, fsdp, KV_HEADS, SwapStats("streaming", source="device"), alias=True)
 alias_ok = (placement.can_alias(row, fsdp) and aliased.sharding == row.sharding
             and sorted(p for _, p, _ in memory.device_buffers(aliased)) == sorted(p for _, p, _ in memory.device_buffers(fsdp)))
 

@@ -70,7 +70,7 @@ def main() -> None:
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp" if x.shape[0] % mesh.size == 0
                                                                                else None))
 
-        params = jax.tree.map(lambda x: jax.device_put(x, fsdp(x)), ckpt.load_mllm_params(ckpt))
+        params = jax.tree.map(lambda x: jax.device_put(x, fsdp(x)), rps.load_mllm_params(ckpt))
 
         @jax.jit
         def train_step(p):

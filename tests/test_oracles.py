@@ -17,7 +17,7 @@ ORACLE_CHECKS = ("weights_equal_loader", "logits_match_reference")
 
 # mutation -> the engine paths weights_equal_loader must name (all of them, and no other)
 PLANTED = {
-    "gate_up_swapped": {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"},
+    "gate_up_swapped": {f"model.layers.{i}.mlp.{p}_proj.weight" for i in (0, 1) for p in ("gate", "up")},
     "kv_heads_tiled": {f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in (0, 1) for p in "kv" for w in ("weight", "bias")},
     "layers_swapped": None,  # every Param of layers 0 and 1 (20 are listed): checked by count below
     "kernel_shifted": {"model.layers.0.mlp.down_proj.weight"},

@@ -1,6 +1,7 @@
-"""`pip install` gives the entry module, its package, the console script and one extra per use, each pinning what its
-requirements file pins (engine-free: builds the wheel and reads it; the demo through the installed console
-script runs in tests/test_end_to_end.py::test_demo, a stop through it in tests/test_signals.py)."""
+"""`pip install` gives the entry module, its package, the console script and one extra per use, each pinning what
+its requirements file pins (builds the wheel and reads it; the demo through the installed console script runs in
+tests/test_end_to_end.py::test_demo, a stop through it in tests/test_signals.py); `make pyz` gives one file that
+runs the demo from any folder."""
 
 import email.parser
 import os
@@ -10,7 +11,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import ROOT, clean_env
+from conftest import ROOT, assert_phase_keys, clean_env, run_tool
 
 EXTRAS = {"cpu": ["requirements-cpu.txt", "requirements-torch.txt"], "tpu": ["requirements-tpu.txt"],
           "torch": ["requirements-torch.txt"], "test": ["requirements-test.txt"], "plot": ["requirements-plot.txt"],
@@ -80,3 +81,17 @@ def test_the_api_imports_from_another_folder_without_path_edits(tmp_path):
                           capture_output=True, text=True, env=clean_env(), cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[0] == os.path.join(ROOT, "run_param_swap.py")
+
+
+@pytest.mark.engine
+def test_the_pyz_runs_the_demo_from_another_folder(tmp_path):
+    """make pyz: the one file to copy to a TPU VM, run with the environment's Python from any folder, prints the
+    demo's phase lines with the keys they always had."""
+    proc = subprocess.run(["make", "-s", "pyz"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pyz = os.path.join(ROOT, "dist", "run_param_swap.pyz")
+    with zipfile.ZipFile(pyz) as z:
+        assert sorted(z.namelist()) == sorted(["__main__.py", "run_param_swap.py", *package_files()])
+    run = run_tool("--demo", script=pyz, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_phase_keys(run, "demo")
