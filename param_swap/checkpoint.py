@@ -335,3 +335,41 @@ def engine_dtype(dtype: str, info: CheckpointInfo) -> str:
     with open(os.path.join(info.path, "config.json")) as f:
         raw = json.load(f)
     return str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+
+
+def host_copy(arr) -> np.ndarray:
+    """A device array on the host, whole (several hosts: gathered from every host's shards)."""
+    if trees.on_devices(arr) and not arr.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(arr, tiled=True))
+    return np.asarray(arr)
+
+
+def write_checkpoint(flat: Mapping[str, Any], like: str, folder: str) -> str:
+    """The MLLM-JAX tree (flat; host or device leaves) as an HF checkpoint in `folder`, every tensor named and
+    laid out as TENSORS says (kernels transposed back, a layer's experts one tensor each), in the tree's dtype;
+    config.json and the tokenizer copied from the checkpoint `like`. Loadable by transformers and sglang-jax."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for key, value in flat.items():
+        row, m = next(((t, m) for t in families.TENSORS if (m := families.name_pattern(t.mllm).fullmatch(key))),
+                      (None, None))
+        if row is None:
+            raise ToolError("checkpoint", f"no HF name for the MLLM-JAX key {key!r}", "the tree has a tensor the "
+                            "inventory (families.TENSORS) does not know")
+        arr = host_copy(value)
+        if "{e}" in row.hf:  # [expert, in, out] -> one [out, in] tensor per expert
+            tensors.update({row.hf.format(i=m["i"], e=e): np.ascontiguousarray(arr[e].T) for e in range(len(arr))})
+        else:
+            tensors[row.hf.format(**m.groupdict())] = np.ascontiguousarray(arr.T if row.transposed else arr)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(like):
+        if not name.endswith(".safetensors") and name != "model.safetensors.index.json" and \
+                os.path.isfile(os.path.join(like, name)):
+            shutil.copy(os.path.join(like, name), os.path.join(folder, name))
+    return folder

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from param_swap import sglang_adapter as adapter
+from param_swap import trees
 from param_swap.errors import ExitCode, ToolError
 
 
@@ -20,8 +21,8 @@ class EngineState:
         return adapter.leaves_of(self.model_runner)
 
     def arrays(self) -> list:
-        """The Params' arrays."""
-        return [p.get_value() for p in self.params.values()]
+        """The Params' live arrays (none while the weights are released)."""
+        return [v for p in self.params.values() if trees.on_devices(v := p.get_value()) and not v.is_deleted()]
 
     def assign(self, path: str, new) -> Any:
         """Point the Param at `new` and rebind model_state_leaves to a NEW list holding it (never mutate the
@@ -49,7 +50,7 @@ def leaves_unchanged(state: EngineState, param_dict: Mapping[str, Any], replaced
     treedef = adapter.flatten_model_state(state.model_runner)[1]
     stale = [p for p in param_dict
              if state.params[p].get_value() is not param_dict[p] or leaves[state.leaf_index[p]] is not param_dict[p]]
-    deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if leaf.is_deleted()]
+    deleted = [state.leaf_paths[i] for i, leaf in enumerate(leaves) if not trees.on_devices(leaf) or leaf.is_deleted()]
     ok = (len(leaves) == len(state.leaf_paths) and treedef == state.treedef and not stale and not deleted
           and replaced_alive == 0 and len(param_dict) == len(state.params))
     return ok, {"num_leaves": len(leaves), "expected_leaves": len(state.leaf_paths),

@@ -72,11 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="--demo: the model family of the tiny checkpoint (default: %(default)s)")
 
     swap = p.add_argument_group("swap")
-    swap.add_argument("--weights-source", choices=list(WeightsSource), default=WeightsSource.SAFETENSORS,
+    swap.add_argument("--weights-source", choices=list(WeightsSource), default=None,
                       help="safetensors: read the shards lazily with numpy (no torch); torch: "
                            "transformers.AutoModelForCausalLM(...).state_dict(); trainer: read the safetensors, put "
                            "the tree on the devices as a trainer holds it (--trainer-sharding), then swap device to "
-                           "device (no host round trip)")
+                           "device (no host round trip). Default: safetensors (--demo --rl-steps: trainer)")
     swap.add_argument("--trainer-sharding", choices=list(TrainerSharding), default=None,
                       help="--weights-source trainer: fsdp (default; first axis split over all devices where it "
                            "divides, else replicated, in --mllm-param-dtype), replicated, or engine (each target's "
@@ -141,6 +141,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the first swap, swap N more times alternating B (a deterministic perturbation, "
                              "or --model-id-b) and A, checking outputs repeat and memory does not grow")
     verify.add_argument("--model-id-b", default=None, help="second checkpoint for --rounds (default: perturbed A)")
+
+    rl = p.add_argument_group("RL cycle")
+    rl.add_argument("--rl-steps", type=int, default=0, metavar="N",
+                    help="after the first swap, N colocated RL steps: release the engine's memory (KV cache and "
+                         "weights), the trainer's donating AdamW step on the same devices (a synthetic gradient), "
+                         "resume with the new params, roll out; checks rl_released, rl_no_recompile (N >= 2) and "
+                         "rl_weights_follow_trainer. Needs --weights-source trainer (--demo: implied, with "
+                         "--trainer-sharding engine --alias)")
+    rl.add_argument("--rl-learning-rate", type=float, default=1e-2,
+                    help="--rl-steps: AdamW's learning rate (default: %(default)s)")
+    rl.add_argument("--rl-save", default=None, metavar="DIR",
+                    help="--rl-steps: keep the last step's params here as an HF checkpoint (loadable by transformers "
+                         "and sglang-jax)")
 
     serve = p.add_argument_group("serving")
     serve.add_argument("--serve-load", type=int, default=0, metavar="N",
@@ -217,12 +230,15 @@ class RunConfig(argparse.Namespace):
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The flags as parsed -> the run's frozen settings. --demo: 4 virtual CPU devices unless --device names
     another platform (then all its devices), both oracles, --keep-param-dict --verify-param-sharing, 1 MB
-    buckets (its 11 MB of params would fit one default bucket)."""
-    source = WeightsSource(args.weights_source)
+    buckets (its 11 MB of params would fit one default bucket); with --rl-steps, a trainer's tree in the engine's
+    layout, aliased."""
+    rl_demo = args.demo and args.rl_steps > 0
+    source = WeightsSource(args.weights_source or (WeightsSource.TRAINER if rl_demo else WeightsSource.SAFETENSORS))
     derived = {"bucket_mb": DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb,
                "weights_source": source, "swap_mode": SwapMode(args.swap_mode), "transpose": Transpose(args.transpose),
                "trainer_sharding": TrainerSharding(args.trainer_sharding) if args.trainer_sharding else
-               TrainerSharding.FSDP if source == WeightsSource.TRAINER else None}
+               TrainerSharding.ENGINE if rl_demo else TrainerSharding.FSDP if source == WeightsSource.TRAINER else None,
+               "alias": args.alias or (rl_demo and source == WeightsSource.TRAINER)}
     if args.demo:
         device = args.device or "cpu"
         derived.update(device=device, tp_size=args.tp_size or (4 if device == "cpu" else 0),

@@ -37,8 +37,15 @@ def check_live(engine) -> None:
     137). One clear error instead, before the request is sent."""
     if adapter.engine_scheduler(engine) is None:  # not enable_single_process: no Params this tool could swap
         return
-    leaves = adapter.leaves_of(adapter.engine_model_runner(engine))
-    deleted = sum(trees.on_devices(leaf) and leaf.is_deleted() for leaf in leaves)
+    model_runner = adapter.engine_model_runner(engine)
+    leaves = adapter.leaves_of(model_runner)
+    released = sum(not trees.on_devices(leaf) for leaf in leaves)
+    kv_freed = sum(a.is_deleted() for a in adapter.kv_pool_buffers(model_runner))
+    if released or kv_freed:
+        raise ToolError("engine_released", f"the engine's memory is released ({released} of its {len(leaves)} "
+                        f"weights, {kv_freed} KV buffers): it cannot generate", "ParamSwapper.resume(tree) first "
+                        "(release() gave the memory to the trainer's step)", ExitCode.ENGINE)
+    deleted = sum(leaf.is_deleted() for leaf in leaves)
     if deleted:
         raise ToolError("engine_weights_deleted", f"{deleted} of the engine's {len(leaves)} weight buffers were "
                         "deleted before generation", "a trainer step donated arrays the engine aliases (alias=True "

@@ -7,6 +7,8 @@ import resource
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from param_swap.hosts import HOSTS
 
 
@@ -101,6 +103,13 @@ def bytes_in_use_sum(mem: dict) -> int:
     return mem["jax_device_memory_summary"]["bytes_in_use_sum"]
 
 
+def device_bytes(value) -> int:
+    """Device bytes of an array, or of its abstract value (shape, dtype, sharding), over its addressable devices
+    (a replica counted on each)."""
+    shard = value.sharding.shard_shape(tuple(value.shape))
+    return int(np.prod(shard, dtype=np.int64)) * np.dtype(value.dtype).itemsize * len(value.sharding.addressable_devices)
+
+
 def param_bytes_sum(arrays) -> int:
     """Bytes of the arrays' addressable shards, summed over devices (replicated data counted per device)."""
     return sum(nbytes for a in arrays for _, _, nbytes in device_buffers(a, wait=False))
@@ -133,14 +142,15 @@ def buffer_bytes(arrays: Iterable) -> dict[tuple[int, int], int]:
 @dataclasses.dataclass(frozen=True)
 class MemorySplit:
     """Device bytes in use, split by whose they are; summed over every host."""
-    bytes_in_use_sum_after_swap: int  # all of them
+    bytes_in_use_sum: int  # all of them
     trainer_bytes_sum: int  # the trainer's arrays (a device source, and other trees the trainer holds)
     trainer_only_bytes_sum: int  # the part of them the engine does not share
     serving_bytes_sum: int  # the buffers the batch of a paused or idle scheduler still holds (not weights)
     engine_bytes_sum: int  # the rest: the engine's weights, its KV cache, everything else
 
-    def as_json(self) -> dict:
-        return dataclasses.asdict(self)
+    def as_json(self, total_key: str = "bytes_in_use_sum") -> dict:
+        """Its fields; `total_key` names the first (a swap's lines call it bytes_in_use_sum_after_swap)."""
+        return {total_key if k == "bytes_in_use_sum" else k: v for k, v in dataclasses.asdict(self).items()}
 
 
 def memory_split(engine_arrays: Iterable, trainer_arrays: Iterable, serving_bytes: Callable[[set], int],

@@ -75,7 +75,7 @@ def plan_swap(flat: Mapping[str, np.ndarray], params: Mapping[str, Any], num_kv_
             problems.append(f"{key} {src_shape} -> {target}: gives {expected}, the engine has {tuple(value.shape)}")
             continue
         plan.append(SwapItem(target, key, op, replicas, tuple(value.shape), value.dtype, value.sharding,
-                             memory.param_bytes_sum([value])))
+                             memory.device_bytes(value)))
     problems += [f"{t}: no source tensor in the checkpoint" for t in sorted(set(params) - seen)]
     if problems:
         raise ToolError("plan", f"{len(problems)} tensor(s) do not fit the engine: " + "; ".join(problems[:5]),

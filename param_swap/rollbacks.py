@@ -21,6 +21,7 @@ class RollbackKind(enum.StrEnum):
     DUMMY = "dummy"  # sglang-jax's own dummy initialiser run again (the engine still holds its start weights): free
     COPY = "copy"  # a host copy of each replaced array (this host's shards), made during the swap (backup_s)
     KEPT = "kept"  # bulk: the replaced arrays stay alive until every one is assigned
+    RELEASED = "released"  # a resume: the Params' abstract values put back (the engine stays released): free
     OFF = "off"  # none: a failure mid-swap leaves the engine half-swapped (it is shut down, exit 3)
 
 
@@ -34,6 +35,7 @@ class Rollback:
     num_kv_heads: int = 0
     model_runner: Any = None
     copies: dict = dataclasses.field(default_factory=dict)
+    abstract: dict = dataclasses.field(default_factory=dict)  # RELEASED: {nnx path: abstract value}
 
     def backup(self, state: EngineState, items: list[SwapItem]) -> None:
         if self.kind == RollbackKind.COPY:
@@ -47,6 +49,8 @@ class Rollback:
             mine = {i.target: i for i in self.plan}
             return {i.target: placement.place(mine[i.target], self.source[mine[i.target].source], self.num_kv_heads)
                     for i in items}
+        if self.kind == RollbackKind.RELEASED:
+            return {i.target: self.abstract[i.target] for i in items}
         if self.kind == RollbackKind.DUMMY:
             return adapter.dummy_weights(self.model_runner, {i.target for i in items})
         raise RuntimeError(f"no rollback ({self.kind})")

@@ -22,6 +22,7 @@ from param_swap import (
     oracles,
     placement,
     report,
+    rl_cycle,
     rounds,
     serve_load,
     trees,
@@ -252,7 +253,8 @@ def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
             load.hold()  # the memory phases below are sampled with no forward in flight
         if cfg.keep_param_dict:
             split = memory.memory_split(state.arrays(), trees.trainer_arrays(trainer), swapper.guard.serving_bytes)
-            phases.phase("before_generate_param_dict_kept", num_arrays=len(param_dict), **split.as_json())
+            phases.phase("before_generate_param_dict_kept", num_arrays=len(param_dict),
+                         **split.as_json("bytes_in_use_sum_after_swap"))
         else:
             del param_dict
             phases.phase("after_cleanup")
@@ -271,6 +273,8 @@ def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
             flat_b, plan_b = rounds.swap_rounds(phases, cfg, swapper, load, info, trees.as_flat(tree), plan, out)
         if load is not None:
             rounds.serve_results(phases, cfg, load, trees.as_flat(tree), plan, flat_b, plan_b)
+        if cfg.rl_steps:
+            rl_cycle.run_rl_steps(phases, cfg, swapper, info, tree, phases.answers[-1][1])
     finally:
         engine.shutdown()
 

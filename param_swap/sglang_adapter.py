@@ -55,7 +55,9 @@ NEEDED = {  # module (under sgl_jax.srt. unless it starts with sgl_jax.) -> "att
                                    "TokenizerManager sets:tokenizer"],
     "managers.tp_worker_overlap_thread": ["ModelWorkerClient sets:worker"],
     "managers.tp_worker": ["ModelWorker sets:model_runner"],
-    "model_executor.model_runner": ["ModelRunner sets:model_state_leaves,jitted_run_model,model,mesh,model_config"],
+    "model_executor.model_runner": ["ModelRunner sets:model_state_leaves,jitted_run_model,model,mesh,model_config,"
+                                    "token_to_kv_pool"],
+    "mem_cache.memory_pool": ["MHATokenToKVPool sets:kv_buffer"],
     "configs.model_config": ["ModelConfig.get_total_num_kv_heads call:", "ModelConfig sets:hf_config,dtype,model_path"],
     "configs.load_config": ["LoadConfig call:load_format"],
     "model_loader.loader": ["JAXModelLoader call:load_config,mesh", "JAXModelLoader.load_model call:model_config"],
@@ -612,6 +614,17 @@ def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
     if missing:
         raise RuntimeError(f"sglang-jax's dummy initialiser made no array for {sorted(missing)[:3]}")
     return made
+
+
+def kv_pool_buffers(model_runner) -> list:
+    """The KV pool's device buffers, one fused array per layer. The forward donates them and the runner puts
+    its outputs back into this very list (every stack), so it is always the current set."""
+    return model_runner.token_to_kv_pool.kv_buffer
+
+
+def set_kv_pool_buffers(model_runner, arrays: list) -> None:
+    """Put new buffers into the KV pool's own list (in place: the runner's memory pools hold the pool)."""
+    model_runner.token_to_kv_pool.kv_buffer[:] = arrays
 
 
 def engine_leaf_paths(model_runner):

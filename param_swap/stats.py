@@ -72,6 +72,8 @@ class SwapStats:
         self.meter_s += time.perf_counter() - t
 
     def release(self, old) -> None:
+        if not hasattr(old, "is_deleted"):  # an abstract value (the weights were released): no buffers
+            return
         if id(old) in self.shared:  # still the trainer's array: not ours to free
             self.replaced_shared += 1
         else:
@@ -141,7 +143,8 @@ class SwapReport:
                 "bytes_in_use_sum_before_swap": self.bytes_in_use_sum_before_swap,
                 "swap_peak_extra_ratio": round((self.stats.peak_bytes_in_use_sum - self.bytes_in_use_sum_before_swap)
                                                / self.param_bytes_sum, 4),
-                "leaves_unchanged": self.leaves_unchanged, **self.split.as_json(), "memory": self.memory,
+                "leaves_unchanged": self.leaves_unchanged, **self.split.as_json("bytes_in_use_sum_after_swap"),
+                "memory": self.memory,
                 "pause_mode": PAUSE_MODE, "pause_s": round(t.paused - t.start, 4),
                 "serving_stopped_s": round(stopped, 4), "serving_stopped_ratio": round(stopped / max(swap_s, 1e-9), 3),
                 "requests_paused": self.requests_paused, "requests_held_in_flush": self.requests_held_in_flush,

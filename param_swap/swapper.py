@@ -9,7 +9,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from param_swap import finite, generation, memory, pause, placement, planning, rollbacks, trees
+import numpy as np
+
+from param_swap import finite, generation, memory, pause, placement, planning, release, rollbacks, trees
 from param_swap import sglang_adapter as adapter
 from param_swap.engine_state import EngineState, leaves_unchanged
 from param_swap.errors import ExitCode, ToolError
@@ -149,6 +151,13 @@ def run_on_engine_loop(engine, coro):
     return loop.run_until_complete(coro)
 
 
+@dataclasses.dataclass(frozen=True)
+class Released:
+    """What release() gave back: the KV pool's layout (None: kept) and the weights dropped (None: kept)."""
+    kv: release.KvLayout | None
+    weights: release.DroppedWeights | None
+
+
 @dataclasses.dataclass
 class SwapInput:
     """A swap's input, validated whole before anything touches the engine."""
@@ -207,6 +216,7 @@ class ParamSwapper:
         self.last_swap_restored: bool | None = None  # a failed swap: were the previous weights put back
         self.bucket_mb = bucket_mb  # streaming: MB placed before they are assigned (0: one tensor at a time)
         self.allow_nonfinite = allow_nonfinite  # True: NaN/Inf weights are swapped in, not refused (exit 2)
+        self.released: Released | None = None  # what release() gave back, until resume()
         platform = self.mesh.devices.flat[0].platform
         self.transpose = TRANSPOSE_ON.get(platform, Transpose.DEVICE) if transpose == Transpose.AUTO \
             else Transpose(transpose)
@@ -229,6 +239,16 @@ class ParamSwapper:
         if key not in self.plans:
             self.plans[key] = planning.plan_swap(flat, self.state.params, self.num_kv_heads, self.arch, self.moe_backend)
         return self.plans[key]
+
+    def to_engine_layout(self, mllm_params: Mapping[str, Any]) -> dict:
+        """The tree on the engine's devices as a trainer that swaps with alias=True holds it: {MLLM-JAX key:
+        jax.Array}, each tensor in its target's dtype and sharding where the shapes match (then the engine's
+        Param can be that very array), else where its transform needs no communication (placement.source_sharding:
+        a K/V projection before its heads are repeated, an untied lm_head's kernel)."""
+        flat = trees.as_flat(mllm_params)
+        return {item.source: placement.put(np.asarray(flat[item.source]).astype(item.dtype, copy=False),
+                                           placement.source_sharding(item, tuple(flat[item.source].shape)))
+                for item in self.plan(flat)}
 
     def swap(self, mllm_params: Mapping[str, Any], mode: str = "streaming", alias: bool = False,
              rollback: bool | None = None) -> dict:
@@ -261,6 +281,18 @@ class ParamSwapper:
         continue. A failed swap that was rolled back flushes and continues too (requests finish on the previous
         weights); one that could not be rolled back leaves generation paused (the engine is half-swapped) and
         says so. `trainer_held`: another tree the trainer holds on the devices meanwhile (counted as its own)."""
+        if self.released is not None:
+            error = ToolError("engine_released", "the engine's memory is released: swap() cannot change it",
+                              "resume(tree) swaps the tree in and takes the memory back", ExitCode.BAD_INPUT)
+            HOSTS.fail(error)
+            raise error
+        return await self.run_swap(mllm_params, mode, alias, rollback, plan, trainer_held)
+
+    async def run_swap(self, mllm_params: Mapping[str, Any], mode: str, alias: bool, rollback: bool | None,
+                       plan: list[SwapItem] | None, trainer_held: Mapping[str, Any] | None,
+                       resuming: bool = False) -> SwapResult:
+        """swap_detailed(); `resuming`: the swap of resume(), which leaves generation paused (resume continues it
+        once the KV pool is back) and, failed, leaves the engine released."""
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
             checked = self.validate(mllm_params, mode, alias, rollback, plan)
@@ -287,7 +319,9 @@ class ParamSwapper:
             error = e
         error = agree_swapped(self, checked.plan, param_dict, error, undo)
         if error is not None:
-            if error.details.get("restored"):
+            if error.details.get("restored") and resuming:
+                error.details["generation"] = "paused: the engine stays released"
+            elif error.details.get("restored"):
                 await pause.flush_radix_cache(self.guard)
                 await pause.continue_generation(self.guard)
                 error.details["generation"] = "continued on the previous weights"
@@ -300,7 +334,8 @@ class ParamSwapper:
         flush_start = time.perf_counter()
         held = await pause.flush_radix_cache(self.guard)
         flushed = time.perf_counter()
-        await pause.continue_generation(self.guard)
+        if not resuming:
+            await pause.continue_generation(self.guard)
         times = SwapTimes(start, paused_at, change_s, flush_start, flushed, time.perf_counter())
         ok, details = leaves_unchanged(self.state, param_dict, stats.still_alive())  # read-only: serving goes on
         report = SwapReport(sum(i.nbytes_sum for i in checked.plan), len(param_dict), alias, checked.undo.kind, stats,
@@ -325,8 +360,11 @@ class ParamSwapper:
         if alias and not device:
             raise ToolError("arguments", "alias needs a device source (jax.Array leaves)",
                             "a host tree is always copied to the devices")
-        undo = rollbacks.choose_rollback(SwapMode(mode), rollback, device, self.free_rollback,
-                                         self.state.model_runner)
+        if self.released is not None and self.released.weights is not None:  # resume(): back to released
+            undo = Rollback(RollbackKind.RELEASED, abstract=self.released.weights.abstract)
+        else:
+            undo = rollbacks.choose_rollback(SwapMode(mode), rollback, device, self.free_rollback,
+                                             self.state.model_runner)
         if self.allow_nonfinite:
             return SwapInput(flat, plan, device, undo, FiniteCheck.OFF, 0.0)
         if undo.kind != RollbackKind.OFF:
@@ -389,3 +427,96 @@ class ParamSwapper:
             self.free_rollback = None
             self.guard.end_change(None)
         return restored
+
+    def release(self, weights: bool = True, kv_cache: bool = True,
+                trainer_held: Mapping[str, Any] | None = None) -> dict:
+        """Give the engine's device memory back before a trainer's step (release_async)."""
+        return self.run_on_loop(self.release_async(weights, kv_cache, trainer_held))
+
+    def resume(self, tree: Mapping[str, Any] | None = None, *, mode: str = "streaming", alias: bool = False,
+               rollback: bool | None = None, trainer_held: Mapping[str, Any] | None = None) -> dict:
+        """Take the memory again after the trainer's step, with its new params (resume_async)."""
+        return self.run_on_loop(self.resume_async(tree, mode=mode, alias=alias, rollback=rollback,
+                                                  trainer_held=trainer_held))
+
+    async def release_async(self, weights: bool = True, kv_cache: bool = True,
+                            trainer_held: Mapping[str, Any] | None = None) -> dict:
+        """With no request in flight (else ToolError stage `release`, nothing changed): pause generation, flush
+        the radix cache, free the KV pool's buffers (kv_cache) and drop every reference the engine holds to its
+        weights (weights: its own arrays deleted, a trainer's let go of; arrays a swap returned are deleted too).
+        Generation stays paused and generate() raises ToolError stage `engine_released` until resume().
+        `trainer_held`: the trainer's trees (params, optimizer state), counted apart in the report."""
+        if self.released is not None or not (weights or kv_cache):
+            again = self.released is not None
+            error = ToolError("release", "the engine is released already" if again else
+                              "release(weights=False, kv_cache=False) releases nothing",
+                              "resume() first" if again else "release the weights, the KV cache or both",
+                              ExitCode.BAD_INPUT)
+            HOSTS.fail(error)
+            raise error
+        t = time.perf_counter()
+        pauses = self.guard.pauses
+        HOSTS.agree("release")  # every rank has read its count before rank 0's pause can reach its scheduler
+        await pause.pause_generation(self.guard, pauses)
+        try:
+            pause.agree_paused(self.guard, pauses)
+            in_flight = HOSTS.agree("release_in_flight", self.guard.paused_requests)
+            if any(in_flight):
+                raise ToolError("release", f"{max(in_flight)} request(s) in flight: release() needs an idle engine",
+                                "release between rollouts, once your requests have finished; nothing was released",
+                                ExitCode.BAD_INPUT, requests_in_flight=max(in_flight))
+        except ToolError:
+            await pause.continue_generation(self.guard)
+            raise
+        await pause.flush_radix_cache(self.guard)  # the radix cache's prefix KV goes with the pool
+        self.idle.clear()
+        try:
+            kv = release.free_kv(self.state.model_runner) if kv_cache else None
+            dropped = None
+            if weights:
+                self.guard.begin_change()  # the Params are no whole set until resume() swaps one in
+                dropped = release.drop_weights(self.state, self.shared_ids)
+                self.shared_ids, self.free_rollback = set(), None
+            self.released = Released(kv, dropped)
+        finally:
+            self.idle.set()
+        HOSTS.agree("released")
+        sample = memory.device_memory()
+        trainer = trees.trainer_arrays(trainer_held)
+        split = memory.memory_split(self.state.arrays(), trainer, self.guard.serving_bytes, sample)
+        held = release.engine_held_arrays(self.state)
+        shared = set(memory.buffer_bytes(held)) & set(memory.buffer_bytes(trainer))
+        return {"release_s": round(time.perf_counter() - t, 4), "kv_bytes_freed": kv.bytes_sum if kv else 0,
+                "weights_bytes_deleted": dropped.deleted_bytes_sum if dropped else 0,
+                "weights_bytes_let_go": dropped.let_go_bytes_sum if dropped else 0,
+                "engine_held_arrays": len(held), "engine_held_bytes_sum": memory.param_bytes_sum(held),
+                "engine_held_trainer_buffers": len(shared), **split.as_json(), "memory": sample}
+
+    async def resume_async(self, tree: Mapping[str, Any] | None = None, *, mode: str = "streaming",
+                           alias: bool = False, rollback: bool | None = None,
+                           trainer_held: Mapping[str, Any] | None = None) -> dict:
+        """Swap `tree` in (required after release(weights=True); the options of swap()), rebuild the KV pool with
+        exactly the layout it had (the forward's compiled executables are reused), continue generation. A failed
+        resume (a plan error, NaN weights) leaves the engine released, never half-swapped, and says so."""
+        released = self.released
+        if released is None or (released.weights is not None and tree is None):
+            error = ToolError("resume", "the engine is not released" if released is None else
+                              "release(weights=True) dropped the engine's weights: resume() needs the tree to "
+                              "swap in", "release() first" if released is None else "resume(params): the "
+                              "trainer's new params; the engine stays released", ExitCode.BAD_INPUT)
+            HOSTS.fail(error)
+            raise error
+        t = time.perf_counter()
+        result = None
+        if tree is not None:
+            try:
+                result = await self.run_swap(tree, mode, alias, rollback, None, trainer_held, resuming=True)
+            except ToolError as e:
+                e.details.update(released=True, generation="paused: the engine stays released")
+                raise
+        kv_rebuild_s = release.rebuild_kv(self.state.model_runner, released.kv) if released.kv else 0.0
+        self.released = None
+        await pause.continue_generation(self.guard)
+        return {"resume_s": round(time.perf_counter() - t, 4), "kv_rebuild_s": round(kv_rebuild_s, 4),
+                "kv_bytes_sum": released.kv.bytes_sum if released.kv else 0,
+                "swap": result.report.as_json() if result else None}

@@ -25,6 +25,18 @@ def validate_args(cfg: RunConfig) -> None:
     if cfg.arch != "qwen2" and not cfg.demo:
         problems.append((f"--arch {cfg.arch} without --demo", "--arch picks the family of the demo checkpoint; "
                          "a real checkpoint's config.json names its own"))
+    if cfg.rl_steps < 0:
+        problems.append((f"--rl-steps {cfg.rl_steps} < 0", "0 turns the RL cycle off"))
+    if cfg.rl_steps and cfg.serve_load:
+        problems.append(("--rl-steps with --serve-load", "release() needs an idle engine (no request in flight): run "
+                         "the RL cycle and the serving load separately"))
+    if cfg.rl_steps and cfg.weights_source != WeightsSource.TRAINER:
+        problems.append((f"--rl-steps with --weights-source {cfg.weights_source}", "the cycle's trainer holds its "
+                         "params on the devices: --weights-source trainer (--demo implies it)"))
+    if cfg.rl_save and not cfg.rl_steps:
+        problems.append(("--rl-save without --rl-steps", "give --rl-steps N"))
+    if not cfg.rl_learning_rate > 0:
+        problems.append((f"--rl-learning-rate {cfg.rl_learning_rate} <= 0", "a positive learning rate, e.g. 0.01"))
     if cfg.serve_load < 0:
         problems.append((f"--serve-load {cfg.serve_load} < 0", "0 turns the load off"))
     if not cfg.serve_seconds > 0:

@@ -48,6 +48,17 @@ effect there); either is an error before the tool starts (exit 99).
   plan_one_short  this process plans one tensor fewer (on one rank of several hosts: the hosts' plans differ)
   extra_step      this process takes one collective step more after validating the checkpoint (on one rank
                   of several hosts: the ranks run different code)
+  kv_kept_on_release  release() records the KV pool's layout but frees none of its buffers (rl_released)
+  dummy_set_cached  release() keeps a device copy of the engine's weights, as the reference authors' backend keeps
+                  its dummy set to swap back before the trainer's step (rl_released)
+  aliased_ref_kept  release() lets go of every weight but one Param that is the trainer's own array (rl_released:
+                  the released engine still references a trainer buffer)
+  kv_rebuilt_bigger  every rebuild of the KV pool has one page more than the pool had (rl_no_recompile: the forward
+                  compiles again after each resume)
+  resume_skips_one_tensor  resume() swaps in layer 0's down_proj from the previous step's params (a host copy kept
+                  before the trainer's step) with this step's others (rl_weights_follow_trainer)
+  resume_places_previous_params  resume() swaps in the previous step's params instead of this step's
+                  (rl_weights_follow_trainer)
 Layout errors that every structural check passes (the oracles --verify-weights / --verify-logits must fail):
   gate_up_swapped     gate_proj and up_proj exchanged in every layer (a wrong row in the tensor inventory)
   kv_heads_tiled      KV heads repeated as [h0, h1, h0, h1] instead of [h0, h0, h1, h1] (needs tp > KV heads)
@@ -78,6 +89,8 @@ from param_swap import (  # noqa: E402
     pause,
     placement,
     planning,
+    release,
+    rl_cycle,
     rollbacks,
     rounds,
     runner,
@@ -407,12 +420,12 @@ def apply(mutation: str) -> None:
         if mutation == "replaced_kept_in_rounds":
             original_release = stats.SwapStats.release
 
-            def release(self, old):
+            def release_but_keep(self, old):
                 if len(sources) >= 2:
                     kept.append(old)
                 return original_release(self, old)
 
-            patch(stats.SwapStats, "release", release)
+            patch(stats.SwapStats, "release", release_but_keep)
         elif mutation == "copy_kept_in_rounds":
             original_place = placement.place
 
@@ -463,6 +476,54 @@ def apply(mutation: str) -> None:
     elif mutation == "plan_one_short":
         original_plan = swapper.ParamSwapper.plan
         patch(swapper.ParamSwapper, "plan", lambda self, tree: original_plan(self, tree)[:-1])
+    elif mutation == "kv_kept_on_release":
+        def free_kv(model_runner):
+            arrays = list(adapter.kv_pool_buffers(model_runner))
+            return release.KvLayout(tuple((tuple(a.shape), a.dtype, a.sharding) for a in arrays), 0)
+
+        patch(release, "free_kv", free_kv)
+    elif mutation in ("dummy_set_cached", "aliased_ref_kept"):
+        original_drop, cached = release.drop_weights, []
+
+        def drop_weights(state, shared_ids):
+            if mutation == "dummy_set_cached":
+                cached[:] = [a + 0 for a in state.arrays()]  # a second set, on the engine's devices
+                return original_drop(state, shared_ids)
+            path, kept = next((p, v.get_value()) for p, v in state.params.items() if id(v.get_value()) in shared_ids)
+            dropped = original_drop(state, shared_ids)
+            state.params[path].set_value(kept)
+            return dropped
+
+        patch(release, "drop_weights", drop_weights)
+    elif mutation == "kv_rebuilt_bigger":
+        import dataclasses
+
+        original_rebuild = release.rebuild_kv
+
+        def rebuild_kv(model_runner, layout):
+            grown = tuple(((shape[0] + 1, *shape[1:]), dtype, sharding) for shape, dtype, sharding in layout.buffers)
+            return original_rebuild(model_runner, dataclasses.replace(layout, buffers=grown))
+
+        patch(release, "rebuild_kv", rebuild_kv)
+    elif mutation in ("resume_skips_one_tensor", "resume_places_previous_params"):
+        import jax
+        import numpy as np
+
+        stash, original_step, original_resume = {}, rl_cycle.Trainer.step, swapper.ParamSwapper.resume_async
+
+        def step(self, k):  # a host copy of the params before the trainer's step changes (and donates) them
+            stash.update({key: (np.asarray(a), a.sharding) for key, a in self.params.items()})
+            return original_step(self, k)
+
+        async def resume_async(self, tree=None, **kwargs):
+            if tree is not None and stash:
+                stale = {key: jax.device_put(*stash[key]) for key in stash}
+                down = "model.layers_0.mlp.down_proj.kernel"
+                tree = stale if mutation == "resume_places_previous_params" else {**tree, down: stale[down]}
+            return await original_resume(self, tree, **kwargs)
+
+        patch(rl_cycle.Trainer, "step", step)
+        patch(swapper.ParamSwapper, "resume_async", resume_async)
     else:
         refuse(f"unknown mutation {mutation}")
 

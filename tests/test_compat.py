@@ -1,7 +1,7 @@
 """The other sglang-jax stacks our users run (make test-compat: one pytest session per stack, its overlay in
 front of .venv on PYTHONPATH, PARAM_SWAP_STACK naming it; stacks/*.txt). On each, the whole tool through a
 subset that covers every path of the adapter: the demo with both oracles, swaps under load, Qwen3-MoE, a Llama
-trainer tree with --alias, one planted layout error, a 2-process multi-host pair, a SIGTERM stop. The
+trainer tree with --alias and two RL steps (release, resume), one planted layout error, a 2-process multi-host pair, a SIGTERM stop. The
 registry's sglang-jax 0.0.2 (unsupported) is refused before the engine starts. `make test` (the pinned
 0.0.3rc99) skips this file."""
 
@@ -59,12 +59,14 @@ def test_qwen3_moe_demo():
 
 
 @supported
-def test_llama_trainer_tree_with_alias():
+def test_llama_trainer_tree_with_alias_and_two_rl_steps():
     run = run_tool("--demo", "--arch", "llama", "--weights-source", "trainer", "--alias", "--trainer-sharding",
-                   "engine", *FAST)
+                   "engine", "--rl-steps", "2", *FAST)
     assert_all_ok(run)
     swapped = run.phase("weights_swapped_from_mllm")
     assert swapped["source"] == "device" and swapped["aliased_bytes_sum"] > 0
+    assert {"rl_released", "rl_no_recompile", "rl_weights_follow_trainer"} <= set(run.summary["checks"])
+    assert [s["resume_compiles"] == 0 for s in run.records if s["phase"] == "rl_step"] == [False, True]
 
 
 @supported

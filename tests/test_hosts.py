@@ -116,11 +116,12 @@ def test_two_hosts_swap_equals_the_own_loader_on_one(checkpoint):
 
 def test_two_hosts_swap_the_trainer_arrays_device_to_device(checkpoint):
     """The tree on the devices of both hosts in the engine's layout (a trainer's), taken by the engine as it is
-    where it fits (--alias): no host round trip, one set in the engine."""
+    where it fits (--alias): no host round trip, one set in the engine. Then two RL steps (release, the
+    trainer's donating step, resume) on both ranks, in the same order."""
     folder = checkpoint(tied=True, num_kv_heads=2)
     (code0, records, _, err0), (code1, _, _, err1) = run_hosts(
         [folder, folder], "--weights-source", "trainer", "--trainer-sharding", "engine", "--alias",
-        "--keep-param-dict", "--verify-param-sharing", "--verify-weights")
+        "--keep-param-dict", "--verify-param-sharing", "--verify-weights", "--rl-steps", "2")
     assert (code0, code1) == (0, 0), err0[-3000:] + err1[-3000:]
     assert phase_of(records, "generate_result")["output_ids"] == reference_output_ids(folder, 4)
     assert all(c["ok"] for c in records[-1]["checks"].values()) and "single_copy_memory" in records[-1]["checks"]
@@ -132,6 +133,10 @@ def test_two_hosts_swap_the_trainer_arrays_device_to_device(checkpoint):
     assert 0 < swapped["trainer_only_bytes_sum"] < trainer == swapped["trainer_bytes_sum"]
     assert swapped["engine_bytes_sum"] == swapped["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"] - \
         swapped["trainer_only_bytes_sum"] - swapped["serving_bytes_sum"]
+    steps = [r for r in records if r["phase"] == "rl_step"]
+    assert [s["step"] for s in steps] == [1, 2] and steps[1]["resume_compiles"] == 0
+    assert all(s["weights_verified"] and s["engine_held_arrays"] == 0 for s in steps)
+    assert {"rl_released", "rl_no_recompile", "rl_weights_follow_trainer"} <= set(records[-1]["checks"])
 
 
 SERVE_CHECKS = ("serve_no_lost_requests", "serve_no_mixed_forward", "serve_fresh_after_swap")
