@@ -89,6 +89,7 @@ stress: $(STAMP) stacks
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt
 	$(PY) bench/bench_swap.py
+	$(PY) bench/rl_cycle.py
 
 # dist/run_param_swap.pyz: the entry and its package in one file (python -m zipapp; its __main__ is
 # param_swap/__main__.py), to copy to a TPU VM and run with that environment's Python from any folder

@@ -1,5 +1,6 @@
 """The checkpoint: where it is, whether it is a family the tool swaps (config and every tensor validated
-before anything starts), and the MLLM-JAX params tree read from it on the host."""
+before anything starts), the MLLM-JAX params tree read from it on the host, and a tree written back as an HF
+checkpoint (write_checkpoint)."""
 
 import dataclasses
 import json

@@ -1,6 +1,6 @@
 """The model families the tool swaps, as data: the tensor inventory every family shares (each tensor under its
 HF, MLLM-JAX and sglang-jax names, written once), and one Family row for what differs. Adding a family: one
-row here (docs/architecture.md, "A new model family")."""
+row here (docs/architecture.md, "Where a new one goes")."""
 
 import dataclasses
 import enum
@@ -105,8 +105,8 @@ FAMILIES = {f.architecture: f for f in [
                    for w, t in (("kernel", "weight"), ("bias", "bias"))},
            moe_backends={"epmoe": experts("wi_0", "wi_1", "wo"),  # [E, in, out], sharded (expert, ., tensor)
                          "fused": experts("w1", "w3", "w2")},  # the same stacks, experts over every device
-           # bd09a87's dummy initialiser cannot start a Qwen3-MoE engine with ep_size 1 ("lacks:": the code must
-           # not hold this text; 0.0.3rc99 fixed it)
+           # bd09a87's dummy initialiser cannot start a Qwen3-MoE engine with ep_size 1: "lacks:" makes the probe
+           # refuse a loader that still holds this text
            needs={"epmoe": [("sgl_jax.srt.utils.weight_utils", "WeightLoader._load_dummy_weights",
                              "lacks:if ep_size > 1:", "a Qwen3-MoE engine with dummy weights cannot start; fixed "
                              "in 0.0.3rc99")]},

@@ -15,10 +15,9 @@ from param_swap.stats import FiniteCheck
 
 
 def exponent_mask(dtype) -> tuple[Any, int] | None:
-    """(the unsigned integer type of a float's size, its exponent bits): NaN or infinite <=> every exponent
-    bit is set (IEEE 754; bfloat16, float16, float32). Counting so in integers is 1.3x faster than isfinite on
-    XLA:CPU, which runs bf16 math in f32 (1.56 against 1.17 GB/s), and counts host bf16, which numpy's
-    isfinite does not see as a float. None: another dtype (isfinite)."""
+    """(The unsigned integer type of a float's size, its exponent bits), or None for any dtype but a 16- or 32-bit
+    float: NaN or infinite <=> every exponent bit is set. Counting in integers beats isfinite on XLA:CPU
+    (docs/benchmarks.md, "The NaN/Inf check") and also counts host bfloat16, which numpy's isfinite cannot."""
     import jax.numpy as jnp
 
     if not jnp.issubdtype(dtype, jnp.floating) or np.dtype(dtype).itemsize not in (2, 4):

@@ -36,7 +36,7 @@ summary with the checks. Phases, in the order they run ([] only with their flag;
   -> sglang_param_dict_ready -> [serve_load_started] -> weights_swapped_from_mllm -> [param_sharing_check]
   -> [weights_verified] -> before_generate_param_dict_kept | after_cleanup -> generate_result
   -> [logits_verified] -> [after_drop_param_dict] -> [swap_round (-> weights_verified) ...]
-  -> [serve_reference -> serve_load] -> summary
+  -> [serve_reference -> serve_load] -> [(weights_verified ->) rl_step ...] -> summary
 
 Exit codes: 0 every check passed; 1 a verification check failed; 2 bad input or usage (found before the engine
 is touched); 3 the engine failed (start, generate, swap or crash); 130 / 143 stopped by SIGINT / SIGTERM (still
@@ -48,15 +48,13 @@ with its error line and summary; a swap in progress completes first). With --nno
       --keep-param-dict --verify-param-sharing --verify-weights --verify-logits | tee swap.log   # TPU VM
   python run_param_swap.py --model-id DIR --tp-size 8 --nnodes 2 --node-rank R --dist-init-addr IP:PORT \\
       --verify-weights > swap.log        # on every host of a pod slice (rank R), rank 0's IP: docs/tpu.md
+  python run_param_swap.py --demo --rl-steps 3          # + the colocated RL cycle: release, train, resume
   run-param-swap --demo                                  # the same, installed (pip install ".[cpu]")
   python dist/run_param_swap.pyz --demo                  # the same, one file (make pyz)
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    run = p.add_argument_group("checkpoint and prompt")
+def add_checkpoint_and_prompt_flags(run) -> None:
     run.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="HF hub id or local folder (default: %(default)s)")
     run.add_argument("--download-dir", default=None, help="HF cache folder for hub downloads")
     run.add_argument("--prompt", default="Explain what a parameter hot-swap is in one sentence.")
@@ -71,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--arch", choices=[f.arch for f in FAMILIES.values()], default="qwen2",
                      help="--demo: the model family of the tiny checkpoint (default: %(default)s)")
 
-    swap = p.add_argument_group("swap")
+
+def add_swap_flags(swap) -> None:
     swap.add_argument("--weights-source", choices=list(WeightsSource), default=None,
                       help="safetensors: read the shards lazily with numpy (no torch); torch: "
                            "transformers.AutoModelForCausalLM(...).state_dict(); trainer: read the safetensors, put "
@@ -116,17 +115,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's "
                            "arrays)")
 
-    verify = p.add_argument_group("verification")
-    verify.add_argument("--verify-param-sharing", action="store_true",
-                        help="check that EVERY engine Param and model_state_leaves entry is the dict's very array "
-                             "(object identity and device buffers)")
-    verify.add_argument("--verify-weights", action="store_true",
-                        help="check weights_equal_loader: after the swap, compare EVERY engine Param (bits, shape, "
-                             "dtype, sharding) with what sglang-jax's own loader makes of the checkpoint, tensor by "
-                             "tensor, in this process")
-    verify.add_argument("--verify-logits", action="store_true",
-                        help="check logits_match_reference: the engine's logprob of each generated token against "
-                             "transformers' float32 forward of the checkpoint on the host (needs torch)")
+
+def add_verification_flags(verify) -> None:
+    for flag, help_ in (
+            ("--verify-param-sharing", "check that EVERY engine Param and model_state_leaves entry is the dict's very "
+                                       "array (object identity and device buffers)"),
+            ("--verify-weights", "check weights_equal_loader: after the swap, compare EVERY engine Param (bits, shape, "
+                                 "dtype, sharding) with what sglang-jax's own loader makes of the checkpoint, tensor "
+                                 "by tensor, in this process"),
+            ("--verify-logits", "check logits_match_reference: the engine's logprob of each generated token against "
+                                "transformers' float32 forward of the checkpoint on the host (needs torch)")):
+        verify.add_argument(flag, action="store_true", help=help_)
     verify.add_argument("--logprob-tolerance", type=float, default=None,
                         help="--verify-logits: largest |engine - reference| logprob per token (default by engine "
                              "dtype: " + ", ".join(f"{k} {v[0]:g}" for k, v in LOGITS_TOLERANCE.items()) + ")")
@@ -142,7 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "or --model-id-b) and A, checking outputs repeat and memory does not grow")
     verify.add_argument("--model-id-b", default=None, help="second checkpoint for --rounds (default: perturbed A)")
 
-    rl = p.add_argument_group("RL cycle")
+
+def add_rl_cycle_flags(rl) -> None:
     rl.add_argument("--rl-steps", type=int, default=0, metavar="N",
                     help="after the first swap, N colocated RL steps: release the engine's memory (KV cache and "
                          "weights), the trainer's donating AdamW step on the same devices (a synthetic gradient), "
@@ -155,7 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="--rl-steps: keep the last step's params here as an HF checkpoint (loadable by transformers "
                          "and sglang-jax)")
 
-    serve = p.add_argument_group("serving")
+
+def add_serving_flags(serve) -> None:
     serve.add_argument("--serve-load", type=int, default=0, metavar="N",
                        help="keep N greedy requests in flight (clients sending one after another, prompts and "
                             "lengths varied, some spanning a swap) across the first swap and every --rounds swap, "
@@ -165,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="--serve-load: length of each requests/s window, without and with swaps (default: "
                             "%(default)s)")
 
-    hosts = p.add_argument_group("several hosts")
+
+def add_hosts_flags(hosts) -> None:
     hosts.add_argument("--nnodes", type=int, default=1,
                        help="hosts of a multi-host slice (a TPU pod: one process per host). Run the same command on "
                             "every host with its --node-rank; rank 0 prints the phase JSON, every rank exits with "
@@ -180,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "is lost: every other rank ends with an error line naming it and its phase (exit 3) "
                             "instead of JAX's own fatal abort after 100 s (default: %(default)s)")
 
-    out = p.add_argument_group("output")
+
+def add_output_flags(out) -> None:
     out.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     out.add_argument("--plot", default=None, metavar="FILE.png",
                      help="bar chart of bytes_in_use_sum per phase, with the one-set-of-params level marked")
@@ -189,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "failure is a warning, never a failed run)")
     out.add_argument("--wandb-project", default="param-swap")
 
-    eng = p.add_argument_group("engine (defaults: the reference TPU run's)")
+
+def add_engine_flags(eng) -> None:
     eng.add_argument("--device", choices=["tpu", "gpu", "cpu"], default=None,
                      help="JAX platform (default: $JAX_PLATFORMS, else JAX's default backend). With cpu the "
                           "tool creates --tp-size virtual CPU devices itself.")
@@ -208,6 +212,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--moe-backend", choices=["epmoe", "fused", "auto"], default="epmoe",
                      help="Qwen3-MoE: sglang-jax's expert layout (default: %(default)s, sglang-jax's own; fused "
                           "is a TPU kernel); the swap maps to whichever the engine uses")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_and_prompt_flags(p.add_argument_group("checkpoint and prompt"))
+    add_swap_flags(p.add_argument_group("swap"))
+    add_verification_flags(p.add_argument_group("verification"))
+    add_rl_cycle_flags(p.add_argument_group("RL cycle"))
+    add_serving_flags(p.add_argument_group("serving"))
+    add_hosts_flags(p.add_argument_group("several hosts"))
+    add_output_flags(p.add_argument_group("output"))
+    add_engine_flags(p.add_argument_group("engine (defaults: the reference TPU run's)"))
     return p.parse_args(argv)
 
 
@@ -229,9 +246,9 @@ class RunConfig(argparse.Namespace):
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The flags as parsed -> the run's frozen settings. --demo: 4 virtual CPU devices unless --device names
-    another platform (then all its devices), both oracles, --keep-param-dict --verify-param-sharing, 1 MB
-    buckets (its 11 MB of params would fit one default bucket); with --rl-steps, a trainer's tree in the engine's
-    layout, aliased."""
+    another platform (then all its devices), both oracles, --keep-param-dict --verify-param-sharing, and 1 MB
+    buckets so that the tiny model spans several; with --rl-steps, a trainer's tree in the engine's layout,
+    aliased."""
     rl_demo = args.demo and args.rl_steps > 0
     source = WeightsSource(args.weights_source or (WeightsSource.TRAINER if rl_demo else WeightsSource.SAFETENSORS))
     derived = {"bucket_mb": DEFAULT_BUCKET_MB if args.bucket_mb is None else args.bucket_mb,

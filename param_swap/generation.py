@@ -10,8 +10,8 @@ from param_swap.hosts import HOSTS
 
 @dataclasses.dataclass
 class Answer:
-    """The engine's greedy answer to one prompt, with its consistency cross-checks. `answer["key"]` reads a field
-    too (generate() answered a dict before)."""
+    """The engine's greedy answer to one prompt, with its consistency cross-checks; answer["key"] also reads a
+    field, for callers that index it like a dict."""
     text: str
     output_ids: list[int]
     num_tokens: int
@@ -32,9 +32,9 @@ class Answer:
 
 
 def check_live(engine) -> None:
-    """Every weight the forward reads is a live buffer: an engine Param aliased to a trainer array (--alias) dies
-    when the trainer donates that buffer to its next step, and generating then would crash the scheduler (exit
-    137). One clear error instead, before the request is sent."""
+    """Raise ToolError (exit 3) before a request is sent if the forward would read a dead buffer: the engine's
+    memory is released (stage engine_released: resume() first), or a trainer donated an array the engine aliases
+    (stage engine_weights_deleted), which would crash the scheduler."""
     if adapter.engine_scheduler(engine) is None:  # not enable_single_process: no Params this tool could swap
         return
     model_runner = adapter.engine_model_runner(engine)

@@ -12,7 +12,7 @@ from param_swap.errors import ExitCode, ToolError, log
 from param_swap.waits import TimedOut, wait_until
 
 HEARTBEAT_S = 0.5  # how often every rank says it is alive, and looks at the others'
-DEFAULT_HOST_LOST_S = 15.0  # --host-lost-after: a rank silent this long is gone (JAX's own heartbeat: 100 s)
+DEFAULT_HOST_LOST_S = 15.0  # --host-lost-after: a rank silent this long is gone, well before JAX's own heartbeat
 HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
 HOST_ERROR_GRACE_S = 10.0  # how long a rank's main thread has to notice another rank's failure itself
 LOST_HINT = ("the host died (OOM-killed, preempted, kill -9) or hangs: see its log and `dmesg` there; the other "
@@ -78,13 +78,9 @@ class Hosts:
 
 
 class HostGroup:
-    """The ranks of a multi-host run. Every step (agree) is a round on the key-value store of JAX's coordination
-    service with a bounded wait, never a device collective (one launched by the main thread could interleave with
-    a forward the scheduler's thread runs, and deadlock). A failure on any rank is published (fail) and ends every
-    rank with that error line and exit code: at its next step, or through the watcher thread within
-    HOST_ERROR_GRACE_S when the rank is busy elsewhere. A rank that dies without a word stops its heartbeat:
-    within lost_after seconds every other rank ends with one error line naming it and its phase (stage hosts,
-    exit 3), long before JAX's coordination service does (100 s, then a fatal log and no JSON)."""
+    """The ranks of a multi-host run: every step is a bounded round on the coordination service's key-value store,
+    never a device collective, so it cannot interleave with a forward and deadlock. A failure on any rank, or a
+    rank silent for lost_after seconds, ends every rank with one error line (exit 3), before JAX's own abort."""
 
     KEY = "run_param_swap"
 

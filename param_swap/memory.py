@@ -18,12 +18,10 @@ def process_rss_bytes() -> int:
 
 
 def device_buffers(arr, wait: bool = True) -> list[tuple[Any, Any, int]]:
-    """(device, buffer pointer, bytes) of each addressable shard. Reads the per-device arrays without
-    `addressable_shards`: its cached Shard list keeps the buffers alive past the array's death until the next gc.collect(),
-    and a swap that should free the dummy set as it goes would seem (and be) two sets at its peak.
-    wait=False: a shard still being computed (a forward in flight in another thread) is not waited for, its
-    pointer is ("pending", id(arr), i): JAX 0.11's CPU client blocks in unsafe_buffer_pointer() until the shard
-    is ready, holding the GIL, which the thread computing it needs (the serving demo hung so)."""
+    """(device, buffer pointer, bytes) of each addressable shard, read without `addressable_shards`, whose cached
+    Shard list keeps dead buffers alive until the next gc.collect(). wait=False: a shard still being computed is
+    not waited for (pointer ("pending", id(arr), i)): reading its pointer can block while holding the GIL that
+    the computing thread needs (docs/phases.md, "Every check is exact while the scheduler serves")."""
     out = []
     for i in range(len(arr.sharding.addressable_devices)):
         data = arr.addressable_data(i)
@@ -36,15 +34,9 @@ WALK_TRIES = 3  # live-array walks per sample when a forward in another thread d
 
 
 def live_array_bytes_per_device() -> dict[Any, int]:
-    """Bytes of the unique device buffers of jax.live_arrays(), per device (CPU has no memory_stats).
-
-    While the scheduler serves, a forward in its thread donates the KV cache (jit donate_argnames) at any moment,
-    also between the snapshot of live arrays and the read of one array's buffers: reading that array then raises
-    "Array has been deleted" (its shard's buffer is gone; is_deleted() can still say no for a moment) or a
-    TypeError (its buffer list went away mid-read). Such an array is skipped, never an error (its memory now
-    belongs to the forward's output), and the walk is taken again, at most WALK_TRIES times, until one sees no
-    donation: the sample is then one consistent set of buffers (tests/meter_race_probe.py). A shard still being
-    computed is counted without waiting for it (device_buffers(wait=False))."""
+    """Bytes of the unique device buffers of jax.live_arrays(), per device (CPU has no memory_stats). An array
+    that a concurrent forward donates mid-walk is skipped and the walk taken again (at most WALK_TRIES), so that
+    one sample is a consistent set of buffers (docs/phases.md; tests/meter_race_probe.py)."""
     import jax
 
     for _ in range(WALK_TRIES):

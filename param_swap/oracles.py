@@ -61,21 +61,17 @@ def compare_arrays(ours, theirs) -> dict | None:
 
 
 def hold_for_collectives(load) -> None:
-    """Several hosts: sglang-jax's own loader (the weights oracle) runs device collectives across the hosts from
-    this thread, and none may interleave with a forward's collectives on the scheduler's thread (seen on
-    0.1.0rc0 under --serve-load: gloo's "collective mismatch" abort, or both ranks hung). The load is held,
-    its requests in flight finished, until the next answer lets it go (ServeLoad.generate_alone)."""
+    """Several hosts: hold the load and let its requests in flight finish until the next answer releases it
+    (ServeLoad.generate_alone): sglang-jax's loader runs cross-host collectives from this thread, which must not
+    interleave with a forward's (docs/phases.md, "Several hosts")."""
     if load is not None and HOSTS.multi:
         load.hold()
 
 
 def verify_weights(phases: PhaseLog, state: EngineState, model_path: str, swap: str = "first swap") -> bool:
-    """Every engine Param against what sglang-jax's OWN loader (its model file's weight mappings, its
-    WeightLoader) makes of the checkpoint at `model_path`, in this process and on these devices: values
-    bit for bit, shape, dtype, sharding. The loader runs tensor by tensor through LoaderTap, so the extra
-    device memory is one loaded tensor, not a second set. Exact while the engine serves: the meter skips a KV
-    buffer a forward donates mid-walk, and nothing raised here reaches the loader (which would take it for its
-    own failure and load that tensor again: run_own_loader); a failure of the oracle itself is exit 3."""
+    """Compare every engine Param (bits, shape, dtype, sharding) with what sglang-jax's own loader makes of
+    `model_path`, one loaded tensor at a time (LoaderTap: no second set); records weights_equal_loader (every
+    verified swap must pass) and returns this one's verdict. A failure of the oracle itself is exit 3."""
     phases.begin("weights_verified")
     t = time.perf_counter()
     base_rss, base = memory.process_rss_bytes(), memory.bytes_in_use_sum(memory.device_memory())

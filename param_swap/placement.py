@@ -16,10 +16,8 @@ from param_swap.families import Op
 from param_swap.planning import SwapItem
 from param_swap.stats import SwapStats, Transpose
 
-# Platforms whose collectives are XLA:CPU's in-process ones (docs/benchmarks.md "Device to device"): they run a
-# 16-bit float reshard in float32 (a convert on each side), so a device source is resharded as its bits
-# (uint16: 5x faster); and two collective programs in flight can deadlock in their rendezvous (the process
-# aborts after 40 s), so each resharding step is waited on before the next is dispatched
+# Platforms whose collectives run in-process (XLA:CPU): a 16-bit reshard moves its bits, since that backend runs
+# it in float32, and each resharding step is waited on, since two in flight can deadlock (docs/benchmarks.md)
 IN_PROCESS_COLLECTIVES = {"cpu"}
 
 
@@ -31,11 +29,9 @@ def transposed_on_device(item: SwapItem, src: np.ndarray, transpose: Transpose) 
 
 
 def host_array(item: SwapItem, src: np.ndarray, num_kv_heads: int, transpose: Transpose = Transpose.DEVICE) -> tuple[np.ndarray, bool]:
-    """(host array in the engine dtype, transposed). The MLLM kernel is a transposed view of the checkpoint's
-    [out, in] tensor. transpose "host": the array is the target's layout, possibly that strided view (jax.device_put
-    copies it strided: the fastest on CPU). "device": C-contiguous; transposed=True means it is the target's
-    transpose and place() transposes it on the devices (numpy's strided transpose copy runs at a few % of
-    memcpy speed; a TPU transposes at HBM speed)."""
+    """(Host array in the engine dtype, transposed). transpose "host" gives the target's layout, possibly a
+    strided view for jax.device_put; "device" gives a C-contiguous array, and transposed=True means place()
+    transposes it on the devices, where that is faster than a strided host copy (docs/benchmarks.md)."""
     arr = src if src.dtype == item.dtype else src.astype(item.dtype)  # keeps the memory layout
     if item.op == Op.TRANSPOSE:
         arr = arr.T

@@ -18,11 +18,9 @@ from param_swap.swapper import ParamSwapper
 
 
 class PerturbedWeights(Mapping):
-    """Weight set B for --rounds: every matrix w of A as 0.02 - w, made one tensor at a time as the swap reads
-    it. Deterministic, same shapes, clearly different answers, no second copy of the weights; elementwise, so
-    a trainer-resident A in any sharding gives B on the devices in the same sharding. (Plain negation would
-    not do: negating every matrix of a Qwen2 is an exact symmetry, RMSNorm and the q.k / gate.up products
-    cancel the signs, and the answers stay the same.)"""
+    """Weight set B for --rounds: every matrix w of A as 0.02 - w, made one tensor at a time as the swap reads it,
+    so B needs no second copy and lands in A's sharding. Plain negation would not do: it is an exact symmetry of
+    these models (docs/phases.md, rounds_consistent), and the answers would not change."""
 
     def __init__(self, base: Mapping[str, np.ndarray]):
         self.base = base

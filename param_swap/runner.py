@@ -1,5 +1,5 @@
 """The run: run() is the table of contents, each step a function that prints its phase line; main() and cli()
-(python run_param_swap.py, run-param-swap, python run_param_swap.pyz)."""
+(python run_param_swap.py, run-param-swap, python dist/run_param_swap.pyz)."""
 
 import functools
 import gc
@@ -58,9 +58,8 @@ def configure_platform(cfg: RunConfig) -> str:
 
 
 def skip_torch_unless_needed(cfg: RunConfig) -> None:
-    """transformers imports torch whenever it is installed (~6 s of the ~11 s that importing sglang-jax takes);
-    only --verify-logits and --weights-source torch use it, so transformers' own USE_TORCH=0 leaves it out (a
-    USE_TORCH the caller set is kept). Must run before transformers is imported."""
+    """USE_TORCH=0 (unless the caller set it) when neither --verify-logits nor --weights-source torch needs
+    torch: transformers would import it and slow sglang-jax's import (docs/benchmarks.md). Before transformers."""
     if not (cfg.verify_logits or cfg.weights_source == WeightsSource.TORCH):
         os.environ.setdefault("USE_TORCH", "0")
 
@@ -223,7 +222,7 @@ def run(phases: PhaseLog, cfg: RunConfig, model_id: str) -> None:
     cfg = cfg.resolved(model_id=info.path, tp_size=tp_size, prompt=prompt)
     validation.validate_token_budget(cfg, info)
     stack = adapter.probe_sglang((info.architecture, cfg.moe_backend))  # what the swap uses of sglang-jax (exit 2)
-    gc.freeze()  # the ~520k objects of sglang-jax's import never become garbage: each phase's gc pass skips them
+    gc.freeze()  # sglang-jax's imported objects never become garbage: freezing them keeps each phase's gc short
     HOSTS.agree("checkpoint")  # several hosts: every one has validated its copy before any engine starts
     engine, swapper = start_dummy_engine(phases, cfg, info, device, stack)
     state, load = swapper.state, None

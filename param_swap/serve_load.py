@@ -38,7 +38,7 @@ SERVE_WAIT_S = 300.0  # longest wait for load requests to reach the scheduler or
 
 
 class ServeLoad:
-    """--serve-load N (made only then, by start_serve_load): N clients on the engine's event loop, each sending
+    """--serve-load N (made only then, by runner.run()): N clients on the engine's event loop, each sending
     greedy requests one after another (LOAD_PROMPTS; max_new_tokens/4 .. 2 x max_new_tokens tokens), kept in
     flight across the first swap and every --rounds swap (each request in flight at a pause spans that swap).
     The checked prompt runs through generate_alone(): the clients hold and the requests in flight finish

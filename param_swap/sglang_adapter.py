@@ -16,9 +16,9 @@ from param_swap.errors import ExitCode, ToolError, log
 from param_swap.families import FAMILIES
 
 SUPPORTED_STACKS = {  # name -> (sglang-jax distribution version, jax version); each one: make test-compat
-    "bd09a87": ("0.0.2", "0.8.1"),  # the TPU reference run's commit (Jan 2026, calls itself 0.0.2); imports qwix
+    "bd09a87": ("0.0.2", "0.8.1"),  # the TPU reference run's commit (it calls itself 0.0.2); imports qwix
     "0.0.3rc99": ("0.0.3rc99", "0.8.1"),  # requirements-cpu.txt, requirements-tpu.txt
-    "0.1.0rc0": ("0.1.0rc0", "0.10.2"),  # the newest release (Aug 2026)
+    "0.1.0rc0": ("0.1.0rc0", "0.10.2"),  # the newest release
     "0.1.0rc0-jax0.11": ("0.1.0rc0", "0.11.2"),  # with flax 0.12.12 (flax 0.12.4 cannot import on JAX 0.11)
 }
 
@@ -34,8 +34,7 @@ SGL = "sgl_jax.srt."
 
 NEEDED = {  # module (under sgl_jax.srt. unless it starts with sgl_jax.) -> "attribute need" for each thing used.
     # need: "fields:a,b" dataclass fields; "call:a,b" a callable taking these parameters; "sets:a,b" the module's
-    # code sets these attributes (on the objects a running engine makes); "reads:a" its code names it. The
-    # registry's sglang-jax 0.0.2 (older than bd09a87) fails several.
+    # code sets these attributes (on the objects a running engine makes); "reads:a" its code names it.
     "server_args": ["ServerArgs fields:" + ",".join(ENGINE_ARGS)],
     "entrypoints.engine": ["Engine sets:scheduler_info,tokenizer_manager,loop,server_args",
                            "run_scheduler_loop_thread_after_create call:server_args,port_args"],
@@ -237,16 +236,10 @@ def kill_engine_children() -> None:
 
 
 class RequestRecorder:
-    """The scheduler's own record of every finished request: prompt ids, generated ids and their logprobs.
-
-    sglang-jax 0.0.3rc99's answer to a non-streaming `generate` is not the generated sequence once it spans
-    the scheduler's forced 50-token chunk: the detokenizer re-sends ids it already sent whenever its
-    incremental text ends in an incomplete UTF-8 character (64 tokens came back as 114 ids), it drops
-    special tokens such as a generated EOS, and `meta_info.output_token_logprobs` holds 50 + N entries for N
-    tokens. The scheduler's `Req` (`origin_input_ids`, `output_ids`, `output_token_logprobs_val`) is right.
-    In single-process mode the scheduler runs in this process: wrap its `stream_output` (the one place every
-    finished request passes) and copy those lists before they are sent. Records nobody takes (requests sent
-    to the engine by others) are dropped oldest first past `keep`."""
+    """The scheduler's own record of every finished request (prompt ids, generated ids, their logprobs), because
+    the engine's non-streaming answer is wrong once it spans a 50-token output chunk (docs/phases.md, "The
+    generated tokens"). It wraps Scheduler.stream_output and drops records nobody takes, oldest first, past
+    `keep`."""
 
     def __init__(self, scheduler, keep: int = 1024):
         self.finished: dict[str, dict] = {}
@@ -332,46 +325,42 @@ BATCH_INPUTS_KEPT = 4  # forward steps whose inputs serving_bytes() looks at (th
 
 
 class ServeGuard:
-    """Hooks on the in-process scheduler that make a swap atomic with respect to generation, and prove it.
-
-    The swap runs between `pause_generation("retract")` and `continue_generation()`. Retract (not in_place,
-    not abort): every running request goes back to the waiting queue with its KV freed (not cached) and keeps
-    its tokens so far; after the swap it is prefilled again (prompt + those tokens) with the NEW weights and
-    generates the rest with them. in_place would keep KV computed with the old weights under the new ones,
-    and abort loses the requests. sglang-jax's `flush_cache()` refuses while any request waits, so retracted
-    requests would keep the radix cache (prefix KV of the old weights) alive: `flush_cache` here holds the
-    waiting requests aside while the scheduler's own flush runs, on the scheduler's thread, only when every
-    held request owns no KV (a retracted or never-started request), and its answer is checked by the swap.
-
-    sglang-jax's retract (bd09a87 to 0.1.0rc0) also misses the requests of a prefill batch that ran last and was
-    not yet merged into the running batch (the overlap scheduler merges it at its next step; the pause drops
-    that step): they would never finish (overlap) or keep their old-weight KV (no overlap). `pause_generation`
-    here retracts them too, as upstream SGLang merges them before retracting.
-
-    Every forward step records the weight set it ran on (`weights_id`, set by each completed swap) and whether
-    a swap was changing the Params (`changing`) when it started or ended: a step that saw a change is `mixed`;
-    and its input arrays (weakly): what the batch of a paused scheduler still holds (serving_bytes). The
-    engine's failure signals (a forward-thread exception, the watchdog) go to this process, where the
-    Stopper turns them into one error line and exit 3; sglang-jax sends them to the parent process."""
+    """Hooks on the in-process scheduler that make a swap atomic with respect to generation, and prove it: the
+    pause retracts (requests keep their tokens and are prefilled again on the new weights, also those of a last
+    prefill batch not yet merged), the flush holds retracted requests aside so that the radix cache can be
+    emptied, and every forward step records the weight set it ran on (docs/phases.md, "Swapping while the
+    engine serves"). Its state changes only through its own methods."""
 
     def __init__(self, engine):
         import jax
-        import psutil
 
         self.engine = engine
-        scheduler, model_runner = engine_scheduler(engine), engine_model_runner(engine)
         self.weights_id = 0  # 0: the dummy weights; each completed swap sets a new id (a rolled-back one not)
         self.changing = False  # True while a swap changes Params (and after a failed swap that could not restore)
         self.forwards = 0
         self.by_weights: dict[int, int] = {}  # weights_id -> forward steps that ran on exactly that set
         self.mixed: list[dict] = []  # forward steps that saw a change of weights
-        self.hold_waiting = False  # set by flush(): hold waiting requests aside while the scheduler flushes
+        self.hold_waiting = False  # hold waiting requests aside while the scheduler flushes
         self.held = 0
         self.flushes = 0  # flushes the scheduler has handled (its own thread; rank >= 1: rank 0's, forwarded)
         self.flushes_at_pause = 0  # flushes when the last pause was confirmed (the swap's flush is the next)
         self.last_flush: dict = {}  # the last one's success, message, requests held aside, radix tokens after it
         self.batch_inputs: list[list] = []  # weakrefs to the input arrays of the last BATCH_INPUTS_KEPT forwards
         self.before_serving = {id(a): weakref.ref(a) for a in jax.live_arrays()}  # never counted as a batch's
+        self.retracted_prefills = 0
+        self.pauses = 0  # pause requests the scheduler has handled (its own thread)
+        self.paused_requests: int | None = None  # requests it held at the last pause (None: still running some)
+        scheduler = engine_scheduler(engine)
+        self.wrap_forward(engine_model_runner(engine))
+        self.wrap_flush(scheduler)
+        self.wrap_pause(scheduler)
+        self.take_failure_signals(scheduler)
+
+    def wrap_forward(self, model_runner) -> None:
+        """Each forward step records the weight set it ran on (mixed: it saw a change) and, weakly, its input
+        arrays (what the batch of a paused scheduler still holds: serving_bytes)."""
+        import jax
+
         run_model = model_runner.jitted_run_model
 
         def jitted_run_model(*args, **kwargs):
@@ -385,14 +374,17 @@ class ServeGuard:
                                        "weights_at_end": end[0], "swap_running": start[1] or end[1]})
             else:
                 self.by_weights[start[0]] = self.by_weights.get(start[0], 0) + 1
-            # the batch's arrays (ForwardBatch, LogitsMetadata: pytrees); the weights and the KV cache are not
-            # arguments of this wrapper (it reads model_state_leaves and memory_pools itself)
+            # the batch's arrays; the weights and the KV cache are not arguments of this wrapper
             self.batch_inputs.append([weakref.ref(a) for a in jax.tree_util.tree_leaves((args, kwargs))
                                       if isinstance(a, jax.Array)])
             del self.batch_inputs[:-BATCH_INPUTS_KEPT]
             return out
 
         model_runner.jitted_run_model = jitted_run_model
+
+    def wrap_flush(self, scheduler) -> None:
+        """The scheduler's flush_cache refuses while requests wait: with hold_waiting, the waiting requests that
+        own no KV (retracted) are held aside while it runs, on its own thread; last_flush records its answer."""
         flush = scheduler.flush_cache
 
         def held_aside():
@@ -412,13 +404,17 @@ class ServeGuard:
 
         def flush_cache():
             out = held_aside()
-            self.last_flush = {"success": bool(out[0]), "message": str(out[1] or ""),
-                               "held": self.held,
+            self.last_flush = {"success": bool(out[0]), "message": str(out[1] or ""), "held": self.held,
                                "radix_tokens_after": radix_cache_tokens(scheduler)}
             self.flushes += 1
             return out
 
         scheduler.flush_cache = flush_cache
+
+    def wrap_pause(self, scheduler) -> None:
+        """The scheduler's pause handler, also retracting the requests of a last prefill batch not yet merged
+        into the running one (sglang-jax bd09a87 to 0.1.0rc0 misses them, as upstream SGLang does not), and
+        recording when the scheduler's own thread has paused (pauses, paused_requests)."""
         mapping = scheduler._request_dispatcher._mapping
         index = next(i for i, (ty, _) in enumerate(mapping) if ty.__name__ == "PauseGenerationReqInput")
         pause = mapping[index][1]
@@ -442,9 +438,13 @@ class ServeGuard:
             return out
 
         mapping[index] = (mapping[index][0], pause_generation)
-        self.retracted_prefills = 0
-        self.pauses = 0  # pause requests the scheduler has handled (its own thread)
-        self.paused_requests: int | None = None  # requests it held at the last pause (None: still running some)
+
+    @staticmethod
+    def take_failure_signals(scheduler) -> None:
+        """The engine's failure signals (a forward's exception, the watchdog) come to this process, where the
+        Stopper turns them into one error line and exit 3; sglang-jax sends them to the parent process."""
+        import psutil
+
         for owner in (scheduler, scheduler.tp_worker):
             if hasattr(owner, "parent_process"):
                 owner.parent_process = psutil.Process()
@@ -489,11 +489,9 @@ class ServeGuard:
         await self.engine.tokenizer_manager.continue_generation(ContinueGenerationReqInput())
 
     def serving_bytes(self, exclude: set[tuple[int, int]]) -> int:
-        """Device bytes of the arrays the batch of a paused (or idle) scheduler still holds: the live inputs of
-        its last forward steps, e.g. the ForwardBatch's token and cache-location arrays (1.05 MB of the tiny
-        test model's 28 MB, sized by --max-running-requests x the context, not by the model). Not weights: the
-        memory checks count them apart. Buffers in `exclude` (the engine's weights, a trainer's arrays) and
-        arrays that were alive before the guard was installed are never counted."""
+        """Device bytes of the arrays a paused (or idle) scheduler's batch still holds (the live inputs of its last
+        forward steps), which the memory checks count apart from the weights. Buffers in `exclude` and arrays
+        alive before the guard was installed are never counted."""
         seen, total = set(exclude), 0
         for refs in self.batch_inputs:
             for ref in refs:
@@ -546,10 +544,8 @@ class LoaderTap:
 def run_own_loader(model_runner, model_path: str, on_assign) -> None:
     """sglang-jax's OWN loader (its model file's weight mappings, its WeightLoader) over the checkpoint at
     `model_path`, on the engine's mesh and config, with every Param assignment handed to on_assign(path, array)
-    instead (LoaderTap). on_assign must never raise: the loader's "fast load" path (every supported stack) takes
-    any exception inside it as its own failure, logs a warning and assigns the same Param again on its slow
-    path. 0.1.0rc0's loader reads through thread pools; its assignments come from the calling thread, but
-    on_assign is written for any thread."""
+    instead (LoaderTap). on_assign must never raise (the loader's fast path takes any exception for its own
+    failure and assigns the Param again) and must be thread-safe."""
     import copy
 
     from sgl_jax.srt.configs.load_config import LoadConfig
@@ -593,7 +589,7 @@ def engine_params(model_runner) -> dict[str, Any]:
 def dummy_weights(model_runner, paths: set[str]) -> dict[str, Any]:
     """{nnx path: array} of these Params as sglang-jax's load_format="dummy" makes them: its own loader's dummy
     initialiser, run for these Params only, into an abstract copy of the model (the engine is not touched).
-    Its values: uniform(-1e-3, 1e-3) up to 0.0.3rc99, zeros in 0.1.0rc0; either way re-created bit for bit."""
+    Re-created bit for bit on every supported stack, whatever values its initialiser uses."""
     import jax
     from flax import nnx
     from sgl_jax.srt.utils.weight_utils import WeightLoader

@@ -17,7 +17,7 @@ class SwapMode(enum.StrEnum):
 
 
 class Transpose(enum.StrEnum):
-    """Where a host kernel stored [out, in] becomes [in, out] (docs/benchmarks.md, "Transpose")."""
+    """Where a host kernel stored [out, in] becomes [in, out] (docs/benchmarks.md, "Where the transpose runs")."""
     AUTO = "auto"  # per platform: TRANSPOSE_ON
     HOST = "host"  # the strided view handed to jax.device_put
     DEVICE = "device"  # placed as stored, one jitted transpose on the devices

@@ -26,14 +26,10 @@ SWAP_FINISH_WAIT_S = 120.0  # how long a stop waits for a swap in progress to co
 
 
 class Stopper:
-    """SIGINT and SIGTERM are blocked in every thread (install() runs before JAX or the engine start a
-    thread, and threads inherit the mask) and taken by one watcher thread with sigwait, with SIGQUIT (the
-    engine's own failure signal: error line, exit 3, whenever it comes, also inside Engine()). So a stop is seen
-    within moments whatever the main thread is doing (an XLA compile, a generation, a swap), and neither
-    Python's KeyboardInterrupt nor sglang-jax's handlers run half-way through something. The watcher lets a
-    swap in progress complete (or roll back) first, at most SWAP_FINISH_WAIT_S, then writes one error line
-    (stage `interrupted`: the signal, the phase it interrupted, what the engine holds), the summary and the
-    stderr table, kills the engine's child processes and exits 130 (SIGINT) or 143 (SIGTERM)."""
+    """Takes SIGINT, SIGTERM and the engine's SIGQUIT on one sigwait thread (the entry blocks them in every
+    thread first: param_swap.block_stop_signals), so a stop is seen whatever the main thread is doing and no
+    handler runs half-way through a swap. It lets a swap in progress finish or roll back (at most
+    SWAP_FINISH_WAIT_S), then writes one error line, the summary and the table, and exits 130 / 143 (SIGQUIT: 3)."""
 
     def __init__(self, phase_log: PhaseLog, cfg):
         self.phases, self.cfg = phase_log, cfg

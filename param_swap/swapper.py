@@ -1,6 +1,7 @@
-"""The swap: ParamSwapper, the API an RL loop imports (the CLI runs on it too). Every swap takes one path:
-validate the whole input, compile what it runs, pause generation, place and assign a bucket at a time, agree
-with the other hosts, flush the radix cache, continue."""
+"""The swap: ParamSwapper, the API an RL loop imports (the CLI runs on it too). Every swap takes one path
+(run_swap): validate the whole input, compile what it runs, pause generation, place and assign a bucket at a
+time, agree with the other hosts, flush the radix cache, continue (a resume continues once the KV pool is
+back). And release()/resume() around a trainer's step."""
 
 import contextlib
 import dataclasses
@@ -46,7 +47,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
     together, waited on once), count their NaN/Inf (FiniteCheck.TARGET), assign them, let go of the arrays
     they replaced, go on. Peak: one set + one bucket (or the largest tensor); bulk: two sets. If anything
-    fails, the previous weights are put back (rollback.restore, with `undo`) and a ToolError raised."""
+    fails, the previous weights are put back (rollbacks.restore, with `undo`) and a ToolError raised."""
     import jax
 
     done: list[SwapItem] = []  # assigned so far

@@ -143,10 +143,8 @@ def validate_parallelism(info: CheckpointInfo, tp: int) -> None:
 
 
 def validate_cpu_devices(cfg, info: CheckpointInfo, device: str, tp: int) -> None:
-    """A float32 engine on more CPU virtual devices than this process has cores deadlocks in XLA's CPU all-reduce
-    (measured, sglang-jax's own loader too: the first forward waits, and after 40 s XLA aborts the process,
-    "Termination timeout for all reduce ... Expected 4 threads to join", exit 134 and no JSON line): 4 devices on
-    2 cores, 2 on 1 core, every try. bfloat16 there, and float32 on as many devices as cores, run."""
+    """Refuse (exit 2) a float32 engine on more CPU virtual devices than this process has cores: XLA's CPU
+    all-reduce deadlocks there and aborts the process with no JSON line (docs/phases.md, "Exit codes")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = tp // cfg.nnodes  # this host's devices
     if device == "cpu" and local > cores and checkpoint.engine_dtype(cfg.dtype, info) == "float32":

@@ -2,7 +2,7 @@
 """The device run's results (bench/device/run.sh's $OUT) as the tables docs/benchmarks.md keeps: per run its exit
 code and verdict; per phase bytes_in_use_sum (and the allocator's peak_bytes_in_use_sum where the backend has
 memory_stats) beside the reference v4-8 run's; each swap's seconds and GB/s against the two bounds; the oracles'
-seconds; tunix's sync beside ours. Usage: python bench/device/report.py OUT_DIR"""
+seconds; tunix's sync beside ours; the RL cycle's steps with the allocator's figures at its four points. Usage: python bench/device/report.py OUT_DIR"""
 
 import json
 import os
@@ -12,6 +12,7 @@ REFERENCE = {"engine_ready_dummy": 6_551_193_600, "sglang_param_dict_ready": 12_
              "weights_swapped_from_mllm": 6_551_193_600}  # the reference TPU v4-8 run (bulk), bytes_in_use_sum
 PHASES = ["engine_ready_dummy", "generate_before_swap", "sglang_param_dict_ready", "weights_swapped_from_mllm",
           "weights_verified", "before_generate_param_dict_kept", "generate_result", "after_drop_param_dict"]
+RL_POINTS = ("rolled_out", "released", "trained", "resumed")  # the RL cycle's memory points (rl_step.memory_at)
 
 
 def runs(path: str) -> dict[str, dict]:
@@ -76,6 +77,17 @@ def main() -> None:
         print(f"| {name} | {swap.get('swap_s')} | {place} | {ratio(bounds.get('device_put_gb_per_s'))} | "
               f"{ratio(bounds.get('d2d_copy_gb_per_s'))} | {swap.get('swap_peak_extra_ratio')} | {single} | "
               f"{oracle.get('seconds', '-')} |")
+    steps = [x for x in all_runs.get("rl_cycle", {}).get("records", []) if x.get("phase") == "rl_step"]
+    if steps:
+        print("\n| RL step | release_s | train_s | resume_s | kv_rebuild_s | resume_compiles | released engine GB | "
+              + " | ".join(f"{p} in use / peak GB" for p in RL_POINTS) + " |\n|---|---|---|---|---|---|---|"
+              + "---|" * len(RL_POINTS))
+        for s in steps:
+            at = s.get("memory_at", {})
+            print(f"| {s['step']} | {s['release_s']} | {s['train_s']} | {s['resume_s']} | {s['kv_rebuild_s']} | "
+                  f"{s['resume_compiles']} | {gb(s['released_engine_bytes_sum'])} | " + " | ".join(
+                      f"{gb(at.get(p, {}).get('bytes_in_use_sum'))} / {gb(at.get(p, {}).get('peak_bytes_in_use_sum'))}"
+                      for p in RL_POINTS) + " |")
     tunix = os.path.join(folder, "tunix.jsonl")
     if os.path.exists(tunix):
         for line in open(tunix):

@@ -7,7 +7,8 @@
 #     DEVICE=cpu TP=4 LAYERS=2 PYTHON=.venv/bin/python IMAGE=.stacks/device-image OUT=out/device-rehearsal bash bench/device/run.sh
 # Writes under $OUT (the device tool brings back at most 8 files): runs.jsonl (every run's phase JSON, each run
 # opened by a {"run": ...} line and closed by a {"run_end": ...} line with its exit code and seconds),
-# stderr.log (each run's last lines), bounds.jsonl, tunix.jsonl, env.txt, summary.txt. Steps in the order they
+# stderr.log (each run's last lines), bounds.jsonl, tunix.jsonl, env.txt, summary.txt (the RL cycle's rl_step
+# lines are in runs.jsonl). Steps in the order they
 # matter, each bounded; a step that would start past BUDGET_S is skipped and said so (the session's device
 # time is 15 minutes for every try together: the whole run is meant to fit in 8).
 set -uo pipefail
@@ -62,6 +63,10 @@ step demo "${TOOL[@]}" --demo
 ckpt="$work/ckpt"
 FULL=(--model-id "$ckpt" --keep-param-dict --verify-param-sharing --verify-weights --max-new-tokens 32)
 step streaming "${TOOL[@]}" "${FULL[@]}"
+# f. the colocated RL cycle at full size: release (KV and weights), a donating AdamW step, resume, rollout; the
+#    allocator's figures at the four points of each step
+step rl_cycle "${TOOL[@]}" --model-id "$ckpt" --weights-source trainer --trainer-sharding engine --alias \
+  --rl-steps 3 --max-total-tokens 32768 --max-new-tokens 32
 # d. the bounds the swap is compared with, in one process: a plain device_put of the same host bytes, a plain
 #    device-to-device copy of the same arrays
 step bounds "$PYTHON" bench/device/bounds.py "$ckpt" "$DEVICE" "$TP"
