@@ -482,12 +482,13 @@ class ParamSwapper:
         finally:
             self.idle.set()
         HOSTS.agree("released")
+        release_s = time.perf_counter() - t  # the memory sample below (a walk of every live array on CPU) apart
         sample = memory.device_memory()
         trainer = trees.trainer_arrays(trainer_held)
         split = memory.memory_split(self.state.arrays(), trainer, self.guard.serving_bytes, sample)
         held = release.engine_held_arrays(self.state)
         shared = set(memory.buffer_bytes(held)) & set(memory.buffer_bytes(trainer))
-        return {"release_s": round(time.perf_counter() - t, 4), "kv_bytes_freed": kv.bytes_sum if kv else 0,
+        return {"release_s": round(release_s, 4), "kv_bytes_freed": kv.bytes_sum if kv else 0,
                 "weights_bytes_deleted": dropped.deleted_bytes_sum if dropped else 0,
                 "weights_bytes_let_go": dropped.let_go_bytes_sum if dropped else 0,
                 "engine_held_arrays": len(held), "engine_held_bytes_sum": memory.param_bytes_sum(held),
