@@ -47,6 +47,9 @@ class Stopper:
             return "no engine was running" if self.phases.doing != "engine_ready_dummy" else "the engine was starting"
         if not sw.idle.is_set():
             return f"a swap was still running after {waited:.0f} s: the engine is half-swapped"
+        if sw.released is not None:
+            return "nothing: its memory was released for a trainer's step (" + ", ".join(
+                what for what, gone in (("weights", sw.released.weights), ("KV cache", sw.released.kv)) if gone) + ")"
         if sw.last_swap_restored is not None:
             return ("the previous weights (a failed swap was rolled back)" if sw.last_swap_restored
                     else "half-swapped weights (a failed swap without rollback)")
