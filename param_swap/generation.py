@@ -82,9 +82,9 @@ def generate_greedy(engine, prompt: str, max_new_tokens: int, logprobs: bool = F
     """Greedy, ignore_eos, with the scheduler's own ids (the detokenizer's answer is not the generated sequence
     once it spans the scheduler's 50-token chunk: RequestRecorder). Several hosts: rank 0 sends the request (its
     scheduler hands it on to every host's) and every rank gets rank 0's answer."""
+    check_live(engine)  # on every rank: a refusal ends every rank alike, none left waiting for rank 0's answer
     if HOSTS.rank:
         return Answer(**HOSTS.from_rank0("generate"))
-    check_live(engine)
     answer = answer_of(engine, engine.generate(prompt=prompt, return_logprob=logprobs,
                                                sampling_params=greedy(max_new_tokens)), max_new_tokens, logprobs)
     HOSTS.from_rank0("generate", dataclasses.asdict(answer))

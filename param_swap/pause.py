@@ -16,19 +16,20 @@ async def continue_generation(guard: ServeGuard) -> None:
         await guard.send_continue()
 
 
-async def pause_generation(guard: ServeGuard, pauses: int) -> int:
+async def pause_generation(guard: ServeGuard, pauses: int, continue_on_failure: bool = True) -> int:
     """pause_generation(retract), then wait until the scheduler's own thread has handled it with nothing left
     running (the tokenizer manager's pause only sends the request). `pauses`: the guard's count before this
     pause. Returns the requests the scheduler holds. Rank >= 1 of several hosts: rank 0's pause reaches this
     host's scheduler (it forwards every request); wait for it, then hold its waiting requests aside for rank 0's
-    flush to come."""
+    flush to come. continue_on_failure=False: a resume's pause, of an engine whose memory is released."""
     if HOSTS.rank == 0:
         await guard.send_pause()
     try:
         await wait_until_async(lambda: guard.pauses != pauses and guard.paused_requests is not None, PAUSE_WAIT_S,
                                "the scheduler confirming the pause")
     except TimedOut:
-        await continue_generation(guard)
+        if continue_on_failure:
+            await continue_generation(guard)
         error = ToolError("swap_pause", f"the scheduler did not confirm the pause within {PAUSE_WAIT_S:.0f} s"
                           + ("" if guard.pauses == pauses else " (requests were still running)"),
                           "nothing was swapped; generation continues", ExitCode.ENGINE)

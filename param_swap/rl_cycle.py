@@ -92,7 +92,7 @@ def run_step(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, trainer: T
     """One step of the cycle; returns its rl_step fields and the rollout's answer."""
     at = {"rolled_out": sample()}
     released = swapper.release(trainer_held=trainer.held())
-    at["released"] = released["memory"]["jax_device_memory_summary"]
+    at["released"] = memory.phase_memory(released["memory"])["jax_device_memory_summary"]  # every host's
     trainer_bytes = every_host(sum(memory.buffer_bytes(trainer.params.values()).values()))  # unique, as the meter
     optimizer_bytes = every_host(sum(memory.buffer_bytes(trainer.optimizer_arrays()).values()))
     released_engine = released["bytes_in_use_sum"] - released["trainer_bytes_sum"]  # both: every host's
@@ -135,6 +135,10 @@ def run_rl_steps(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, info: 
     --rl-save DIR keeps the last) for sglang-jax's own loader to compare with the engine, bit for bit."""
     param_bytes = every_host(sum(memory.device_bytes(p.get_value()) for p in swapper.state.params.values()))
     trainer = Trainer(trees.as_flat(tree), cfg.rl_learning_rate)
+    if cfg.rounds % 2:  # the engine ends the rounds on B: the baseline is the trainer's params
+        swapper.swap(trainer.params, cfg.swap_mode, cfg.alias, cfg.rollback)
+    if cfg.rounds % 2 or previous.output_logprobs is None:  # the baseline, with logprobs
+        previous = generation.generate_greedy(swapper.engine, cfg.prompt, cfg.max_new_tokens, logprobs=True)
     steps = []
     work = tempfile.mkdtemp(prefix="param_swap_rl_")
     try:
@@ -157,10 +161,11 @@ def run_rl_steps(phases: PhaseLog, cfg: RunConfig, swapper: ParamSwapper, info: 
 def check_steps(phases: PhaseLog, steps: list[dict]) -> None:
     """rl_released, rl_no_recompile, rl_weights_follow_trainer over every step."""
     held = [s["step"] for s in steps if s["released_engine_bytes_sum"] > s["released_limit_bytes"]
-            or s["engine_held_trainer_buffers"]]
+            or s["engine_held_arrays"] or s["engine_held_trainer_buffers"]]
     phases.check("rl_released", bool(steps) and not held, failed_steps=held,
                  released_engine_bytes_sum=[s["released_engine_bytes_sum"] for s in steps],
                  limit_bytes=steps[0]["released_limit_bytes"] if steps else None,
+                 engine_held_arrays=[s["engine_held_arrays"] for s in steps],
                  engine_held_trainer_buffers=[s["engine_held_trainer_buffers"] for s in steps])
     recompiled = [s["step"] for s in steps[1:] if s["resume_compiles"]]
     if len(steps) > 1:  # the first resume compiles the KV allocator: only the steps after it can show a recompile

@@ -305,11 +305,12 @@ class ParamSwapper:
                                           checked.finite_check == FiniteCheck.TARGET)
         agree_plan(checked.plan)
         start = time.perf_counter()
-        paused = await pause.pause_generation(self.guard, pauses)
+        paused = await pause.pause_generation(self.guard, pauses, continue_on_failure=not resuming)
         try:
             pause.agree_paused(self.guard, pauses)
         except ToolError:
-            await pause.continue_generation(self.guard)
+            if not resuming:
+                await pause.continue_generation(self.guard)
             raise
         paused_at = time.perf_counter()
         error, param_dict = None, {}
@@ -408,7 +409,8 @@ class ParamSwapper:
                                           num_kv_heads=self.num_kv_heads) if trees.read_only(checked.flat) else None
         except ToolError as e:
             self.last_swap_restored = e.details.get("restored")
-            self.guard.end_change(self.guard.weights_id if self.last_swap_restored else None)
+            whole = self.last_swap_restored and checked.undo.kind != RollbackKind.RELEASED
+            self.guard.end_change(self.guard.weights_id if whole else None)
             if not self.last_swap_restored:
                 self.free_rollback = None
             raise
@@ -469,16 +471,25 @@ class ParamSwapper:
         except ToolError:
             await pause.continue_generation(self.guard)
             raise
-        await pause.flush_radix_cache(self.guard)  # the radix cache's prefix KV goes with the pool
-        self.idle.clear()
         try:
-            kv = release.free_kv(self.state.model_runner) if kv_cache else None
-            dropped = None
+            await pause.flush_radix_cache(self.guard)  # the radix cache's prefix KV goes with the pool
+        except ToolError:
+            await pause.continue_generation(self.guard)  # nothing was released
+            raise
+        self.idle.clear()
+        kv = dropped = None
+        try:
+            if kv_cache:
+                kv = release.free_kv(self.state.model_runner)
+                self.released = Released(kv, None)
             if weights:
-                self.guard.begin_change()  # the Params are no whole set until resume() swaps one in
-                dropped = release.drop_weights(self.state, self.shared_ids)
-                self.shared_ids, self.free_rollback = set(), None
-            self.released = Released(kv, dropped)
+                dropped = self.drop_weights()
+        except Exception as e:  # noqa: BLE001 - what was released stays recorded; generation stays paused
+            error = ToolError("release", f"the release failed: {type(e).__name__}: {e}", "generation stays "
+                              "paused; resume() rebuilds what was released", ExitCode.ENGINE,
+                              released=self.released is not None)
+            HOSTS.fail(error)
+            raise error from e
         finally:
             self.idle.set()
         HOSTS.agree("released")
@@ -493,6 +504,14 @@ class ParamSwapper:
                 "weights_bytes_let_go": dropped.let_go_bytes_sum if dropped else 0,
                 "engine_held_arrays": len(held), "engine_held_bytes_sum": memory.param_bytes_sum(held),
                 "engine_held_trainer_buffers": len(shared), **split.as_json(), "memory": sample}
+
+    def drop_weights(self) -> release.DroppedWeights:
+        """Every Param to its abstract value (release.drop_weights), recorded in self.released."""
+        self.guard.begin_change()  # the Params are no whole set until resume() swaps one in
+        dropped = release.drop_weights(self.state, self.shared_ids)
+        self.shared_ids, self.free_rollback = set(), None
+        self.released = Released(self.released.kv if self.released else None, dropped)
+        return dropped
 
     async def resume_async(self, tree: Mapping[str, Any] | None = None, *, mode: str = "streaming",
                            alias: bool = False, rollback: bool | None = None,
@@ -511,14 +530,28 @@ class ParamSwapper:
         t = time.perf_counter()
         result = None
         if tree is not None:
+            if released.weights is None:  # kept weights: let go of first, so that a failed swap is a released one
+                self.drop_weights()
             try:
                 result = await self.run_swap(tree, mode, alias, rollback, None, trainer_held, resuming=True)
             except ToolError as e:
-                e.details.update(released=True, generation="paused: the engine stays released")
+                if self.state.arrays():  # the weights are in (a later step failed): only the KV stays released
+                    self.released = Released(released.kv, None)
+                e.details.update(released=self.released is not None, generation="paused: the engine stays released")
                 raise
-        kv_rebuild_s = release.rebuild_kv(self.state.model_runner, released.kv) if released.kv else 0.0
+        try:
+            kv_rebuild_s = release.rebuild_kv(self.state.model_runner, released.kv) if released.kv else 0.0
+        except Exception as e:  # noqa: BLE001 - an allocation that does not fit: the KV pool stays released
+            self.released = Released(released.kv, None)
+            error = ToolError("resume", f"the KV pool could not be rebuilt: {type(e).__name__}: {e}", "the weights "
+                              "are in; free device memory and call resume() again", ExitCode.ENGINE, released=True,
+                              generation="paused: the engine stays released")
+            HOSTS.fail(error)
+            raise error from e
+        HOSTS.agree("resumed")  # every rank's KV pool is back before rank 0's continue reaches its scheduler
         self.released = None
         await pause.continue_generation(self.guard)
+        kv_now = memory.param_bytes_sum(adapter.kv_pool_buffers(self.state.model_runner)) if released.kv else 0
         return {"resume_s": round(time.perf_counter() - t, 4), "kv_rebuild_s": round(kv_rebuild_s, 4),
-                "kv_bytes_sum": released.kv.bytes_sum if released.kv else 0,
+                "kv_bytes_sum": kv_now,
                 "swap": result.report.as_json() if result else None}
