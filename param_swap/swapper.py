@@ -18,6 +18,7 @@ from param_swap.engine_state import EngineState, leaves_unchanged
 from param_swap.errors import ExitCode, ToolError
 from param_swap.hosts import HOSTS
 from param_swap.planning import SwapItem
+from param_swap.release import DroppedWeights
 from param_swap.rollbacks import Rollback, RollbackKind, UndoPoint
 from param_swap.stats import TRANSPOSE_ON, FiniteCheck, SwapMode, SwapReport, SwapStats, SwapTimes, Transpose
 
@@ -505,7 +506,7 @@ class ParamSwapper:
                 "engine_held_arrays": len(held), "engine_held_bytes_sum": memory.param_bytes_sum(held),
                 "engine_held_trainer_buffers": len(shared), **split.as_json(), "memory": sample}
 
-    def drop_weights(self) -> release.DroppedWeights:
+    def drop_weights(self) -> DroppedWeights:
         """Every Param to its abstract value (release.drop_weights), recorded in self.released."""
         self.guard.begin_change()  # the Params are no whole set until resume() swaps one in
         dropped = release.drop_weights(self.state, self.shared_ids)
