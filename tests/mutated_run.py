@@ -160,7 +160,7 @@ def apply(mutation: str) -> None:
 
         patch(pause, "flush_radix_cache", flush_radix_cache)
     elif mutation == "no_pause":
-        async def pause_generation(guard, pauses):
+        async def pause_generation(guard, pauses, **_):
             return 0
 
         patch(pause, "pause_generation", pause_generation)
@@ -223,7 +223,7 @@ def apply(mutation: str) -> None:
     elif mutation == "pause_not_awaited":
         import time
 
-        async def pause_generation(guard, pauses):
+        async def pause_generation(guard, pauses, **_):
             guard.paused(hold_waiting=False)
             return 0
 

@@ -96,3 +96,14 @@ def test_the_pyz_runs_the_demo_from_another_folder(tmp_path):
     run = run_tool("--demo", script=pyz, cwd=str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert_phase_keys(run, "demo")
+
+
+def test_the_entry_keeps_its_public_names():
+    """`import run_param_swap` gives what docs/api.md and RL codebases use, each the package's own object."""
+    import run_param_swap as rps
+    from param_swap import checkpoint, hosts, sglang_adapter, swapper
+
+    assert {"ParamSwapper", "start_engine", "load_mllm_params", "HOSTS", "ToolError", "cli"} <= set(rps.__all__)
+    assert all(hasattr(rps, name) for name in rps.__all__)
+    assert (rps.ParamSwapper, rps.start_engine, rps.load_mllm_params, rps.HOSTS) == (
+        swapper.ParamSwapper, sglang_adapter.start_engine, checkpoint.load_mllm_params, hosts.HOSTS)
