@@ -4,6 +4,7 @@
 #   and the documented serving demo, which make test-long runs (about 8 minutes).
 # make test-compat: the tool on every other supported sglang-jax stack (and the refusal of the unsupported one).
 # make stress: the documented serving command, 5 runs in a row on each supported stack.
+# make stress-hosts: every several-hosts test 5 times in a row, the two that hung in CI 20 times (not in CI).
 # make test-fast: ruff, the engine-free tests and one end-to-end run (a few minutes): the edit-test loop.
 # All create .venv with Python >= 3.12 and install the project into it first when needed (editable, with the
 # extras cpu, torch, test, plot, wandb: requirements-{cpu,torch,test,plot,wandb}.txt); the other stacks
@@ -20,7 +21,7 @@ STRESS_STACKS := 0.0.3rc99 bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 STRESS_RUNS := 5
 TEST_WORKERS := 2
 
-.PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress lint bench pyz check-requirements check-install device-kit device-rehearsal clean
+.PHONY: setup demo test test-hosts test-long test-fast test-compat stacks stress stress-hosts lint bench pyz check-requirements check-install device-kit device-rehearsal clean
 
 setup: $(STAMP)
 
@@ -85,6 +86,13 @@ stress: $(STAMP) stacks
 	    if [ $$code != 0 ]; then tail -2 $$log.jsonl | cut -c1-2000; exit 1; fi; \
 	  done; \
 	done
+
+# every several-hosts test HOSTS_RUNS times in a row (test_compat's on each other stack too), the two that hung in
+# CI HOSTS_KNOWN_RUNS times: the failure and hang count per test (tests/stress_hosts.py; logs in out/stress-hosts)
+HOSTS_RUNS ?= 5
+HOSTS_KNOWN_RUNS ?= 20
+stress-hosts: $(STAMP) stacks
+	$(PY) tests/stress_hosts.py $(HOSTS_RUNS) $(HOSTS_KNOWN_RUNS) bd09a87 0.1.0rc0 0.1.0rc0-jax0.11
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt

@@ -73,12 +73,51 @@ class ToolRun:
         return self.phase("summary")
 
 
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")  # requirements-test.txt
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every process below it (an engine's children)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return tree
+
+
+def dump_threads(pid: int) -> str:
+    """Every thread's stack (Python and native) of a process that outlived its bound, and of its children: where
+    it waits, for the failure message (py-spy reads the live process; nothing in it runs)."""
+    dumps = []
+    for p in process_tree(pid):
+        try:
+            out = subprocess.run([PY_SPY, "dump", "--native", "--pid", str(p)], capture_output=True, text=True,
+                                 timeout=60)
+            dumps.append(f"--- threads of pid {p}:\n{out.stdout}{out.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            dumps.append(f"--- pid {p}: no dump ({type(e).__name__}: {e})")
+    return "\n".join(dumps)
+
+
 def run_tool(*args: str, script: str = TOOL, env: dict | None = None, timeout: int = ENGINE_TIMEOUT,
              cwd: str = ROOT) -> ToolRun:
     """`python SCRIPT ARGS` (or the console script itself, script=CONSOLE_SCRIPT), its JSON lines parsed."""
     command = [script] if script == CONSOLE_SCRIPT else [sys.executable, script]
-    proc = subprocess.run([*command, *args], capture_output=True, text=True,
-                          env=env or clean_env(), timeout=timeout, cwd=cwd)
+    with subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env or clean_env(), cwd=cwd) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            dump = dump_threads(proc.pid)
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the tool outlived its {timeout} s: {args}\n{dump}\n--- stderr:\n{stderr[-5000:]}")
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     records = []
     for line in proc.stdout.splitlines():
         line = line.strip()

@@ -19,6 +19,7 @@ from conftest import (
     TOOL,
     assert_checks_failed,
     clean_env,
+    dump_threads,
     reference_output_ids,
     run_tool,
     strict_json,
@@ -26,7 +27,31 @@ from conftest import (
 
 pytestmark = [pytest.mark.engine, pytest.mark.hosts]  # make test-hosts runs these (make test and test-fast do not)
 
-HOSTS_TIMEOUT = 420
+HOSTS_TIMEOUT = int(os.environ.get("PARAM_SWAP_HOSTS_TIMEOUT", "420"))  # make stress-hosts shortens it
+
+
+def communicate_all(procs: list, what: str) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of every rank within HOSTS_TIMEOUT in all; a rank still running then fails the
+    test with every live rank's threads (where each waits: py-spy) and every rank's stderr tail."""
+    out, deadline = [], time.monotonic() + HOSTS_TIMEOUT
+    try:
+        for p in procs:
+            try:
+                stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung = [r for r, q in enumerate(procs) if q.poll() is None]
+                dumps = {r: dump_threads(procs[r].pid) for r in hung}
+                for q in procs:
+                    q.kill()
+                tails = [q.communicate()[1] or "" for q in procs]
+                pytest.fail(f"{what}: rank(s) {hung} still running after {HOSTS_TIMEOUT} s (a hang)\n" + "\n".join(
+                    f"=== rank {r}:\n{dumps.get(r, '(exited)')}\n--- stderr:\n{tails[r][-4000:]}"
+                    for r in range(len(procs))))
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            p.kill()
+    return out
 
 
 def free_port() -> int:
@@ -61,15 +86,8 @@ def run_hosts(folders: list[str], *args: str, scripts: list[list[str]] | None = 
     procs = []
     for cmd in commands:
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
-    out = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=HOSTS_TIMEOUT)
-            out.append((p.returncode, [strict_json(line) for line in stdout.splitlines() if line.strip()], stdout, stderr))
-    finally:
-        for p in procs:
-            p.kill()
-    return out
+    return [(code, [strict_json(line) for line in stdout.splitlines() if line.strip()], stdout, stderr)
+            for code, stdout, stderr in communicate_all(procs, " ".join(args))]
 
 
 def phase_of(records: list, name: str) -> dict:
@@ -226,11 +244,7 @@ def test_api_multi_host_example_runs(checkpoint):
                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
         procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env, cwd=ROOT))
-    try:
-        outs = [p.communicate(timeout=HOSTS_TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = [(stdout, stderr) for _, stdout, stderr in communicate_all(procs, "docs/api.md's several-hosts block")]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     reference = reference_output_ids(folder, 4)
     for rank, (stdout, _) in enumerate(outs):
@@ -374,7 +388,11 @@ def test_a_rank_killed_ends_the_other_within_20_s(checkpoint, tmp_path, mutation
         assert procs[0].poll() is None, (tmp_path / "err0").read_text()[-3000:]
         os.killpg(procs[1].pid, signal.SIGKILL)
         killed = time.monotonic()
-        code = procs[0].wait(timeout=EXIT_WITHIN_S + 40)  # bounded; the bound asserted is below
+        try:
+            code = procs[0].wait(timeout=EXIT_WITHIN_S + 40)  # bounded; the bound asserted is below
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still running {EXIT_WITHIN_S + 40} s after rank 1 was killed (a hang):\n"
+                        + dump_threads(procs[0].pid) + "\n--- stderr:\n" + (tmp_path / "err0").read_text()[-4000:])
         took = time.monotonic() - killed
         records = [strict_json(line) for line in (tmp_path / "out0").read_text().splitlines() if line.strip()]
         stderr = (tmp_path / "err0").read_text()
