@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
+import sys
 
+from param_swap.errors import ExitCode, ToolError
 from param_swap.families import FAMILIES
 from param_swap.hosts import DEFAULT_HOST_LOST_S, HEARTBEAT_S
 from param_swap.oracles import LOGITS_TOLERANCE
@@ -214,9 +217,40 @@ def add_engine_flags(eng) -> None:
                           "is a TPU kernel); the swap maps to whichever the engine uses")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line (an unknown flag, a bad or missing value, a value out of its
+    choices) raises ToolError stage `arguments` instead of exiting with text only: the run ends in one error line
+    and the summary like every other bad input (users grep the JSON). The short usage still goes to stderr;
+    --help is argparse's."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise ToolError("arguments", message, self.hint(message), ExitCode.BAD_INPUT)
+
+    def hint(self, message: str) -> str:
+        """The closest flag to each unknown one (`--bucket-mbb` -> `--bucket-mb`), and where every flag is listed."""
+        known = sorted(o for o in self._option_string_actions if o.startswith("--"))
+        unknown = message.split("unrecognized arguments:", 1)[1].split() if "unrecognized arguments:" in message else []
+        meant = [f"{close[0]} (not {word})" for word in unknown if word.startswith("--")
+                 for close in [difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)] if close]
+        return (f"did you mean {', '.join(meant)}? " if meant else "") + "--help lists every flag and its values"
+
+
+def json_out_of(argv: list[str] | None) -> str | None:
+    """--json-out's value on a command line that does not parse (its error line goes there too)."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--json-out" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--json-out="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line -> the flags as given (ToolError stage `arguments` if it does not parse)."""
+    p = Parser(description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_and_prompt_flags(p.add_argument_group("checkpoint and prompt"))
     add_swap_flags(p.add_argument_group("swap"))
     add_verification_flags(p.add_argument_group("verification"))

@@ -14,6 +14,8 @@ from param_swap.waits import TimedOut, wait_until
 HEARTBEAT_S = 0.5  # how often every rank says it is alive, and looks at the others'
 DEFAULT_HOST_LOST_S = 15.0  # --host-lost-after: a rank silent this long is gone, well before JAX's own heartbeat
 HOST_END_WAIT_S = 120.0  # how long a finished rank waits for the others' verdicts before exiting alone
+SHUTDOWN_S = 60  # jax.distributed.shutdown's own bound (its barrier)
+ENDING_S = HOST_END_WAIT_S + SHUTDOWN_S + 30  # from the verdict to the exit, whatever waits: then the thread dump
 HOST_ERROR_GRACE_S = 10.0  # how long a rank's main thread has to notice another rank's failure itself
 LOST_HINT = ("the host died (OOM-killed, preempted, kill -9) or hangs: see its log and `dmesg` there; the other "
              "ranks exited (3) without waiting for it; --host-lost-after sets how long a rank may be silent")
@@ -62,9 +64,9 @@ class Hosts:
         if self.group:
             self.group.fail(error)
 
-    def lost_since(self, t: float) -> ToolError | None:
+    def lost_since(self) -> ToolError | None:
         """After a failure a lost rank can cause: the lost rank's error, or None (see HostGroup.lost_since)."""
-        return self.group.lost_since(t) if self.group else None
+        return self.group.lost_since() if self.group else None
 
     def end(self, code: int, failed_checks: list[str]) -> tuple[int, list[dict]]:
         """The last step: the common exit code and every rank's {rank, exit_code, failed_checks}."""
@@ -112,7 +114,7 @@ class HostGroup:
         late.start()
         try:
             jax.distributed.initialize(addr, nnodes, rank, initialization_timeout=wait,
-                                       coordinator_bind_address=bind, shutdown_timeout_seconds=60)
+                                       coordinator_bind_address=bind, shutdown_timeout_seconds=SHUTDOWN_S)
         except Exception as e:  # noqa: BLE001 - JAX's errors (a port in use, a bad address) become one error line
             raise ToolError("hosts", f"jax.distributed.initialize({addr}, {nnodes}, {rank}) failed: "
                             f"{type(e).__name__}: {str(e).splitlines()[0]}", hint, ExitCode.ENGINE) from e
@@ -172,8 +174,11 @@ class HostGroup:
         self.handled.set()
         if self.client is not None and error.details.get("failed_rank", self.rank) == self.rank:
             record = {**error.record(), "failed_rank": self.rank}
-            self.client.key_value_set(f"{self.KEY}/error/{self.rank}", json.dumps(record, default=str),
-                                      allow_overwrite=True)
+            try:
+                self.client.key_value_set(f"{self.KEY}/error/{self.rank}", json.dumps(record, default=str),
+                                          allow_overwrite=True)
+            except Exception as e:  # noqa: BLE001 - the coordination service is gone: this rank's error line says it
+                log(f"could not publish this rank's failure: {type(e).__name__}: {str(e).splitlines()[0]}")
 
     def kv_dir(self, key: str, name: str) -> list:
         """The key-value store's entries under `key`; the coordination service gone (rank 0's process died):
@@ -209,28 +214,44 @@ class HostGroup:
             time.sleep(HEARTBEAT_S)
 
     def watch(self) -> None:
-        """The other ranks' heartbeats and published failures. Ends this rank when another rank failed and the
-        main thread does not notice (it is inside the engine's start, a generation, a checkpoint read): within
+        """The other ranks' heartbeats and published failures, until this process exits (a rank that dies while
+        this one ends must be known as lost, not waited for). Ends this rank when another rank failed and the main
+        thread does not notice (it is inside the engine's start, a generation, a checkpoint read): within
         HOST_ERROR_GRACE_S; when a rank is lost (no heartbeat for lost_after s, or the coordination service
-        unreachable as long): at once (the main thread's step raises it)."""
-        reachable = time.monotonic()
-        while not self.handled.is_set():
+        unreachable as long): at once (the main thread's step raises it). Once this rank is ending (handled), it
+        only records who is lost."""
+        reachable, reported = time.monotonic(), False
+        while True:
             try:
                 lost = self.silent(self.kv_dir(f"{self.KEY}/alive/", "heartbeat"))
-                failure = self.failure()
+                failure = None if reported or self.handled.is_set() else self.failure()
                 reachable = time.monotonic()
-            except ToolError as e:  # the coordination service is gone
-                lost, failure = (e if time.monotonic() - reachable > self.lost_after else None), None
+            except ToolError:  # the coordination service (rank 0's process) is gone
+                failure = None
+                silent_s = time.monotonic() - reachable
+                lost = (self.lost_error([0], f"the coordination service it runs has not answered for "
+                                             f"{self.lost_after:.0f} s") if silent_s > self.lost_after else None)
             if lost is not None:
                 self.lost = lost
                 if not self.handled.wait(2 * HEARTBEAT_S):
                     self.on_failure(lost)
                 return
             if failure is not None and failure.details["failed_rank"] != self.rank:
-                if not self.handled.wait(HOST_ERROR_GRACE_S):
-                    self.on_failure(failure)
-                return
+                reported = True
+                threading.Thread(target=self.fail_after_grace, args=(failure,), name="param-swap-host-failure",
+                                 daemon=True).start()
             time.sleep(HEARTBEAT_S)
+
+    def fail_after_grace(self, failure: ToolError) -> None:
+        if not self.handled.wait(HOST_ERROR_GRACE_S):
+            self.on_failure(failure)
+
+    def beats(self) -> dict[int, int] | None:
+        """Every rank's heartbeat count as stored now; None if the coordination service does not answer."""
+        try:
+            return {int(k.rsplit("/", 1)[1]): json.loads(v)[0] for k, v in self.kv_dir(f"{self.KEY}/alive/", "beats")}
+        except ToolError:
+            return None
 
     def silent(self, beats: list) -> ToolError | None:
         """The error naming the ranks whose heartbeat has not changed for lost_after seconds, or None."""
@@ -240,25 +261,37 @@ class HostGroup:
             if r in self.seen and self.seen[r][0] != count:
                 self.seen[r] = (count, now, phase)
         gone = sorted(r for r, (_, when, _) in self.seen.items() if now - when > self.lost_after)
-        if not gone:
-            return None
-        phases = {r: self.seen[r][2] for r in gone}
+        return self.lost_error(gone, f"no heartbeat for {self.lost_after:.0f} s") if gone else None
+
+    def lost_error(self, gone: list[int], why: str) -> ToolError:
+        """The error naming the lost ranks, the phase each was last in, and this rank's phase."""
+        phases = {r: self.seen[r][2] if r in self.seen else "" for r in gone}
         doing = self.owner.doing()
         here = f", while this rank was in {doing}" if doing else ""
         return ToolError("hosts", "rank(s) " + ", ".join(f"{r}" + (f" (in {phases[r]})" if phases[r] else "")
                                                          for r in gone)
-                         + f" stopped answering: no heartbeat for {self.lost_after:.0f} s{here}", LOST_HINT,
-                         ExitCode.ENGINE, lost_ranks=gone, lost_in_phase=phases, failed_rank=gone[0])
+                         + f" stopped answering: {why}{here}", LOST_HINT, ExitCode.ENGINE, lost_ranks=gone,
+                         lost_in_phase=phases, failed_rank=gone[0])
 
-    def lost_since(self, t: float) -> ToolError | None:
+    def lost_since(self) -> ToolError | None:
         """After a failure here that a lost rank can cause (a forward's collective failed: the scheduler's
-        SIGQUIT): the lost rank's error, or None once every other rank's heartbeat has changed since monotonic
-        time t (they are alive). Waits at most lost_after and a few heartbeats."""
+        SIGQUIT): the lost rank's error, or None once every other rank has beaten since now (a count above the one
+        stored now: a beat read later may have been written before the failure). Waits at most lost_after and a
+        few heartbeats."""
         if self.client is None:
             return None
+        stored = self.beats()
+        others = [r for r in range(self.nnodes) if r != self.rank]
+
+        def settled() -> bool:
+            if self.lost is not None:
+                return True
+            return stored is not None and all(self.seen[r][0] is not None and self.seen[r][0] > stored.get(r, -1)
+                                              for r in others)
+
         try:
-            wait_until(lambda: self.lost is not None or all(when > t for _, when, _ in self.seen.values()),
-                       self.lost_after + 4 * HEARTBEAT_S, "a heartbeat from every rank", HEARTBEAT_S / 2, HEARTBEAT_S / 2)
+            wait_until(settled, self.lost_after + 4 * HEARTBEAT_S, "a heartbeat from every rank", HEARTBEAT_S / 2,
+                       HEARTBEAT_S / 2)
         except TimedOut:
             pass
         return self.lost

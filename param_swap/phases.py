@@ -117,6 +117,8 @@ def finish(phases: PhaseLog, cfg, error: ToolError | None = None) -> int:
     """How every run ends, whatever ends it (main, a failure, the Stopper): the error line if any, the summary
     with the exit code, then the stderr table and the plot. Nothing is written after it (a stop that comes
     later finds the verdict written)."""
+    if phases.stopper is not None:
+        phases.stopper.exit_by()
     with phases.lock:
         if error is not None:
             phases.write(error.record())

@@ -95,10 +95,11 @@ class WandbSink:
 
 
 def report(records: list[dict], cfg) -> None:
-    """The stderr table, and the plot if asked for. Runs after the summary, on every path."""
+    """The stderr table, and the plot if asked for (cfg None: the command line did not parse). Runs after the
+    summary, on every path."""
     if any("memory" in r for r in records):
         print("\n" + memory_table(records), file=sys.stderr, flush=True)
-    if cfg.plot and any(r["phase"] == "engine_ready_dummy" for r in records):
+    if cfg is not None and cfg.plot and any(r["phase"] == "engine_ready_dummy" for r in records):
         try:
             plot_memory(records, cfg.plot)
             log(f"memory plot: {cfg.plot}")

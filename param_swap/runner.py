@@ -288,7 +288,14 @@ def json_only_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = flags.run_config(flags.parse_args(argv))
+    try:
+        cfg = flags.run_config(flags.parse_args(argv))
+    except ToolError as e:  # a command line that does not parse: its error line and summary like any bad input
+        try:
+            phases = PhaseLog(flags.json_out_of(argv))
+        except OSError:
+            phases = PhaseLog(None)
+        return finish(phases, None, e)
     if cfg.nnodes > 1:
         json_only_stdout()
     try:

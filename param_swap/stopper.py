@@ -1,6 +1,7 @@
 """Stopping: Ctrl-C (SIGINT) and SIGTERM (`timeout`, schedulers) end the run with its verdict; the engine's
 own failure signal (SIGQUIT) is exit 3 with one error line."""
 
+import faulthandler
 import os
 import signal
 import sys
@@ -10,7 +11,7 @@ import time
 from param_swap import phases
 from param_swap import sglang_adapter as adapter
 from param_swap.errors import ExitCode, ToolError, log
-from param_swap.hosts import HOSTS
+from param_swap.hosts import ENDING_S, HOSTS
 from param_swap.phases import PhaseLog
 from param_swap.swapper import ParamSwapper
 
@@ -61,7 +62,7 @@ class Stopper:
         name, doing = signal.Signals(signum).name, self.phases.doing
         log(f"{name}: stopping (during {doing})")
         if signum == signal.SIGQUIT:
-            lost = HOSTS.lost_since(time.monotonic())  # several hosts: a forward fails when another rank dies
+            lost = HOSTS.lost_since()  # several hosts: a forward fails when another rank dies
             if lost is not None:
                 lost.details.update(engine_error=adapter.ENGINE_ERRORS.text() or None, interrupted_phase=doing)
             self.stop(lost or ToolError(
@@ -78,6 +79,23 @@ class Stopper:
         self.stop(ToolError("interrupted", f"{name} during {doing}", "the run was stopped; rerun to get a verdict",
                             STOP_SIGNALS[signum], signal=name, interrupted_phase=doing,
                             engine_holds=self.engine_holds(waited)))
+
+    def exit_by(self, deadline_s: float = ENDING_S) -> None:
+        """Several hosts: the process exits within deadline_s of its verdict whatever it waits for (the end's
+        agreement and jax.distributed.shutdown have their own bounds; this is the last one): past it, every
+        thread's stack on stderr (where it waits) and exit 3."""
+        def abandon():
+            log(f"the run's end still waits after {deadline_s:.0f} s (during {self.phases.doing}): exiting (3); "
+                "every thread's stack follows")
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            adapter.kill_engine_children()
+            os._exit(ExitCode.ENGINE)
+
+        if HOSTS.multi:
+            timer = threading.Timer(deadline_s, abandon)
+            timer.daemon = True
+            timer.start()
 
     def stop(self, error: ToolError) -> None:
         """The run's end (finish: unless the run already wrote its verdict), then exit at once. Once: a second

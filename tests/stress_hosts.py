@@ -30,9 +30,11 @@ def host_tests() -> list[str]:
 
 
 def run_once(test: str, stack: str | None, log: str) -> tuple[str, float]:
-    env = {**os.environ, "PARAM_SWAP_HOSTS_TIMEOUT": HOSTS_TIMEOUT_S}
+    # this checkout's package first (a mutated run's own import would find the editable install's), then the stack
+    path = [ROOT] + ([os.path.join(ROOT, ".stacks", stack)] if stack else [])
+    env = {**os.environ, "PARAM_SWAP_HOSTS_TIMEOUT": HOSTS_TIMEOUT_S, "PYTHONPATH": os.pathsep.join(path)}
     if stack:
-        env.update(PARAM_SWAP_STACK=stack, PYTHONPATH=os.path.join(ROOT, ".stacks", stack))
+        env["PARAM_SWAP_STACK"] = stack
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)

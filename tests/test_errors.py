@@ -5,10 +5,12 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import MUTATED, assert_phase_keys, clean_env, run_tool
+from conftest import MUTATED, TOOL, assert_phase_keys, clean_env, run_tool
 from safetensors.numpy import load_file, save_file
 
 from param_swap import checkpoint as ckpt
@@ -72,8 +74,33 @@ def test_usage_errors(checkpoint, args, words):
 
 def test_dp_size_is_gone():
     """sglang-jax's single-process engine, which the in-place swap needs, runs dp_size 1: the flag is gone."""
-    run = run_tool("--demo", "--dp-size", "1")
-    assert run.returncode == 2 and "unrecognized arguments: --dp-size" in run.stderr and not run.records
+    assert_error(run_tool("--demo", "--dp-size", "1"), 2, "arguments", "unrecognized arguments: --dp-size")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--bucket-mbb", "3"], ["unrecognized arguments: --bucket-mbb 3", "did you mean --bucket-mb (not --bucket-mbb)"]),
+    (["--verify-logist"], ["did you mean --verify-logits (not --verify-logist)"]),
+    (["--bucket-mb", "abc"], ["argument --bucket-mb: invalid float value: 'abc'"]),
+    (["--bucket-mb"], ["argument --bucket-mb: expected one argument"]),
+    (["--arch", "gpt5"], ["argument --arch: invalid choice: 'gpt5'", "qwen3_moe"]),
+    (["--rl"], ["ambiguous option: --rl could match", "--rl-steps"]),
+    (["--rl-steps", "2", "--serve-load", "2"], ["--rl-steps", "--serve-load"]),  # conflicting flags
+])
+def test_a_command_line_that_does_not_parse_is_one_error_line(args, words, tmp_path):
+    """Every kind of argument error (unknown flag, bad or missing value, out of its choices, ambiguous,
+    conflicting) ends as every bad input does: one strict-JSON error line (stage arguments) and the summary on
+    stdout, also in --json-out, exit 2; argparse's short usage and message still on stderr."""
+    out = tmp_path / "out.jsonl"
+    run = run_tool("--demo", "--json-out", str(out), *args)
+    error = assert_error(run, 2, "arguments", *words)
+    assert error["exit_code"] == 2 and [json.loads(line) for line in out.read_text().splitlines()] == run.records
+    if len(args) < 4:  # argparse's own refusals keep its stderr
+        assert run.stderr.startswith("usage: ") and f"error: {error['error']}" in run.stderr
+
+
+def test_help_is_argparse_s():
+    run = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("usage: ") and "--bucket-mb BUCKET_MB" in run.stdout
 
 
 def test_an_error_line_has_the_keys_it_always_had():

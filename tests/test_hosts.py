@@ -4,6 +4,7 @@ talks to 127.0.0.1; every wait is bounded (the processes' own timeouts and the t
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -313,6 +314,25 @@ def test_a_failure_on_one_rank_ends_every_rank(checkpoint, tmp_path):
     assert "engine_ready_dummy" not in [r["phase"] for r in results[0][1]]
 
 
+@pytest.mark.parametrize("extra", [["--bucket-mb", "1"], ["--no-rollback"]])
+def test_nonfinite_weights_are_refused_on_every_rank(checkpoint, tmp_path, extra):
+    """One NaN and one infinity in the checkpoint (a trainer that diverged), on two hosts: each rank holds its
+    shards of them only, yet both refuse the same tensors and keep their weights (exit 2 everywhere), per
+    bucket as placed (rolled back) or in the whole tree before anything is placed (--no-rollback)."""
+    from test_errors import poison, rewrite_tensors
+
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint(tied=True, num_kv_heads=2), folder)
+    rewrite_tensors(folder, poison)
+    results = run_hosts([folder, folder], *extra)
+    assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:] + results[1][3][-3000:]
+    error = phase_of(results[0][1], "error")
+    assert error["stage"] == "weights_finite" and "model.layers_0.mlp.up_proj.kernel" in error["error"], error
+    assert error["previous_weights_answer_matches"] is True and "weights_swapped_from_mllm" not in [
+        r["phase"] for r in results[0][1]]
+    assert [(h["rank"], h["exit_code"]) for h in results[0][1][-1]["hosts"]] == [(0, 2), (1, 2)]
+
+
 def test_a_failure_while_another_rank_is_busy_ends_every_rank(checkpoint):
     """Rank 1's scheduler fails while the engines start (SIGQUIT): rank 0 is inside sglang-jax's Engine(),
     waiting for rank 1, and never reaches a step of its own; its watcher ends it with rank 1's error."""
@@ -359,55 +379,64 @@ def alive(pgid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("mutation, trigger, delay, phase", [
+@pytest.mark.parametrize("killed, mutation, trigger, delay, phase", [
     # inside Engine() on rank 1 (its scheduler exists, it sleeps 10 s): rank 0 waits inside its own Engine()
-    ("slow_engine_start", "marker", 1.0, "engine_ready_dummy"),
+    (1, "slow_engine_start", "marker", 1.0, "engine_ready_dummy"),
     # rank 1's placements sleep 0.3 s each (26 tensors): rank 0 has placed its own and waits for the agreement
-    ("slow_place", "rank 1: sglang_param_dict_ready", 1.5, "weights_swapped_from_mllm"),
+    (1, "slow_place", "rank 1: sglang_param_dict_ready", 1.5, "weights_swapped_from_mllm"),
     # rank 1's forward steps sleep 0.5 s each: both ranks are in the first generation's collectives
-    ("slow_forward", "rank 1: engine_ready_dummy", 2.0, "generate_before_swap"),
+    (1, "slow_forward", "rank 1: engine_ready_dummy", 2.0, "generate_before_swap"),
+    # rank 0 (the coordination service's process) dies inside a forward step: rank 1 names it
+    (0, "slow_forward", '"phase": "engine_ready_dummy"', 2.0, "generate_before_swap"),
 ])
-def test_a_rank_killed_ends_the_other_within_20_s(checkpoint, tmp_path, mutation, trigger, delay, phase):
-    """kill -9 of rank 1 (the whole process group: a host gone) at three points: rank 0 prints one error line
-    naming rank 1 and its phase, the summary with summary.hosts, exits 3 within 20 s, and leaves nothing
-    running; JAX alone would end it after its 100 s heartbeat timeout with a fatal log and no JSON."""
+def test_a_rank_killed_ends_the_other_within_20_s(checkpoint, tmp_path, killed, mutation, trigger, delay, phase):
+    """kill -9 of one rank (the whole process group: a host gone) at four points: the other prints one error line
+    naming it and its phase (rank 1: in its --json-out), the summary with summary.hosts, exits 3 within 20 s, and
+    leaves nothing running; JAX alone would end it after its 100 s heartbeat timeout with a fatal log and no
+    JSON."""
+    survivor = 1 - killed
     folder = checkpoint(tied=True, num_kv_heads=2)
     marker = tmp_path / "marker"
-    commands, env = host_commands([folder, folder], (), [[TOOL], [MUTATED, mutation]])
+    scripts = [[TOOL], [TOOL, "--json-out", str(tmp_path / "json1")]]
+    scripts[killed][0:1] = [MUTATED, mutation]
+    commands, env = host_commands([folder, folder], (), scripts)
     env["PARAM_SWAP_MARKER"] = str(marker)
     logs = [(open(tmp_path / f"out{r}", "w+"), open(tmp_path / f"err{r}", "w+")) for r in (0, 1)]
     procs = [subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT, start_new_session=True)
              for cmd, (out, err) in zip(commands, logs, strict=True)]
+    watched = tmp_path / ("err1" if killed else "out0")
     try:
         deadline = time.monotonic() + HOSTS_TIMEOUT
-        while not (marker.exists() if trigger == "marker" else trigger in (tmp_path / "err1").read_text()):
+        while not (marker.exists() if trigger == "marker" else trigger in watched.read_text()):
             assert time.monotonic() < deadline and procs[1].poll() is None and procs[0].poll() is None, \
-                (tmp_path / "err1").read_text()[-3000:]
+                watched.read_text()[-3000:]
             time.sleep(0.1)
         time.sleep(delay)
-        assert procs[0].poll() is None, (tmp_path / "err0").read_text()[-3000:]
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        killed = time.monotonic()
+        assert procs[survivor].poll() is None, (tmp_path / f"err{survivor}").read_text()[-3000:]
+        os.killpg(procs[killed].pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        stderr_file = tmp_path / f"err{survivor}"
         try:
-            code = procs[0].wait(timeout=EXIT_WITHIN_S + 40)  # bounded; the bound asserted is below
+            code = procs[survivor].wait(timeout=EXIT_WITHIN_S + 40)  # bounded; the bound asserted is below
         except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still running {EXIT_WITHIN_S + 40} s after rank 1 was killed (a hang):\n"
-                        + dump_threads(procs[0].pid) + "\n--- stderr:\n" + (tmp_path / "err0").read_text()[-4000:])
-        took = time.monotonic() - killed
-        records = [strict_json(line) for line in (tmp_path / "out0").read_text().splitlines() if line.strip()]
-        stderr = (tmp_path / "err0").read_text()
-        print(f"rank 0 exited {code} {took:.1f} s after rank 1 was killed")
+            pytest.fail(f"rank {survivor} still running {EXIT_WITHIN_S + 40} s after rank {killed} was killed (a "
+                        f"hang):\n{dump_threads(procs[survivor].pid)}\n--- stderr:\n{stderr_file.read_text()[-4000:]}")
+        took = time.monotonic() - t_kill
+        records = [strict_json(line) for line in (tmp_path / ("json1" if survivor else "out0")).read_text().splitlines()
+                   if line.strip()]
+        stderr = stderr_file.read_text()
+        print(f"rank {survivor} exited {code} {took:.1f} s after rank {killed} was killed")
         assert code == 3 and took <= EXIT_WITHIN_S, (code, took, stderr[-3000:])
         error = phase_of(records, "error")
-        assert error["stage"] == "hosts" and error["lost_ranks"] == [1] and error["failed_rank"] == 1, error
-        assert "rank(s) 1 (in " in error["error"] and f"no heartbeat for {LOST_AFTER} s" in error["error"]
+        assert error["stage"] == "hosts" and error["lost_ranks"] == [killed] and error["failed_rank"] == killed, error
+        assert f"rank(s) {killed} (in " in error["error"] and f"for {LOST_AFTER} s" in error["error"], error
         assert f"this rank was in {phase}" in error["error"], error
         summary = records[-1]
         assert summary["phase"] == "summary" and summary["exit_code"] == 3 and not summary["ok"]
-        assert [(h["rank"], h["exit_code"]) for h in summary["hosts"]] == [(0, 3), (1, None)]
+        assert [(h["rank"], h["exit_code"]) for h in summary["hosts"]] == sorted([(survivor, 3), (killed, None)])
         assert [r["phase"] for r in records].count("error") == 1
         time.sleep(1)
-        assert not alive(procs[0].pid), "rank 0 left a process running"  # its engine's children too
+        assert not alive(procs[survivor].pid), f"rank {survivor} left a process running"  # its engine's children too
     finally:
         for p in procs:
             if alive(p.pid):
