@@ -2,7 +2,9 @@
 a run is agreed on by every rank, a failure anywhere ends every rank alike, a rank that dies is named. One host
 (the default) pays nothing: every step returns at once and no thread runs (HOSTS until HOSTS.start(...))."""
 
+import faulthandler
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +69,16 @@ class Hosts:
     def lost_since(self) -> ToolError | None:
         """After a failure a lost rank can cause: the lost rank's error, or None (see HostGroup.lost_since)."""
         return self.group.lost_since() if self.group else None
+
+    def explain(self, error: ToolError, engine_error: str | None, doing: str) -> ToolError:
+        """An engine failure (exit 3) on several hosts: the lost rank's error if a rank is lost (a collective
+        fails here when another rank dies), with this failure as `engine_error` (and its details: what a swap
+        restored); else the failure itself."""
+        if error.stage == "hosts" or error.exit_code != ExitCode.ENGINE or (lost := self.lost_since()) is None:
+            return error
+        lost.details.update({**{k: v for k, v in error.details.items() if k not in lost.details},
+                             "engine_error": engine_error or error.error, "interrupted_phase": doing})
+        return lost
 
     def end(self, code: int, failed_checks: list[str]) -> tuple[int, list[dict]]:
         """The last step: the common exit code and every rank's {rank, exit_code, failed_checks}."""
@@ -164,9 +176,13 @@ class HostGroup:
             wait_until(complete, timeout_s, name)
         except TimedOut as e:
             missing = sorted(set(range(self.nnodes)) - set(got))
-            raise ToolError("hosts", f"rank(s) {missing} did not reach '{name}' within {timeout_s:.0f} s",
-                            "a host is stuck or gone: see its log (--watchdog-timeout bounds each wait)",
-                            ExitCode.ENGINE, missing_ranks=missing) from e
+            doing = self.owner.doing()
+            log(f"rank(s) {missing} did not reach '{name}': this rank's threads follow")
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            raise ToolError("hosts", f"rank(s) {missing} did not reach '{name}' within {timeout_s:.0f} s"
+                            + (f", while this rank was in {doing}" if doing else ""),
+                            "a host is stuck or gone: see its log and its thread dump on stderr (--watchdog-timeout "
+                            "bounds each wait)", ExitCode.ENGINE, missing_ranks=missing, waiting_at=name) from e
         return got
 
     def fail(self, error: ToolError) -> None:

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ToolError):
             last = phases.records[-1]["phase"] if phases.records else "start"
             e = ToolError(f"after_{last}", f"{type(e).__name__}: {e}", "see the traceback on stderr", ExitCode.ENGINE)
-        return finish(phases, cfg, e)
+        return finish(phases, cfg, HOSTS.explain(e, None, phases.doing))
     finally:
         if demo_tmp:
             shutil.rmtree(demo_tmp, ignore_errors=True)

@@ -62,15 +62,13 @@ class Stopper:
         name, doing = signal.Signals(signum).name, self.phases.doing
         log(f"{name}: stopping (during {doing})")
         if signum == signal.SIGQUIT:
-            lost = HOSTS.lost_since()  # several hosts: a forward fails when another rank dies
-            if lost is not None:
-                lost.details.update(engine_error=adapter.ENGINE_ERRORS.text() or None, interrupted_phase=doing)
-            self.stop(lost or ToolError(
+            engine_error = adapter.ENGINE_ERRORS.text()
+            self.stop(HOSTS.explain(ToolError(  # several hosts: a forward fails when another rank dies
                 "engine_start" if doing == "engine_ready_dummy" else "engine_crash",
                 "the sglang-jax scheduler failed (SIGQUIT: a scheduler exception or a watchdog timeout)"
-                + (f": {adapter.ENGINE_ERRORS.text()}" if adapter.ENGINE_ERRORS.text() else ""),
+                + (f": {engine_error}" if engine_error else ""),
                 "see stderr for the scheduler's traceback; raise --watchdog-timeout if compiles are slow",
-                ExitCode.ENGINE, interrupted_phase=doing, signal=name))
+                ExitCode.ENGINE, interrupted_phase=doing, signal=name), engine_error or None, doing))
         waited = None
         if self.swapper is not None and not self.swapper.idle.is_set():
             t = time.perf_counter()

@@ -10,8 +10,10 @@ on 0.1.0rc0); N=0: those two alone. A test's runs stop early once it hung twice 
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +25,9 @@ KNOWN = {(KILL_IN_FORWARD, None), (SERVING_COMPAT, "0.1.0rc0")}
 HOSTS_TIMEOUT_S = "240"  # a run's bound (tests/test_hosts.py HOSTS_TIMEOUT): 4x the longest passing run
 
 
+CACHE = tempfile.mkdtemp(prefix="param_swap_stress_jax_cache_")  # JAX's compilation cache, shared by every run
+
+
 def host_tests() -> list[str]:
     listed = subprocess.run([sys.executable, "-m", "pytest", "-m", "hosts", "--collect-only", "-q",
                              "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -32,7 +37,8 @@ def host_tests() -> list[str]:
 def run_once(test: str, stack: str | None, log: str) -> tuple[str, float]:
     # this checkout's package first (a mutated run's own import would find the editable install's), then the stack
     path = [ROOT] + ([os.path.join(ROOT, ".stacks", stack)] if stack else [])
-    env = {**os.environ, "PARAM_SWAP_HOSTS_TIMEOUT": HOSTS_TIMEOUT_S, "PYTHONPATH": os.pathsep.join(path)}
+    env = {**os.environ, "PARAM_SWAP_HOSTS_TIMEOUT": HOSTS_TIMEOUT_S, "PYTHONPATH": os.pathsep.join(path),
+           "PARAM_SWAP_TEST_JAX_CACHE": CACHE}  # warm after the first run, as in a CI session
     if stack:
         env["PARAM_SWAP_STACK"] = stack
     start = time.monotonic()
@@ -73,6 +79,7 @@ def main() -> int:
         print(f"{name}: {counts['failed']} failed, {counts['hung']} hung in {done} runs "
               f"({min(times):.0f}-{max(times):.0f} s each)", flush=True)
     print(f"stress-hosts: {bad} bad run(s)")
+    shutil.rmtree(CACHE, ignore_errors=True)
     return 1 if bad else 0
 
 
