@@ -238,14 +238,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def json_out_of(argv: list[str] | None) -> str | None:
-    """--json-out's value on a command line that does not parse (its error line goes there too)."""
-    args = sys.argv[1:] if argv is None else argv
-    for i, arg in enumerate(args):
-        if arg == "--json-out" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--json-out="):
-            return arg.split("=", 1)[1]
-    return None
+    """--json-out's value on a command line that does not parse (its error line goes there too), as argparse
+    reads it (the last one, an abbreviation, `=`), or None."""
+    only = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    only.add_argument("--json-out")
+    try:
+        return only.parse_known_args(sys.argv[1:] if argv is None else argv)[0].json_out
+    except (argparse.ArgumentError, SystemExit):
+        return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

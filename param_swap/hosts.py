@@ -73,12 +73,15 @@ class Hosts:
     def explain(self, error: ToolError, engine_error: str | None, doing: str) -> ToolError:
         """An engine failure (exit 3) on several hosts: the lost rank's error if a rank is lost (a collective
         fails here when another rank dies), with this failure as `engine_error` (and its details: what a swap
-        restored); else the failure itself."""
-        if error.stage == "hosts" or error.exit_code != ExitCode.ENGINE or (lost := self.lost_since()) is None:
+        restored); else the failure itself. This rank is ending from here: the watcher's verdicts stand aside."""
+        if self.group is None or error.stage == "hosts" or error.exit_code != ExitCode.ENGINE:
             return error
-        lost.details.update({**{k: v for k, v in error.details.items() if k not in lost.details},
-                             "engine_error": engine_error or error.error, "interrupted_phase": doing})
-        return lost
+        self.group.handled.set()
+        lost = self.lost_since()
+        if lost is None:
+            return error
+        return ToolError(lost.stage, lost.error, lost.hint, lost.exit_code, **{
+            **error.details, **lost.details, "engine_error": engine_error or error.error, "interrupted_phase": doing})
 
     def end(self, code: int, failed_checks: list[str]) -> tuple[int, list[dict]]:
         """The last step: the common exit code and every rank's {rank, exit_code, failed_checks}."""
@@ -230,7 +233,7 @@ class HostGroup:
             time.sleep(HEARTBEAT_S)
 
     def watch(self) -> None:
-        """The other ranks' heartbeats and published failures, until this process exits (a rank that dies while
+        """The other ranks' heartbeats and published failures, until the process exits (a rank that dies while
         this one ends must be known as lost, not waited for). Ends this rank when another rank failed and the main
         thread does not notice (it is inside the engine's start, a generation, a checkpoint read): within
         HOST_ERROR_GRACE_S; when a rank is lost (no heartbeat for lost_after s, or the coordination service
@@ -247,20 +250,23 @@ class HostGroup:
                 silent_s = time.monotonic() - reachable
                 lost = (self.lost_error([0], f"the coordination service it runs has not answered for "
                                              f"{self.lost_after:.0f} s") if silent_s > self.lost_after else None)
-            if lost is not None:
-                self.lost = lost
-                if not self.handled.wait(2 * HEARTBEAT_S):
-                    self.on_failure(lost)
-                return
+            if lost is not None and (self.lost is None or
+                                     set(lost.details["lost_ranks"]) - set(self.lost.details["lost_ranks"])):
+                first, self.lost = self.lost is None, lost  # more ranks lost later: named too (the end waits for none)
+                if first:
+                    self.fail_after(lost, 2 * HEARTBEAT_S)
             if failure is not None and failure.details["failed_rank"] != self.rank:
                 reported = True
-                threading.Thread(target=self.fail_after_grace, args=(failure,), name="param-swap-host-failure",
-                                 daemon=True).start()
+                self.fail_after(failure, HOST_ERROR_GRACE_S)
             time.sleep(HEARTBEAT_S)
 
-    def fail_after_grace(self, failure: ToolError) -> None:
-        if not self.handled.wait(HOST_ERROR_GRACE_S):
-            self.on_failure(failure)
+    def fail_after(self, error: ToolError, grace_s: float) -> None:
+        """End this rank with `error` unless it is ending by itself (handled) within grace_s."""
+        def later():
+            if not self.handled.wait(grace_s):
+                self.on_failure(error)
+
+        threading.Thread(target=later, name="param-swap-host-failure", daemon=True).start()
 
     def beats(self) -> dict[int, int] | None:
         """Every rank's heartbeat count as stored now; None if the coordination service does not answer."""
@@ -308,8 +314,10 @@ class HostGroup:
         try:
             wait_until(settled, self.lost_after + 4 * HEARTBEAT_S, "a heartbeat from every rank", HEARTBEAT_S / 2,
                        HEARTBEAT_S / 2)
-        except TimedOut:
-            pass
+        except TimedOut:  # the watcher's own verdict can be a poll late: silent since the failure is lost
+            quiet = [r for r in others if stored is not None and (self.seen[r][0] or -1) <= stored.get(r, -1)]
+            if self.lost is None and quiet:
+                self.lost = self.lost_error(quiet, f"no heartbeat for {self.lost_after:.0f} s")
         return self.lost
 
     def end(self, mine: dict) -> tuple[int, list[dict]]:

@@ -54,6 +54,7 @@ class PhaseLog:
         self.doing = "start"  # the phase in progress (begin()), named if a signal stops the run
         self.lock = threading.RLock()  # the Stopper's lines never interleave with a phase's
         self.closed = False  # set by finish(): the run is over, nothing more is written
+        self.code: int | None = None  # the verdict's exit code, once finish() wrote it
         self.stopper = None  # the Stopper: main() sets it
 
     def begin(self, name: str) -> None:
@@ -117,12 +118,14 @@ def finish(phases: PhaseLog, cfg, error: ToolError | None = None) -> int:
     """How every run ends, whatever ends it (main, a failure, the Stopper): the error line if any, the summary
     with the exit code, then the stderr table and the plot. Nothing is written after it (a stop that comes
     later finds the verdict written)."""
-    if phases.stopper is not None:
-        phases.stopper.exit_by()
     with phases.lock:
+        if phases.closed:  # a second ending (the Stopper's and main's): the verdict is written
+            return phases.code
+        if phases.stopper is not None:
+            phases.stopper.exit_by()
         if error is not None:
             phases.write(error.record())
-        code = summary(phases, error)
+        code = phases.code = summary(phases, error)
         phases.closed = True
     report.report(phases.records, cfg)
     return code

@@ -83,12 +83,14 @@ class Stopper:
         agreement and jax.distributed.shutdown have their own bounds; this is the last one): past it, every
         thread's stack on stderr (where it waits) and exit 3."""
         def abandon():
-            log(f"the run's end still waits after {deadline_s:.0f} s (during {self.phases.doing}): exiting (3); "
-                "every thread's stack follows")
-            faulthandler.dump_traceback(sys.stderr, all_threads=True)
-            sys.stderr.flush()
-            adapter.kill_engine_children()
-            os._exit(ExitCode.ENGINE)
+            try:
+                log(f"the run's end still waits after {deadline_s:.0f} s (during {self.phases.doing}): exiting; "
+                    "every thread's stack follows")
+                faulthandler.dump_traceback(sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                adapter.kill_engine_children()
+            finally:
+                os._exit(self.phases.code if self.phases.code is not None else ExitCode.ENGINE)
 
         if HOSTS.multi:
             timer = threading.Timer(deadline_s, abandon)
@@ -100,11 +102,14 @@ class Stopper:
         caller (the hosts' watcher and a signal at the same time) waits for the first one's exit."""
         if not self.stopping.acquire(blocking=False):
             threading.Event().wait()
-        code = phases.finish(self.phases, self.cfg, error)
-        for f in self.cleanup:
-            f()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        adapter.kill_engine_children()
-        HOSTS.shutdown()
-        os._exit(code)
+        code = ExitCode.ENGINE
+        try:
+            code = phases.finish(self.phases, self.cfg, error)
+            for f in self.cleanup:
+                f()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            adapter.kill_engine_children()
+            HOSTS.shutdown()
+        finally:  # whatever failed while ending, the process ends (a second stop() waits for this exit)
+            os._exit(code)
