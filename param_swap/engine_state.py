@@ -1,11 +1,20 @@
 """The engine's state: its Params, its flattened leaves, and the one way to change them (EngineState.assign)."""
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from param_swap import sglang_adapter as adapter
 from param_swap import trees
 from param_swap.errors import ExitCode, ToolError
+
+# the model runners whose KV pool release.free_kv() deleted, until release.rebuild_kv(): the released state is this
+# record, never the buffers' own state (a forward in flight has donated them: deleted for a moment, every stack)
+KV_FREED: weakref.WeakSet = weakref.WeakSet()
+
+
+def kv_freed(model_runner) -> bool:
+    return model_runner in KV_FREED
 
 
 class EngineState:

@@ -2,8 +2,8 @@
 
 import dataclasses
 
+from param_swap import engine_state, trees
 from param_swap import sglang_adapter as adapter
-from param_swap import trees
 from param_swap.errors import ExitCode, ToolError
 from param_swap.hosts import HOSTS
 
@@ -40,7 +40,7 @@ def check_live(engine) -> None:
     model_runner = adapter.engine_model_runner(engine)
     leaves = adapter.leaves_of(model_runner)
     released = sum(not trees.on_devices(leaf) for leaf in leaves)
-    kv_freed = sum(a.is_deleted() for a in adapter.kv_pool_buffers(model_runner))
+    kv_freed = len(adapter.kv_pool_buffers(model_runner)) if engine_state.kv_freed(model_runner) else 0
     if released or kv_freed:
         raise ToolError("engine_released", f"the engine's memory is released ({released} of its {len(leaves)} "
                         f"weights, {kv_freed} KV buffers): it cannot generate", "ParamSwapper.resume(tree) first "

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import time
 
-from param_swap import memory, trees
+from param_swap import engine_state, memory, trees
 from param_swap import sglang_adapter as adapter
 from param_swap.engine_state import EngineState
 
@@ -38,6 +38,7 @@ def free_kv(model_runner) -> KvLayout:
     arrays = list(adapter.kv_pool_buffers(model_runner))
     layout = KvLayout(tuple((tuple(a.shape), a.dtype, a.sharding) for a in arrays),
                       memory.param_bytes_sum(arrays))
+    engine_state.KV_FREED.add(model_runner)
     for a in arrays:
         a.delete()
     return layout
@@ -51,6 +52,7 @@ def rebuild_kv(model_runner, layout: KvLayout) -> float:
     arrays = [make() for make in layout.allocators()]
     jax.block_until_ready(arrays)
     adapter.set_kv_pool_buffers(model_runner, arrays)
+    engine_state.KV_FREED.discard(model_runner)
     return time.perf_counter() - t
 
 
