@@ -18,7 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "out", "stress-hosts")
-KILL_IN_FORWARD = "tests/test_hosts.py::test_a_rank_killed_ends_the_other_within_20_s[slow_forward-rank 1: " \
+KILL_IN_FORWARD = "tests/test_hosts.py::test_a_rank_killed_ends_the_other_within_20_s[1-slow_forward-rank 1: " \
                   "engine_ready_dummy-2.0-generate_before_swap]"
 SERVING_COMPAT = "tests/test_compat.py::test_two_hosts_while_serving"
 KNOWN = {(KILL_IN_FORWARD, None), (SERVING_COMPAT, "0.1.0rc0")}
@@ -56,6 +56,7 @@ def main() -> int:
     n, n_known, stacks = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     os.makedirs(OUT, exist_ok=True)
     plan = [(t, None) for t in host_tests()] + [(SERVING_COMPAT, s) for s in stacks]
+    assert {t for t, _ in KNOWN if "test_hosts" in t} <= {t for t, _ in plan}, "a known test's id changed"
     plan.sort(key=lambda ts: ts not in KNOWN)  # the known hangs first
     bad = 0
     for test, stack in plan:
