@@ -1,6 +1,7 @@
 """The failures a run can explain: ToolError (a stage, a message, a hint, an exit code), the exit codes, the log."""
 
 import enum
+import faulthandler
 import sys
 
 
@@ -17,6 +18,16 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_ENGINE = ExitCode  # the names 
 def log(msg: str) -> None:
     """A line for people on stderr (stdout carries the phase JSON only)."""
     print(f"[run_param_swap] {msg}", file=sys.stderr, flush=True)
+
+
+def dump_threads(why: str) -> None:
+    """`why`, then every thread's stack on stderr (where a wait past its bound waits); a stderr without a file
+    descriptor (a notebook) gets the line only."""
+    log(f"{why}: every thread's stack follows")
+    try:
+        faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        log("(no thread dump: stderr has no file descriptor)")
 
 
 class ToolError(Exception):

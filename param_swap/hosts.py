@@ -2,15 +2,13 @@
 a run is agreed on by every rank, a failure anywhere ends every rank alike, a rank that dies is named. One host
 (the default) pays nothing: every step returns at once and no thread runs (HOSTS until HOSTS.start(...))."""
 
-import faulthandler
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from param_swap.errors import ExitCode, ToolError, log
+from param_swap.errors import ExitCode, ToolError, dump_threads, log
 from param_swap.waits import TimedOut, wait_until
 
 HEARTBEAT_S = 0.5  # how often every rank says it is alive, and looks at the others'
@@ -180,8 +178,7 @@ class HostGroup:
         except TimedOut as e:
             missing = sorted(set(range(self.nnodes)) - set(got))
             doing = self.owner.doing()
-            log(f"rank(s) {missing} did not reach '{name}': this rank's threads follow")
-            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            dump_threads(f"rank(s) {missing} did not reach '{name}'")
             raise ToolError("hosts", f"rank(s) {missing} did not reach '{name}' within {timeout_s:.0f} s"
                             + (f", while this rank was in {doing}" if doing else ""),
                             "a host is stuck or gone: see its log and its thread dump on stderr (--watchdog-timeout "

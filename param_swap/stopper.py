@@ -1,7 +1,6 @@
 """Stopping: Ctrl-C (SIGINT) and SIGTERM (`timeout`, schedulers) end the run with its verdict; the engine's
 own failure signal (SIGQUIT) is exit 3 with one error line."""
 
-import faulthandler
 import os
 import signal
 import sys
@@ -10,7 +9,7 @@ import time
 
 from param_swap import phases
 from param_swap import sglang_adapter as adapter
-from param_swap.errors import ExitCode, ToolError, log
+from param_swap.errors import ExitCode, ToolError, dump_threads, log
 from param_swap.hosts import ENDING_S, HOSTS
 from param_swap.phases import PhaseLog
 from param_swap.swapper import ParamSwapper
@@ -81,13 +80,11 @@ class Stopper:
     def exit_by(self, deadline_s: float = ENDING_S) -> None:
         """Several hosts: the process exits within deadline_s of its verdict whatever it waits for (the end's
         agreement and jax.distributed.shutdown have their own bounds; this is the last one): past it, every
-        thread's stack on stderr (where it waits) and exit 3."""
+        thread's stack on stderr (where it waits) and exit with the verdict's code (3 if none was written)."""
         def abandon():
             try:
-                log(f"the run's end still waits after {deadline_s:.0f} s (during {self.phases.doing}): exiting; "
-                    "every thread's stack follows")
-                faulthandler.dump_traceback(sys.stderr, all_threads=True)
-                sys.stderr.flush()
+                dump_threads(f"the run's end still waits after {deadline_s:.0f} s (during {self.phases.doing}): "
+                             "exiting")
                 adapter.kill_engine_children()
             finally:
                 os._exit(self.phases.code if self.phases.code is not None else ExitCode.ENGINE)
