@@ -1,7 +1,12 @@
 """NaN and infinite weights (a trainer that diverged, a damaged checkpoint) are refused before the engine uses
-them: counted on the devices as placed, each device its own shard, no communication."""
+them: found where the bytes lie, each device its own shards, no communication. Where device buffers are host
+memory (XLA:CPU) numpy reads them in place, several threads at once; elsewhere (TPU, GPU) a jitted count runs on
+the devices (one read of HBM). Either way the tensors that hold any are then counted exactly for the error."""
 
+import concurrent.futures
+import ctypes
 import functools
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -12,6 +17,10 @@ from param_swap import trees
 from param_swap.errors import ExitCode, ToolError
 from param_swap.planning import SwapItem
 from param_swap.stats import FiniteCheck
+
+HOST_MEMORY_PLATFORMS = {"cpu"}  # device buffers numpy can read in place (docs/benchmarks.md, "The NaN/Inf check")
+PIECE_BYTES = 16 << 20  # a thread's share of a buffer
+CHUNK_WORDS = 1 << 16  # 512 KB of 64-bit words per numpy step: the scratch stays in cache
 
 
 def exponent_mask(dtype) -> tuple[Any, int] | None:
@@ -24,6 +33,87 @@ def exponent_mask(dtype) -> tuple[Any, int] | None:
         return None
     info = jnp.finfo(dtype)
     return (np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint32), ((1 << info.nexp) - 1) << info.nmant
+
+
+def word_masks(dtype) -> tuple[int, int, int] | None:
+    """(exponent bits, lowest exponent bit, sign bit) of every float packed in a 64-bit word, or None (not a 16-,
+    32- or 64-bit float). Per float, (bits & exponent) + lowest reaches the sign bit iff every exponent bit is
+    set, and never carries into the next float: an OR over the words finds any NaN or infinity exactly."""
+    import jax.numpy as jnp
+
+    if not jnp.issubdtype(dtype, jnp.floating) or (size := np.dtype(dtype).itemsize) not in (2, 4, 8):
+        return None
+    info = jnp.finfo(dtype)
+    per = ((1 << info.nexp) - 1) << info.nmant, 1 << info.nmant, 1 << (info.nexp + info.nmant)
+    return tuple(sum(m << (8 * size * k) for k in range(8 // size)) for m in per)
+
+
+def any_nonfinite_bytes(raw: np.ndarray, dtype) -> bool:
+    """Whether these bytes (uint8, a whole number of `dtype` floats) hold a NaN or an infinity (word_masks)."""
+    exponent, lowest, sign = (np.uint64(m) for m in word_masks(dtype))
+    whole = raw.size - raw.size % 8
+    words = raw[:whole].view(np.uint64)
+    scratch = np.empty(min(CHUNK_WORDS, words.size), np.uint64)
+    seen = 0
+    for start in range(0, words.size, CHUNK_WORDS):
+        chunk = words[start:start + CHUNK_WORDS]
+        out = scratch[:chunk.size]
+        np.bitwise_and(chunk, exponent, out=out)
+        np.add(out, lowest, out=out)
+        seen |= int(np.bitwise_or.reduce(out))
+    if seen & int(sign):
+        return True
+    tail = raw[whole:].view(dtype)  # under 8 bytes of 16- or 32-bit floats
+    bits = exponent_mask(dtype)
+    return bool(tail.size) and bool(np.any((tail.view(bits[0]) & bits[1]) == bits[1]))
+
+
+def in_place(arr) -> list[tuple[np.ndarray, Any]] | None:
+    """This host's distinct shards of `arr` as uint8 numpy arrays over the buffers themselves, each with what
+    keeps its buffer alive; None where that is not possible (a device that is not host memory, or a dtype
+    word_masks does not cover: counted on the devices instead). A host array is its own bytes."""
+    if not trees.on_devices(arr):
+        host = np.asarray(arr)
+        if word_masks(host.dtype) is None or not host.flags.c_contiguous:
+            return None
+        return [(host.reshape(-1).view(np.uint8), host)]
+    if word_masks(arr.dtype) is None or arr.sharding.device_set and \
+            next(iter(arr.sharding.device_set)).platform not in HOST_MEMORY_PLATFORMS:
+        return None
+    where = arr.sharding.addressable_devices_indices_map(arr.shape)
+    out, seen = [], set()
+    for i in range(len(arr.sharding.addressable_devices)):
+        data = arr.addressable_data(i)  # a single-device array: its buffer pointer, no device->host read
+        key = tuple((s.start, s.stop, s.step) for s in where[next(iter(data.devices()))])
+        if key in seen or not data.nbytes:
+            continue
+        seen.add(key)
+        data.block_until_ready()  # the bytes are read behind JAX's back: never while still being written
+        buffer = (ctypes.c_uint8 * data.nbytes).from_address(data.unsafe_buffer_pointer())
+        out.append((np.frombuffer(buffer, np.uint8), data))
+    return out
+
+
+@functools.cache
+def pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The screen's threads (numpy lets go of the GIL in each step), one per core, at most 4."""
+    return concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="finite")
+
+
+def may_hold_nonfinite(arrays: Mapping[str, Any]) -> set[str]:
+    """The names of the arrays that hold a NaN or an infinity, read in place where possible (in_place), every
+    buffer split in PIECE_BYTES pieces over the threads; plus every array that cannot be read in place (for
+    nonfinite_counts to count on its devices)."""
+    names, pieces = set(), []
+    for name, arr in arrays.items():
+        shards = in_place(arr)
+        if shards is None:
+            names.add(name)
+            continue
+        step = PIECE_BYTES - PIECE_BYTES % 8
+        pieces += [(name, raw[s:s + step], keep, arr.dtype) for raw, keep in shards for s in range(0, raw.size, step)]
+    found = pool().map(lambda p: any_nonfinite_bytes(p[1], p[3]), pieces)
+    return names | {p[0] for p, hit in zip(pieces, found, strict=True) if hit}
 
 
 @functools.cache
@@ -45,6 +135,12 @@ def nonfinite_counter(sharding):
 
     return jax.jit(jax.shard_map(local, mesh=sharding.mesh, in_specs=sharding.spec,
                                  out_specs=jax.sharding.PartitionSpec(*axes), check_vma=False))
+
+
+def counted_on_devices(sharding, dtype) -> bool:
+    """Whether a swap's check of an array in this sharding runs nonfinite_counter (prepare_swap compiles it
+    first); where numpy reads it in place (in_place), only an array that holds a NaN or an infinity is."""
+    return word_masks(dtype) is None or next(iter(sharding.device_set)).platform not in HOST_MEMORY_PLATFORMS
 
 
 def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
@@ -83,7 +179,8 @@ def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: FiniteChe
     """Refuse (exit 2) if any of these items' arrays holds a NaN or an infinity; `arrays` by the items' target
     names (FiniteCheck.TARGET: placed) or source names (SOURCE: the tree itself). Returns the seconds it took."""
     t = time.perf_counter()
-    found = nonfinite_counts(arrays)
+    suspects = may_hold_nonfinite(arrays)
+    found = nonfinite_counts({name: arr for name, arr in arrays.items() if name in suspects})
     if found:
         item = {getattr(i, "target" if by == FiniteCheck.TARGET else "source"): i for i in items}
         named = [f"{item[k].source} -> {item[k].target} ({n} of {int(np.prod(arrays[k].shape))})" for k, n in found.items()]

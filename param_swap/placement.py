@@ -314,7 +314,7 @@ def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: 
                  alias: bool, count_nonfinite: bool = False) -> tuple[float, int]:
     """Compile every jitted function the swap of this tree will run (device sources: device_steps; host
     kernels transposed on the devices: device_transpose; `count_nonfinite`: the NaN/Inf count of each placed
-    array, nonfinite_counter), before generation is paused, so that the swap
+    array where it runs on the devices, finite.counted_on_devices), before generation is paused, so that the swap
     compiles nothing. Reads only shapes, dtypes and shardings (a lazy source's base: nothing is computed).
     Returns (seconds, compiles): a layout swapped before costs lookups and 0 compiles."""
     t, before = time.perf_counter(), count_compiles()
@@ -322,7 +322,7 @@ def prepare_swap(plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: 
     for item in plan:
         src = base[item.source]
         shape = tuple(src.shape)
-        if count_nonfinite:
+        if count_nonfinite and finite.counted_on_devices(item.sharding, item.dtype):
             compiled(finite.nonfinite_counter(item.sharding), item.shape, item.dtype, item.sharding)
         if trees.on_devices(src):
             if alias and can_alias(item, src):

@@ -25,6 +25,9 @@ class RollbackKind(enum.StrEnum):
     OFF = "off"  # none: a failure mid-swap leaves the engine half-swapped (it is shut down, exit 3)
 
 
+RECREATED = {RollbackKind.SOURCE, RollbackKind.DUMMY}  # the previous weights can be made again: freed first
+
+
 @dataclasses.dataclass
 class Rollback:
     """How a failed swap puts back the weights it had replaced (RollbackKind)."""

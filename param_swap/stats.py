@@ -47,6 +47,8 @@ class SwapStats:
     put_s: float = 0.0  # jax.device_put into the target sharding (and device transforms), until ready
     assign_s: float = 0.0  # Param assignment + leaves rebind
     backup_s: float = 0.0  # rollback "copy": host copies of the replaced arrays
+    free_s: float = 0.0  # rollback "dummy"/"source": the replaced arrays deleted before the new ones are placed
+    freed_first_bytes_sum: int = 0  # their device bytes
     meter_s: float = 0.0  # the device-memory samples (a walk over every live array on CPU): not in the swap's time
     prepare_s: float = 0.0  # before generation is paused: compiling what the swap runs (prepare_swap)
     prepare_compiles: int = 0  # XLA compiles in prepare_swap (0 for a layout swapped before)
@@ -92,6 +94,7 @@ class SwapStats:
                 "bucket_tensors": self.bucket_tensors,
                 "host_s": round(self.host_s, 4), "put_s": round(self.put_s, 4),
                 "place_s": round(place_s, 4), "assign_s": round(self.assign_s, 4), "backup_s": round(self.backup_s, 4),
+                "free_s": round(self.free_s, 4), "freed_first_bytes_sum": self.freed_first_bytes_sum,
                 "meter_s": round(self.meter_s, 4), "prepare_s": round(self.prepare_s, 4),
                 "prepare_compiles": self.prepare_compiles, "swap_compiles": self.swap_compiles,
                 "finite_check": self.finite_check, "finite_check_s": round(self.finite_check_s, 4),
@@ -107,13 +110,16 @@ class SwapStats:
 
 @dataclasses.dataclass
 class SwapTimes:
-    """perf_counter marks of one swap: start, paused, swapped (changed + memory taken), flushed, continued."""
+    """perf_counter marks of one swap: start (the pause sent), paused, swapped (changed + memory taken), flushed,
+    continued; and the whole call's: called (before the input is validated) and returned."""
     start: float
     paused: float
     change_s: float  # the engine's change itself (place, assign, rebind), the memory samples left out
     flush_start: float
     flushed: float
     continued: float
+    called: float
+    returned: float
 
 
 @dataclasses.dataclass
@@ -137,7 +143,7 @@ class SwapReport:
         t = self.times
         swap_s = t.change_s + t.flushed - t.flush_start
         stopped = t.continued - t.start
-        return {"swap_s": round(swap_s, 4), "flush_s": round(t.flushed - t.flush_start, 4),
+        return {"swap_s": round(swap_s, 4), "call_s": round(t.returned - t.called, 4), "flush_s": round(t.flushed - t.flush_start, 4),
                 "num_swapped": self.num_swapped, "param_bytes_sum": self.param_bytes_sum, "alias": self.alias,
                 "rollback": self.rollback_kind != "off", "rollback_kind": self.rollback_kind, **self.stats.as_json(),
                 "bytes_in_use_sum_before_swap": self.bytes_in_use_sum_before_swap,

@@ -47,16 +47,23 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
 
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
     together, waited on once), count their NaN/Inf (FiniteCheck.TARGET), assign them, let go of the arrays
-    they replaced, go on. Peak: one set + one bucket (or the largest tensor); bulk: two sets. If anything
+    they replaced, go on. Peak: one set + one bucket (or the largest tensor); one set where the rollback
+    re-creates what a bucket replaces (free_first: deleted before it is placed); bulk: two sets. If anything
     fails, the previous weights are put back (rollbacks.restore, with `undo`) and a ToolError raised."""
     import jax
 
     done: list[SwapItem] = []  # assigned so far
+    freed: list[SwapItem] = []  # their previous arrays deleted before the new ones were placed (free_first)
     kept: dict[str, Any] = {}  # the current bucket's replaced arrays, alive until the bucket is assigned
     param_dict: dict[str, Any] = {}
+    first = free_first(undo, alias)
     try:
         for bucket in buckets(plan, stats.bucket_bytes):
             t = time.perf_counter()
+            if first:
+                freed += free_replaced(state, bucket, source, stats)
+                stats.free_s += time.perf_counter() - t
+                t = time.perf_counter()
             host_s = stats.host_s
             placed = {i.target: placement.place(i, source[i.source], num_kv_heads, stats, alias, stats.transpose)
                       for i in bucket}
@@ -82,7 +89,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
         state.rebind_from_model()
         stats.assign_s += time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - any failure mid-swap: put the previous weights back, then report
-        restored = rollbacks.restore(state, done, kept, undo)
+        restored = rollbacks.restore(state, freed if first else done, {} if first else kept, undo)
         if isinstance(e, ToolError):  # input refused mid-swap (check_finite): its own stage and exit code
             e.details.update(restored=restored, rollback=undo.kind, assigned=len(done))
             raise
@@ -93,6 +100,27 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
                         "is shut down", ExitCode.ENGINE, restored=restored, rollback=undo.kind) from e
     stats.sample_peak()
     return param_dict
+
+
+def free_first(undo: Rollback, alias: bool) -> bool:
+    """Whether each bucket's previous arrays are deleted before its new ones are placed: where the rollback
+    re-creates them (dummy, source), so that the swap's peak is one set, not one set + the largest bucket.
+    Not with alias (a trainer's arrays may then be the engine's)."""
+    return undo.kind in rollbacks.RECREATED and not alias
+
+
+def free_replaced(state: EngineState, bucket: list[SwapItem], source: Mapping[str, Any],
+                  stats: SwapStats) -> list[SwapItem]:
+    """Each item's Param and leaf to its abstract value and its array deleted (never a source array of this
+    bucket or one a trainer shares: those are only let go of). Returns the items: a failure re-creates them."""
+    sources = {id(source[i.source]) for i in bucket}
+    for item in bucket:
+        old = state.assign(item.target, release.abstract(state.params[item.target].get_value()))
+        stats.release(old)
+        if trees.on_devices(old) and not old.is_deleted() and id(old) not in sources | stats.shared:
+            stats.freed_first_bytes_sum += memory.param_bytes_sum([old])
+            old.delete()
+    return bucket
 
 
 def agree_plan(plan: list[SwapItem]) -> None:
@@ -295,6 +323,7 @@ class ParamSwapper:
                        resuming: bool = False) -> SwapResult:
         """swap_detailed(); `resuming`: the swap of resume(), which leaves generation paused (resume continues it
         once the KV pool is back) and, failed, leaves the engine released."""
+        called = time.perf_counter()
         pauses = self.guard.pauses  # before rank 0 of several hosts can send the pause (after the plan step)
         try:
             checked = self.validate(mllm_params, mode, alias, rollback, plan)
@@ -339,8 +368,9 @@ class ParamSwapper:
         flushed = time.perf_counter()
         if not resuming:
             await pause.continue_generation(self.guard)
-        times = SwapTimes(start, paused_at, change_s, flush_start, flushed, time.perf_counter())
+        continued = time.perf_counter()
         ok, details = leaves_unchanged(self.state, param_dict, stats.still_alive())  # read-only: serving goes on
+        times = SwapTimes(start, paused_at, change_s, flush_start, flushed, continued, called, time.perf_counter())
         report = SwapReport(sum(i.nbytes_sum for i in checked.plan), len(param_dict), alias, checked.undo.kind, stats,
                             before, times, ok, split, sample, paused, held, self.guard.retracted_prefills)
         return SwapResult(report, param_dict, details)

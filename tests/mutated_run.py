@@ -36,8 +36,8 @@ effect there); either is an error before the tool starts (exit 99).
                   cannot be trusted: generate)
   stale_tensor_in_round  the third swap (--rounds 2: round 2, back to A) places layer 0's down_proj from the
                   previous swap's tree (B): state that leaks between swaps, which only rounds_consistent sees
-  replaced_kept_in_rounds  from the second swap on, the arrays each swap replaced stay referenced (rounds_no_leak:
-                  memory that grows with every swap, and replaced_still_alive)
+  replaced_kept_in_rounds  from the second swap on, the arrays each swap replaced stay referenced and are not
+                  deleted first (rounds_no_leak: memory that grows with every swap, and replaced_still_alive)
   copy_kept_in_rounds  from the second swap on, a copy of every placed array stays on the devices (rounds_no_leak
                   by its memory alone: every leaf is the new array)
   flush_drops_waiting  the swap's flush makes sglang-jax's flush_cache succeed by aborting the waiting (retracted)
@@ -426,6 +426,8 @@ def apply(mutation: str) -> None:
                 return original_release(self, old)
 
             patch(stats.SwapStats, "release", release_but_keep)
+            original_free_first = swapper.free_first  # kept alive: never deleted before the new arrays are placed
+            patch(swapper, "free_first", lambda *args: len(sources) < 2 and original_free_first(*args))
         elif mutation == "copy_kept_in_rounds":
             original_place = placement.place
 

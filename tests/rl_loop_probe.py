@@ -5,7 +5,7 @@
 1. A trainer tree on the devices (FSDP over all devices, bf16), K steps of a jitted deterministic update,
    a device-to-device swap after each step (streaming, no alias) and a generation after each swap.
    Device->host copies the swap makes are counted (ArrayImpl._value, what np.asarray and rollback use, in
-   the swapping thread; the NaN/Inf check's reads of one int32 per device and tensor apart; the scheduler's own threads fetch generated token ids when the swap pauses them:
+   the swapping thread; the NaN/Inf check's exact count of a tensor that holds any, one int32 per device, apart; the scheduler's own threads fetch generated token ids when the swap pauses them:
    counted apart).
    The final tree is saved as an HF checkpoint in OUT_DIR/final (an inverse mapping written here, sharing
    no code with the tool's) for the test to load with sglang-jax's own loader.

@@ -104,11 +104,10 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
         assert s["swap_compiles"] == 0  # prepare_swap compiled it all before generation was paused
         assert s["finite_check_s"] > 0
     # the NaN/Inf check: the first swap (rollback: the dummy initialiser) checks each bucket as placed; later
-    # ones have no rollback (a device source) and check the tree first; each reads back one int32 per device
-    # and tensor (cumulative counts)
+    # ones have no rollback (a device source) and check the tree first; on CPU numpy reads the devices' buffers
+    # in place, so no count is read back unless a tensor holds a NaN (the diverged step below)
     assert [s["finite_check"] for s in steps] == ["target", "source", "source"]
-    assert steps[0]["device_to_host_counts"] > 0 and steps[0]["device_to_host_counts"] % 4 == 0
-    assert [s["device_to_host_counts"] for s in steps] == [k * steps[0]["device_to_host_counts"] for k in (1, 2, 3)]
+    assert [s["device_to_host_counts"] for s in steps] == [0, 0, 0]
     # the first swap compiles the layout's transforms; a later swap of the same layout compiles nothing
     assert steps[0]["prepare_compiles"] > 0 and [s["prepare_compiles"] for s in steps[1:]] == [0, 0]
     # (host RSS is no proof on CPU: the devices' buffers are host memory too, and it moved by 0.06-0.63 of a
