@@ -12,7 +12,8 @@ those reads instead.)
   python bench/device_swap_profile.py --model-id DIR --kinds          # first one line per kind of tensor
 
 Ways: per_tensor (the tool's: one jitted transform per tensor, waited on per bucket), per_bucket (one jit over
-a bucket's tensors), pipelined (per_tensor with the next bucket dispatched before the current one is waited
+a bucket's tensors), whole_tree (one jit over every tensor: the bound a swap of the whole tree at once would
+reach, two sets at its peak), pipelined (per_tensor with the next bucket dispatched before the current one is waited
 on), device_put (what tunix's reshard_pytree does without pathways; no transforms), plain_copy (a jitted
 identity per tensor in the source's own sharding: the same bytes, no resharding).
 """
@@ -76,7 +77,7 @@ def main() -> None:
     p.add_argument("--model-id", required=True)
     p.add_argument("--tp-size", type=int, default=4)
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB)
-    p.add_argument("--ways", default="per_tensor,per_bucket,pipelined,device_put,plain_copy")
+    p.add_argument("--ways", default="per_tensor,per_bucket,whole_tree,pipelined,device_put,plain_copy")
     p.add_argument("--trainer-sharding", choices=list(TrainerSharding), default="fsdp")
     p.add_argument("--kinds", action="store_true", help="first, per kind of tensor: best of 5 ms of each way")
     a = p.parse_args()
@@ -159,12 +160,14 @@ def main() -> None:
                        "plain_copy_ms": best_ms(lambda: ident(src)),  # noqa: B023
                        "device_put_ms": best_ms(lambda: jax.device_put(src, i.sharding))}  # noqa: B023
                 print(json.dumps(row), flush=True)
-        ways = {"per_tensor": per_tensor, "per_bucket": per_bucket, "pipelined": pipelined, "device_put": device_put,
-                "plain_copy": plain_copy}
+        ways = {"per_tensor": per_tensor, "per_bucket": per_bucket, "whole_tree": per_bucket, "pipelined": pipelined,
+                "device_put": device_put, "plain_copy": plain_copy}
         for name in a.ways.split(","):
             for run in (1, 2, 3):
-                # pipelined gets the whole list as one "bucket" (it waits itself, one bucket behind)
-                row = timed(name, ways[name], [bucket_list] if name == "pipelined" else bucket_list, run)
+                # pipelined gets the whole list as one "bucket" (it waits itself, one bucket behind); whole_tree
+                # is per_bucket with the whole plan as its one bucket
+                given = {"pipelined": [bucket_list], "whole_tree": [plan]}.get(name, bucket_list)
+                row = timed(name, ways[name], given, run)
                 row.update(bytes=nbytes, gb_per_s=round(nbytes / row["seconds"] / 1e9, 3), buckets=len(bucket_list))
                 print(json.dumps(row), flush=True)
     finally:

@@ -5,6 +5,7 @@ the devices (one read of HBM). Either way the tensors that hold any are then cou
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import functools
 import os
 import time
@@ -48,8 +49,9 @@ def word_masks(dtype) -> tuple[int, int, int] | None:
     return tuple(sum(m << (8 * size * k) for k in range(8 // size)) for m in per)
 
 
-def any_nonfinite_bytes(raw: np.ndarray, dtype) -> bool:
-    """Whether these bytes (uint8, a whole number of `dtype` floats) hold a NaN or an infinity (word_masks)."""
+def any_nonfinite_bytes(raw: np.ndarray, dtype, keep: Any = None) -> bool:
+    """Whether these bytes (uint8, a whole number of `dtype` floats) hold a NaN or an infinity (word_masks);
+    `keep`: what keeps their buffer alive until this returns."""
     exponent, lowest, sign = (np.uint64(m) for m in word_masks(dtype))
     whole = raw.size - raw.size % 8
     words = raw[:whole].view(np.uint64)
@@ -100,20 +102,30 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="finite")
 
 
-def may_hold_nonfinite(arrays: Mapping[str, Any]) -> set[str]:
-    """The names of the arrays that hold a NaN or an infinity, read in place where possible (in_place), every
-    buffer split in PIECE_BYTES pieces over the threads; plus every array that cannot be read in place (for
-    nonfinite_counts to count on its devices)."""
-    names, pieces = set(), []
+@dataclasses.dataclass
+class Screen:
+    """A screen of some arrays under way on the threads (screen()); result() waits for it."""
+    unread: set[str]  # arrays that cannot be read in place: counted on their devices
+    pieces: list[tuple[str, concurrent.futures.Future]]
+
+    def result(self) -> set[str]:
+        """The names of the arrays that hold a NaN or an infinity, and of those that could not be read."""
+        return self.unread | {name for name, found in self.pieces if found.result()}
+
+
+def screen(arrays: Mapping[str, Any]) -> Screen:
+    """Look for NaN and infinite values in these arrays, read in place where possible (in_place), every buffer
+    split in PIECE_BYTES pieces over the threads; returns at once (the pieces hold their buffers alive)."""
+    unread, pieces = set(), []
+    step = PIECE_BYTES - PIECE_BYTES % 8
     for name, arr in arrays.items():
         shards = in_place(arr)
         if shards is None:
-            names.add(name)
+            unread.add(name)
             continue
-        step = PIECE_BYTES - PIECE_BYTES % 8
-        pieces += [(name, raw[s:s + step], keep, arr.dtype) for raw, keep in shards for s in range(0, raw.size, step)]
-    found = pool().map(lambda p: any_nonfinite_bytes(p[1], p[3]), pieces)
-    return names | {p[0] for p, hit in zip(pieces, found, strict=True) if hit}
+        pieces += [(name, pool().submit(any_nonfinite_bytes, raw[s:s + step], arr.dtype, keep))
+                   for raw, keep in shards for s in range(0, raw.size, step)]
+    return Screen(unread, pieces)
 
 
 @functools.cache
@@ -171,15 +183,16 @@ def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
-FINITE_WHERE = {FiniteCheck.TARGET: "placed on the devices, before their assignment",
+FINITE_WHERE = {FiniteCheck.TARGET: "placed on the devices, before generation continues",
                 FiniteCheck.SOURCE: "in the tree, before the swap"}
 
 
-def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: FiniteCheck) -> float:
+def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: FiniteCheck, started: Screen | None = None) -> float:
     """Refuse (exit 2) if any of these items' arrays holds a NaN or an infinity; `arrays` by the items' target
-    names (FiniteCheck.TARGET: placed) or source names (SOURCE: the tree itself). Returns the seconds it took."""
+    names (FiniteCheck.TARGET: placed) or source names (SOURCE: the tree itself); `started`: their screen(),
+    already under way. Returns the seconds it waited."""
     t = time.perf_counter()
-    suspects = may_hold_nonfinite(arrays)
+    suspects = (started or screen(arrays)).result()
     found = nonfinite_counts({name: arr for name, arr in arrays.items() if name in suspects})
     if found:
         item = {getattr(i, "target" if by == FiniteCheck.TARGET else "source"): i for i in items}

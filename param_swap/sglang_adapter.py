@@ -41,7 +41,7 @@ NEEDED = {  # module (under sgl_jax.srt. unless it starts with sgl_jax.) -> "att
     "managers.scheduler": [
         "Scheduler sets:_request_dispatcher,waiting_queue,running_batch,last_batch,cur_batch,tp_worker,server_args",
         "Scheduler.flush_cache call:", "Scheduler.stream_output call:reqs", "Scheduler._add_request_to_queue call:req",
-        "Scheduler.pause_generation call:recv_req"],
+        "Scheduler.pause_generation call:recv_req", "Scheduler.recv_requests call:", "Scheduler sets:_engine_paused"],
     "sgl_jax.utils": ["TypeBasedDispatcher sets:_mapping"],
     "managers.schedule_batch": [
         "ScheduleBatch.retract_all call:server_args", "ScheduleBatch.filter_batch call:", "ScheduleBatch.is_empty call:",
@@ -321,6 +321,7 @@ def start_engine(kwargs: dict):
 PAUSE_MODE = "retract"  # requests in flight keep their tokens and are prefilled again on the new weights (ServeGuard)
 
 
+IDLE_WAIT_S = 0.001  # a paused or idle scheduler's turn (ServeGuard.wrap_idle_wait): upstream's own wait when idle
 BATCH_INPUTS_KEPT = 4  # forward steps whose inputs serving_bytes() looks at (the paused scheduler holds the last)
 
 
@@ -354,6 +355,7 @@ class ServeGuard:
         self.wrap_forward(engine_model_runner(engine))
         self.wrap_flush(scheduler)
         self.wrap_pause(scheduler)
+        self.wrap_idle_wait(scheduler)
         self.take_failure_signals(scheduler)
 
     def wrap_forward(self, model_runner) -> None:
@@ -438,6 +440,22 @@ class ServeGuard:
             return out
 
         mapping[index] = (mapping[index][0], pause_generation)
+
+    @staticmethod
+    def wrap_idle_wait(scheduler) -> None:
+        """The scheduler's loop polls its sockets without a pause while generation is paused or nothing is queued
+        (a core and half the GIL, taken from the swap and the trainer in this process): such a turn now waits
+        IDLE_WAIT_S first, as sglang-jax's loop does when idle with a communication backend."""
+        import time
+
+        recv = scheduler.recv_requests
+
+        def recv_requests():
+            if scheduler._engine_paused or (scheduler.running_batch.is_empty() and not scheduler.waiting_queue):
+                time.sleep(IDLE_WAIT_S)
+            return recv()
+
+        scheduler.recv_requests = recv_requests
 
     @staticmethod
     def take_failure_signals(scheduler) -> None:

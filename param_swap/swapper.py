@@ -46,8 +46,9 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
-    together, waited on once), count their NaN/Inf (FiniteCheck.TARGET), assign them, let go of the arrays
-    they replaced, go on. Peak: one set + one bucket (or the largest tensor); one set where the rollback
+    together, waited on once), start the check of their NaN/Inf (FiniteCheck.TARGET), assign them, let go of the
+    arrays they replaced, go on; a bucket's check is waited on once the next bucket is placed (it ran meanwhile),
+    the last one's before the rebind. A refused bucket is rolled back with every bucket before it. Peak: one set + one bucket (or the largest tensor); one set where the rollback
     re-creates what a bucket replaces (free_first: deleted before it is placed); bulk: two sets. If anything
     fails, the previous weights are put back (rollbacks.restore, with `undo`) and a ToolError raised."""
     import jax
@@ -57,6 +58,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
     kept: dict[str, Any] = {}  # the current bucket's replaced arrays, alive until the bucket is assigned
     param_dict: dict[str, Any] = {}
     first = free_first(undo, alias)
+    checking: tuple | None = None  # (items, arrays, finite.Screen) of the last bucket placed, under way
     try:
         for bucket in buckets(plan, stats.bucket_bytes):
             t = time.perf_counter()
@@ -70,8 +72,12 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
             jax.block_until_ready(list(placed.values()))
             stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
             stats.bucket_tensors.append(len(bucket))
-            if stats.finite_check == FiniteCheck.TARGET:  # before anything of this bucket is assigned
-                stats.finite_check_s += finite.check_finite(bucket, placed, FiniteCheck.TARGET)
+            if checking is not None:  # the previous bucket's check ran while this one was placed
+                stats.finite_check_s += finite.check_finite(*checking)
+            if stats.finite_check == FiniteCheck.TARGET:
+                t = time.perf_counter()
+                checking = (bucket, placed, FiniteCheck.TARGET, finite.screen(placed))
+                stats.finite_check_s += time.perf_counter() - t
             stats.sample_peak()
             if undo.kind == RollbackKind.COPY:
                 t = time.perf_counter()
@@ -85,6 +91,8 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
                 stats.release(kept.pop(item.target))
             stats.assign_s += time.perf_counter() - t
             param_dict.update(placed)
+        if checking is not None:
+            stats.finite_check_s += finite.check_finite(*checking)
         t = time.perf_counter()
         state.rebind_from_model()
         stats.assign_s += time.perf_counter() - t
