@@ -184,7 +184,7 @@ def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
 
 
 FINITE_WHERE = {FiniteCheck.TARGET: "placed on the devices, before generation continues",
-                FiniteCheck.SOURCE: "in the tree, before the swap"}
+                FiniteCheck.SOURCE: "in the tree, before any is assigned"}
 
 
 def check_finite(items: list[SwapItem], arrays: Mapping[str, Any], by: FiniteCheck, started: Screen | None = None) -> float:

@@ -42,13 +42,15 @@ def buckets(plan: list[SwapItem], bucket_bytes: int | None) -> list[list[SwapIte
 
 
 def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[str, Any], num_kv_heads: int,
-                     stats: SwapStats, undo: Rollback, alias: bool = False) -> dict:
+                     stats: SwapStats, undo: Rollback, alias: bool = False, source_check: tuple | None = None) -> dict:
     """Swap every planned tensor into the engine; returns {nnx path: jax.Array}, shared with the engine.
 
     A bucket at a time (stats.bucket_bytes; bulk: one bucket of everything): place its tensors (dispatched
     together, waited on once), start the check of their NaN/Inf (FiniteCheck.TARGET), assign them, let go of the
     arrays they replaced, go on; a bucket's check is waited on once the next bucket is placed (it ran meanwhile),
-    the last one's before the rebind. A refused bucket is rolled back with every bucket before it. Peak: one set + one bucket (or the largest tensor); one set where the rollback
+    the last one's before the rebind. A refused bucket is rolled back with every bucket before it.
+    `source_check` (FiniteCheck.SOURCE, a swap without rollback): the whole tree's check, waited on before the
+    first bucket is assigned (it ran while the swap compiled, paused and placed that bucket). Peak: one set + one bucket (or the largest tensor); one set where the rollback
     re-creates what a bucket replaces (free_first: deleted before it is placed); bulk: two sets. If anything
     fails, the previous weights are put back (rollbacks.restore, with `undo`) and a ToolError raised."""
     import jax
@@ -58,7 +60,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
     kept: dict[str, Any] = {}  # the current bucket's replaced arrays, alive until the bucket is assigned
     param_dict: dict[str, Any] = {}
     first = free_first(undo, alias)
-    checking: tuple | None = None  # (items, arrays, finite.Screen) of the last bucket placed, under way
+    checking = source_check  # check_finite's arguments of the check under way: the tree's, or the last bucket's
     try:
         for bucket in buckets(plan, stats.bucket_bytes):
             t = time.perf_counter()
@@ -72,8 +74,9 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
             jax.block_until_ready(list(placed.values()))
             stats.put_s += time.perf_counter() - t - (stats.host_s - host_s)
             stats.bucket_tensors.append(len(bucket))
-            if checking is not None:  # the previous bucket's check ran while this one was placed
+            if checking is not None:  # the tree's or the previous bucket's check ran while this one was placed
                 stats.finite_check_s += finite.check_finite(*checking)
+                checking = None
             if stats.finite_check == FiniteCheck.TARGET:
                 t = time.perf_counter()
                 checking = (bucket, placed, FiniteCheck.TARGET, finite.screen(placed))
@@ -204,7 +207,8 @@ class SwapInput:
     device: bool  # every leaf a jax.Array: a trainer-resident source
     undo: Rollback  # how a failure mid-swap puts the previous weights back
     finite_check: FiniteCheck
-    finite_check_s: float  # FiniteCheck.SOURCE: the tree already counted
+    source_check: tuple | None = None  # FiniteCheck.SOURCE: check_finite's arguments, the tree's screen under way
+    finite_check_s: float = 0.0  # what starting it took
 
 
 @dataclasses.dataclass
@@ -387,7 +391,8 @@ class ParamSwapper:
                  plan: list[SwapItem] | None = None) -> SwapInput:
         """Everything checked before the engine is touched: mode, plan, live sources, alias; the Rollback; and
         how the weights are checked for NaN/Inf (FiniteCheck): each bucket as it is placed where a failure
-        mid-swap can be rolled back, else the tree itself first (before generation is paused)."""
+        mid-swap can be rolled back, else the tree itself, before any of it is assigned (its screen starts here;
+        a count on the devices runs here, before generation is paused)."""
         if mode not in tuple(SwapMode):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = trees.as_flat(mllm_params)
@@ -407,16 +412,21 @@ class ParamSwapper:
             undo = rollbacks.choose_rollback(SwapMode(mode), rollback, device, self.free_rollback,
                                              self.state.model_runner)
         if self.allow_nonfinite:
-            return SwapInput(flat, plan, device, undo, FiniteCheck.OFF, 0.0)
+            return SwapInput(flat, plan, device, undo, FiniteCheck.OFF)
         if undo.kind != RollbackKind.OFF:
-            return SwapInput(flat, plan, device, undo, FiniteCheck.TARGET, 0.0)
+            return SwapInput(flat, plan, device, undo, FiniteCheck.TARGET)
         arrays = {i.source: flat[i.source] for i in plan}  # a lazy tree's arrays one at a time
-        try:
-            seconds = finite.check_finite(plan, arrays, FiniteCheck.SOURCE)
+        t = time.perf_counter()
+        screen = finite.screen(arrays)  # runs while the swap compiles, pauses and places its first bucket
+        if not screen.unread:
+            return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, (plan, arrays, FiniteCheck.SOURCE, screen),
+                             time.perf_counter() - t)
+        try:  # counted on the devices (TPU, GPU): now, before generation is paused, since it compiles
+            seconds = finite.check_finite(plan, arrays, FiniteCheck.SOURCE, screen)
         except ToolError as e:
             e.details.update(assigned=0, rollback=undo.kind)  # the engine was not touched
             raise
-        return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, seconds)
+        return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, None, seconds)
 
     def change_engine(self, checked: SwapInput, mode: SwapMode, alias: bool,
                       prepared: tuple[float, int]) -> tuple[dict, SwapStats, int, float]:
@@ -439,7 +449,7 @@ class ParamSwapper:
         try:
             with guard:
                 param_dict = place_and_assign(self.state, checked.plan, checked.flat, self.num_kv_heads, stats,
-                                              checked.undo, alias)
+                                              checked.undo, alias, checked.source_check)
             stats.swap_compiles = placement.count_compiles() - compiles
             self.swaps += 1
             self.guard.end_change(self.swaps)

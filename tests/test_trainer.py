@@ -123,14 +123,16 @@ def test_rl_loop_through_the_api(checkpoint, tmp_path):
     assert result["after_donation"]["stage"] == "engine_weights_deleted"
     assert result["after_donation"]["exit_code"] == 3
     assert result["after_reswap_output_ids"] == result["final_output_ids"]
-    # a diverged step (one NaN): refused with exit 2 whether the tree is checked first (no rollback) or each
-    # bucket as placed (a copy rollback: the buckets before it are put back); the engine answers as before
+    # a diverged step (one NaN): refused with exit 2 whether the whole tree is checked before any of it is
+    # assigned (no rollback) or each bucket as placed (a copy rollback: the buckets before it are put back); the
+    # engine answers as before
     diverged = result["diverged"]
-    for name, where, restored in (("no_rollback", "in the tree", None), ("rollback", "placed on the devices", True)):
+    for name, where in (("no_rollback", "in the tree"), ("rollback", "placed on the devices")):
         error = diverged[name]
         assert error["stage"] == "weights_finite" and error["exit_code"] == 2, error
         assert error["nonfinite"] == {"model.layers_0.mlp.up_proj.kernel": 1} and where in error["error"]
-        assert error.get("restored") is restored and error["output_ids"] == result["final_output_ids"]
+        assert error["restored"] is True and error["output_ids"] == result["final_output_ids"]
+    assert diverged["no_rollback"]["assigned"] == 0  # nothing assigned: the engine as it was
     assert diverged["rollback"]["assigned"] > 0  # a real restore: layer 0's MLP is not in the first bucket
     allowed = diverged["allowed"]
     assert allowed["finite_check"] == "off" and allowed["leaves_unchanged"]
