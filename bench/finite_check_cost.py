@@ -3,9 +3,11 @@
 (the Qwen2.5-3B-shaped one of bench_swap.py, few layers, 4 virtual CPU devices). For each source (the host
 tree, streaming; a trainer tree FSDP-sharded on the devices), the tool runs with `--rounds 2` twice back to
 back, checking and with --allow-nonfinite, and the table gives each swap's finite_check and finite_check_s
-(the first swap: each bucket counted as placed, before it is assigned; a device source's rounds: no
-rollback, so the tree itself is counted before generation is paused), swap_s, and the check's share of the
-swap's time with the check on. The swap_s of the two runs differ by the check and by this machine's noise.
+(the seconds the swap waited on it: the first swap's buckets are each checked while the next is placed; a
+device source's rounds have no rollback, so the whole tree is screened from before the pause until the first
+bucket is placed), swap_s and call_s both ways, and the check's cost as the difference. On CPU the screen's
+threads share the cores with the placement: the difference, not finite_check_s, is what the check costs. The
+two runs also differ by this machine's noise.
 
   python bench/finite_check_cost.py --checkpoint-dir /tmp/b4     # ~1.2 GB checkpoint, 4 runs (~6 min)
 """
@@ -48,16 +50,17 @@ def main() -> None:
     folder = args.checkpoint_dir or tempfile.mkdtemp(prefix="bench_ckpt_")
     if not os.path.exists(os.path.join(folder, "config.json")):
         demo.write_demo_checkpoint(folder, num_layers=args.layers, **QWEN25_3B_SHAPE)
-    print("| source | swap | finite_check | finite_check_s | swap_s checked | swap_s allowed | check / swap_s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| source | swap | finite_check | finite_check_s | swap_s checked | swap_s allowed | cost / swap_s | "
+          "call_s checked | call_s allowed | cost / call_s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, flags in SOURCES.items():
         checked = run(folder, args.tp_size, flags)
         allowed = run(folder, args.tp_size, (*flags, "--allow-nonfinite"))
         for c, a in zip(checked, allowed, strict=True):
             swap = "first" if c["phase"] == "weights_swapped_from_mllm" else f"round {c['round']}"
-            # a source check runs before the pause: not in swap_s; its share is of swap_s all the same
             print(f"| {name} | {swap} | {c['finite_check']} | {c['finite_check_s']:.4f} | {c['swap_s']:.4f} | "
-                  f"{a['swap_s']:.4f} | {c['finite_check_s'] / c['swap_s']:.3f} |", flush=True)
+                  f"{a['swap_s']:.4f} | {(c['swap_s'] - a['swap_s']) / a['swap_s']:+.3f} | {c['call_s']:.4f} | "
+                  f"{a['call_s']:.4f} | {(c['call_s'] - a['call_s']) / a['call_s']:+.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def add_swap_flags(swap) -> None:
                       help="rollback also where it costs a host copy of each replaced array (--weights-source trainer)")
     swap.add_argument("--allow-nonfinite", action="store_true",
                       help="swap in weights that hold NaN or infinite values. Default: refused (exit 2, the tensors "
-                           "named, the engine on its previous weights): each bucket is counted on the devices as "
-                           "placed, before it is assigned (the tree itself first where the swap has no rollback)")
+                           "named, the engine on its previous weights): each bucket is checked on the devices as "
+                           "placed, before generation continues (the whole tree before any of it is assigned where "
+                           "the swap has no rollback)")
     swap.add_argument("--keep-param-dict", action="store_true",
                       help="keep the {nnx path: jax.Array} dict alive through generation (it shares the engine's "
                            "arrays)")
