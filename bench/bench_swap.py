@@ -356,7 +356,7 @@ def main() -> None:
                   f"by call_s {call:.2f} of it")
     for row in rows:
         if row["weights_source"].startswith("trainer"):
-            print(f"\nours, {row['weights_source']}: later swap {row['rounds_gb_per_s']:.2f} GB/s = "
+            print(f"\nours, {row['swap_mode']}, {row['weights_source']}: later swap {row['rounds_gb_per_s']:.2f} GB/s = "
                   f"{row['rounds_swap_vs_device_copy']:.2f} of the plain device copy's {d2d['gb_per_s']:.2f} GB/s "
                   f"(target >= 0.5: {'met' if row['rounds_swap_vs_device_copy'] >= 0.5 else 'NOT met'}); "
                   f"compiles in the swaps: {row['swap_compiles']}, in a later swap's prepare: "

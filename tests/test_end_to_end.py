@@ -129,8 +129,11 @@ def test_rounds_repeat_answers_without_leaking(checkpoint):
     first = run.phase("weights_swapped_from_mllm")["memory"]["jax_device_memory_summary"]["bytes_in_use_sum"]
     assert all(r["bytes_in_use_sum_after_swap"] <= first * 1.02 for r in rounds)
     assert all(r["replaced_still_alive"] == 0 for r in rounds)
-    swapped = run.phase("weights_swapped_from_mllm")  # streaming: one set + one 1 MiB bucket (= the largest tensor)
-    assert swapped["swap_peak_extra_ratio"] <= 512 * 1024 * 2 / swapped["param_bytes_sum"] + 0.02
+    # streaming with a rollback that re-creates (dummy, then source): each bucket's previous arrays are deleted
+    # before its new ones are placed, so the peak is one set (it was one set + one 1 MiB bucket, 0.09 of it)
+    swapped = run.phase("weights_swapped_from_mllm")
+    for swap in (swapped, *rounds):
+        assert swap["swap_peak_extra_ratio"] <= 0.01 and swap["freed_first_bytes_sum"] == swap["param_bytes_sum"]
     assert swapped["buckets"] > 10 and swapped["rollback_kind"] == "dummy" and swapped["backup_s"] == 0
     assert [(r["rollback_kind"], r["backup_s"]) for r in rounds] == [("source", 0)] * 4  # rollback costs nothing
 
