@@ -102,32 +102,6 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="finite")
 
 
-@dataclasses.dataclass
-class Screen:
-    """A screen of some arrays under way on the threads (screen()); result() waits for it."""
-    unread: set[str]  # arrays that cannot be read in place: counted on their devices
-    pieces: list[tuple[str, concurrent.futures.Future]]
-
-    def result(self) -> set[str]:
-        """The names of the arrays that hold a NaN or an infinity, and of those that could not be read."""
-        return self.unread | {name for name, found in self.pieces if found.result()}
-
-
-def screen(arrays: Mapping[str, Any]) -> Screen:
-    """Look for NaN and infinite values in these arrays, read in place where possible (in_place), every buffer
-    split in PIECE_BYTES pieces over the threads; returns at once (the pieces hold their buffers alive)."""
-    unread, pieces = set(), []
-    step = PIECE_BYTES - PIECE_BYTES % 8
-    for name, arr in arrays.items():
-        shards = in_place(arr)
-        if shards is None:
-            unread.add(name)
-            continue
-        pieces += [(name, pool().submit(any_nonfinite_bytes, raw[s:s + step], arr.dtype, keep))
-                   for raw, keep in shards for s in range(0, raw.size, step)]
-    return Screen(unread, pieces)
-
-
 @functools.cache
 def nonfinite_counter(sharding):
     """A jitted count of the NaN and infinite elements in each device's own shard of an array in `sharding`
@@ -155,32 +129,90 @@ def counted_on_devices(sharding, dtype) -> bool:
     return word_masks(dtype) is None or next(iter(sharding.device_set)).platform not in HOST_MEMORY_PLATFORMS
 
 
-def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
-    """{name: NaN and infinite elements} of the arrays that hold any (this host's shards; a replicated
-    shard once): host arrays counted by numpy, device arrays (NamedSharding) on their devices, dispatched
-    together and read back at once (a few bytes per device)."""
+def dispatch_counts(arrays: Mapping[str, Any]) -> dict[str, tuple]:
+    """nonfinite_counter on each of these device arrays (NamedSharding), dispatched, not waited on:
+    {name: (array, its per-device counts)}."""
+    return {name: (arr, nonfinite_counter(arr.sharding)(arr)) for name, arr in arrays.items()}
+
+
+def read_counts(pending: Mapping[str, tuple]) -> dict[str, int]:
+    """{name: NaN and infinite elements} of dispatch_counts' arrays, read back at once (a few bytes per device):
+    this host's shards, a replicated shard once."""
     import jax
 
-    counts, pending = {}, {}
-    for name, arr in arrays.items():
-        if not trees.on_devices(arr):
-            host = np.asarray(arr)
-            bits = exponent_mask(host.dtype)
-            counts[name] = int(np.count_nonzero((host.view(bits[0]) & bits[1]) == bits[1])) if bits else \
-                int(np.count_nonzero(~np.isfinite(host))) if host.dtype.kind == "f" else 0
-        elif not isinstance(arr.sharding, jax.sharding.NamedSharding):
-            counts[name] = int(jax.device_get(jax.numpy.sum(~jax.numpy.isfinite(arr))))
-        else:
-            pending[name] = (arr, nonfinite_counter(arr.sharding)(arr))
     got = jax.device_get({name: [out.addressable_data(i) for i in range(len(out.sharding.addressable_devices))]
                           for name, (_, out) in pending.items()})
+    counts = {}
     for name, (arr, out) in pending.items():
         per_device = {next(iter(out.addressable_data(i).devices())): int(np.asarray(v).sum())
                       for i, v in enumerate(got[name])}
         distinct = {tuple((s.start, s.stop, s.step) for s in index): device for device, index in
                     arr.sharding.addressable_devices_indices_map(arr.shape).items()}
         counts[name] = sum(per_device[device] for device in distinct.values())
+    return counts
+
+
+def on_named_devices(arr) -> bool:
+    import jax
+
+    return trees.on_devices(arr) and isinstance(arr.sharding, jax.sharding.NamedSharding)
+
+
+def nonfinite_counts(arrays: Mapping[str, Any]) -> dict[str, int]:
+    """{name: NaN and infinite elements} of the arrays that hold any (this host's shards; a replicated
+    shard once): host arrays counted by numpy, device arrays (NamedSharding) on their devices."""
+    import jax
+
+    counts = {}
+    for name, arr in arrays.items():
+        if not trees.on_devices(arr):
+            host = np.asarray(arr)
+            bits = exponent_mask(host.dtype)
+            counts[name] = int(np.count_nonzero((host.view(bits[0]) & bits[1]) == bits[1])) if bits else \
+                int(np.count_nonzero(~np.isfinite(host))) if host.dtype.kind == "f" else 0
+        elif not on_named_devices(arr):
+            counts[name] = int(jax.device_get(jax.numpy.sum(~jax.numpy.isfinite(arr))))
+    counts.update(read_counts(dispatch_counts({n: a for n, a in arrays.items() if on_named_devices(a)})))
     return {name: n for name, n in counts.items() if n}
+
+
+@dataclasses.dataclass
+class Screen:
+    """A look for NaN and infinities under way (screen()): result() waits for it, close() abandons it."""
+    pieces: list[tuple[str, concurrent.futures.Future]]  # numpy on the threads, over buffers read in place
+    counting: dict[str, tuple]  # dispatch_counts on the devices (TPU, GPU)
+    unread: set[str]  # the rest (host arrays of other dtypes): counted when result() is asked
+
+    def result(self) -> set[str]:
+        """The names of the arrays that hold a NaN or an infinity (and of the unread ones)."""
+        concurrent.futures.wait([f for _, f in self.pieces])  # no thread still reads when this returns or raises
+        found = {name for name, piece in self.pieces if piece.result()}
+        return found | {name for name, n in read_counts(self.counting).items() if n} | self.unread
+
+    def close(self) -> None:
+        """Stop it and wait for the pieces already running: nothing reads a buffer after this returns (a failed
+        swap's caller may then delete or donate the arrays)."""
+        for _, piece in self.pieces:
+            piece.cancel()
+        concurrent.futures.wait([f for _, f in self.pieces])
+
+
+def screen(arrays: Mapping[str, Any]) -> Screen:
+    """Start looking for NaN and infinities in these arrays: read in place where possible (in_place), every buffer
+    split in PIECE_BYTES pieces over the threads; elsewhere counted on the devices (dispatched). Returns at once
+    (the pieces hold their buffers alive; keep the arrays undeleted until result() or close())."""
+    pieces, device, unread = [], {}, set()
+    step = PIECE_BYTES - PIECE_BYTES % 8
+    for name, arr in arrays.items():
+        shards = in_place(arr)
+        if shards is not None:
+            pieces += [(name, pool().submit(any_nonfinite_bytes, raw[s:s + step], arr.dtype, keep))
+                       for raw, keep in shards for s in range(0, raw.size, step)]
+        elif on_named_devices(arr):
+            device[name] = arr
+        else:
+            unread.add(name)
+    return Screen(pieces, dispatch_counts(device), unread)
 
 
 FINITE_WHERE = {FiniteCheck.TARGET: "placed on the devices, before generation continues",

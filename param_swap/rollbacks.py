@@ -60,8 +60,8 @@ class Rollback:
 
 
 def restore(state: EngineState, done: list[SwapItem], kept: Mapping[str, Any], rollback: Rollback) -> bool:
-    """Put the previous weights of every assigned item back (the arrays still kept, else from `rollback`),
-    then rebind. Nothing assigned yet: the engine is as it was."""
+    """Put the previous weights of every item in `done` back (assigned, or freed first: the arrays still kept,
+    else re-created by `rollback`), then rebind. `done` empty: the engine is as it was."""
     missing = [i for i in done if i.target not in kept]
     if missing and rollback.kind == RollbackKind.OFF:
         return False

@@ -451,7 +451,8 @@ class ServeGuard:
         recv = scheduler.recv_requests
 
         def recv_requests():
-            if scheduler._engine_paused or (scheduler.running_batch.is_empty() and not scheduler.waiting_queue):
+            idle = scheduler.last_batch is None and scheduler.running_batch.is_empty() and not scheduler.waiting_queue
+            if scheduler._engine_paused or idle:
                 time.sleep(IDLE_WAIT_S)
             return recv()
 
@@ -661,7 +662,8 @@ def flatten_model_state(model_runner) -> tuple[list, Any]:
 def attach(engine) -> tuple[RequestRecorder, ServeGuard]:
     """The tool's hooks on a running engine, installed once per engine (every ParamSwapper of it shares them):
     the RequestRecorder wraps Scheduler.stream_output; the ServeGuard wraps ModelRunner.jitted_run_model,
-    Scheduler.flush_cache and the scheduler's PauseGenerationReqInput handler, and makes this process the
+    Scheduler.flush_cache, Scheduler.recv_requests and the scheduler's PauseGenerationReqInput handler, and makes
+    this process the
     scheduler's parent_process (the engine's failure signals come here). Each wrapper calls the original."""
     return request_recorder(engine), serve_guard(engine)
 

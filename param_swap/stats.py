@@ -12,7 +12,7 @@ from param_swap.sglang_adapter import PAUSE_MODE
 
 
 class SwapMode(enum.StrEnum):
-    STREAMING = "streaming"  # a bucket of tensors placed, assigned, the arrays it replaced freed, then the next
+    STREAMING = "streaming"  # a bucket of tensors placed, assigned, the arrays it replaced freed (or freed first)
     BULK = "bulk"  # every array placed, then all assigned (the reference algorithm: two sets at the peak)
 
 
@@ -28,8 +28,8 @@ TRANSPOSE_ON = {"cpu": Transpose.HOST, "gpu": Transpose.DEVICE, "tpu": Transpose
 
 class FiniteCheck(enum.StrEnum):
     """How a swap finds NaN and infinite weights (finite.check_finite)."""
-    TARGET = "target"  # each bucket as placed on the devices, before it is assigned (a failure rolls back)
-    SOURCE = "source"  # the tree itself first, before generation is paused (a swap without rollback)
+    TARGET = "target"  # each bucket as placed on the devices, before generation continues (a failure rolls back)
+    SOURCE = "source"  # the whole tree, before any of it is assigned (a swap without rollback)
     OFF = "off"  # allow_nonfinite: swapped in knowingly
 
 
@@ -53,7 +53,7 @@ class SwapStats:
     prepare_s: float = 0.0  # before generation is paused: compiling what the swap runs (prepare_swap)
     prepare_compiles: int = 0  # XLA compiles in prepare_swap (0 for a layout swapped before)
     finite_check: FiniteCheck = FiniteCheck.TARGET  # how NaN/Inf weights are found (finite.FiniteCheck)
-    finite_check_s: float = 0.0  # its seconds (source: before generation is paused)
+    finite_check_s: float = 0.0  # the seconds the swap waited on it (source: also what validate() spent on it)
     swap_compiles: int = 0  # XLA compiles while the engine was changed (0: everything was prepared)
     transposed_bytes_sum: int = 0  # kernels transposed on the devices
     copied_bytes_sum: int = 0  # device bytes of the arrays made for the engine (not taken as they are: alias)

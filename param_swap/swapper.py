@@ -65,7 +65,7 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
         for bucket in buckets(plan, stats.bucket_bytes):
             t = time.perf_counter()
             if first:
-                freed += free_replaced(state, bucket, source, stats)
+                free_replaced(state, bucket, source, stats, freed)
                 stats.free_s += time.perf_counter() - t
                 t = time.perf_counter()
             host_s = stats.host_s
@@ -80,6 +80,9 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
             if stats.finite_check == FiniteCheck.TARGET:
                 t = time.perf_counter()
                 checking = (bucket, placed, FiniteCheck.TARGET, finite.screen(placed))
+                if undo.kind == RollbackKind.KEPT:  # bulk: its restore needs the replaced arrays, let go of below
+                    finite.check_finite(*checking)
+                    checking = None
                 stats.finite_check_s += time.perf_counter() - t
             stats.sample_peak()
             if undo.kind == RollbackKind.COPY:
@@ -100,6 +103,8 @@ def place_and_assign(state: EngineState, plan: list[SwapItem], source: Mapping[s
         state.rebind_from_model()
         stats.assign_s += time.perf_counter() - t
     except Exception as e:  # noqa: BLE001 - any failure mid-swap: put the previous weights back, then report
+        if checking is not None:
+            checking[3].close()  # no screen reads a buffer once the caller has the error
         restored = rollbacks.restore(state, freed if first else done, {} if first else kept, undo)
         if isinstance(e, ToolError):  # input refused mid-swap (check_finite): its own stage and exit code
             e.details.update(restored=restored, rollback=undo.kind, assigned=len(done))
@@ -120,18 +125,19 @@ def free_first(undo: Rollback, alias: bool) -> bool:
     return undo.kind in rollbacks.RECREATED and not alias
 
 
-def free_replaced(state: EngineState, bucket: list[SwapItem], source: Mapping[str, Any],
-                  stats: SwapStats) -> list[SwapItem]:
-    """Each item's Param and leaf to its abstract value and its array deleted (never a source array of this
-    bucket or one a trainer shares: those are only let go of). Returns the items: a failure re-creates them."""
-    sources = {id(source[i.source]) for i in bucket}
+def free_replaced(state: EngineState, bucket: list[SwapItem], source: Mapping[str, Any], stats: SwapStats,
+                  freed: list[SwapItem]) -> None:
+    """Each item's Param and leaf to its abstract value and its array deleted (never an array of the source tree
+    or one a trainer shares: those are only let go of), each item added to `freed` first: a failure re-creates
+    them."""
+    sources = {id(a) for a in trees.source_arrays(source)}  # a lazy tree's base: nothing is computed
     for item in bucket:
+        freed.append(item)
         old = state.assign(item.target, release.abstract(state.params[item.target].get_value()))
         stats.release(old)
         if trees.on_devices(old) and not old.is_deleted() and id(old) not in sources | stats.shared:
             stats.freed_first_bytes_sum += memory.param_bytes_sum([old])
             old.delete()
-    return bucket
 
 
 def agree_plan(plan: list[SwapItem]) -> None:
@@ -208,7 +214,7 @@ class SwapInput:
     undo: Rollback  # how a failure mid-swap puts the previous weights back
     finite_check: FiniteCheck
     source_check: tuple | None = None  # FiniteCheck.SOURCE: check_finite's arguments, the tree's screen under way
-    finite_check_s: float = 0.0  # what starting it took
+    finite_check_s: float = 0.0  # the seconds validate() spent on the check (starting it, or all of it)
 
 
 @dataclasses.dataclass
@@ -342,6 +348,16 @@ class ParamSwapper:
         except ToolError as e:
             HOSTS.fail(e)  # several hosts: the others stop at the next step
             raise
+        try:
+            return await self.swap_checked(checked, mode, alias, trainer_held, resuming, called, pauses)
+        finally:
+            if checked.source_check is not None:  # waited on by the swap, or abandoned by a failure before it
+                checked.source_check[3].close()
+
+    async def swap_checked(self, checked: SwapInput, mode: str, alias: bool,
+                           trainer_held: Mapping[str, Any] | None, resuming: bool, called: float,
+                           pauses: int) -> SwapResult:
+        """run_swap() after validate(): compile, pause, change the engine, agree, flush, continue, report."""
         prepared = placement.prepare_swap(checked.plan, checked.flat, self.num_kv_heads,
                                           Transpose.DEVICE if checked.device else self.transpose, alias,
                                           checked.finite_check == FiniteCheck.TARGET)
@@ -391,8 +407,8 @@ class ParamSwapper:
                  plan: list[SwapItem] | None = None) -> SwapInput:
         """Everything checked before the engine is touched: mode, plan, live sources, alias; the Rollback; and
         how the weights are checked for NaN/Inf (FiniteCheck): each bucket as it is placed where a failure
-        mid-swap can be rolled back, else the tree itself, before any of it is assigned (its screen starts here;
-        a count on the devices runs here, before generation is paused)."""
+        mid-swap can be rolled back, else the whole tree before any of it is assigned (started here; waited on
+        here, before generation is paused, on several hosts and for a lazy tree)."""
         if mode not in tuple(SwapMode):
             raise ToolError("arguments", f"swap mode {mode!r}", "streaming or bulk")
         flat = trees.as_flat(mllm_params)
@@ -415,17 +431,21 @@ class ParamSwapper:
             return SwapInput(flat, plan, device, undo, FiniteCheck.OFF)
         if undo.kind != RollbackKind.OFF:
             return SwapInput(flat, plan, device, undo, FiniteCheck.TARGET)
-        arrays = {i.source: flat[i.source] for i in plan}  # a lazy tree's arrays one at a time
+        arrays = {i.source: flat[i.source] for i in plan}  # a lazy tree's arrays computed, all of them
         t = time.perf_counter()
         screen = finite.screen(arrays)  # runs while the swap compiles, pauses and places its first bucket
-        if not screen.unread:
+        if not HOSTS.multi and not hasattr(flat, "base"):
             return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, (plan, arrays, FiniteCheck.SOURCE, screen),
                              time.perf_counter() - t)
-        try:  # counted on the devices (TPU, GPU): now, before generation is paused, since it compiles
+        # several hosts (each reads its own shards: all must know before any pauses) or a lazy tree (its
+        # computed arrays are not kept for the swap): the check is waited on now, before generation is paused
+        try:
             seconds = finite.check_finite(plan, arrays, FiniteCheck.SOURCE, screen)
         except ToolError as e:
             e.details.update(assigned=0, rollback=undo.kind)  # the engine was not touched
             raise
+        finally:
+            screen.close()
         return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, None, seconds)
 
     def change_engine(self, checked: SwapInput, mode: SwapMode, alias: bool,

@@ -5,12 +5,14 @@ Each defect patches the module of param_swap/ that defines what it changes, thro
 exist there, and no other module may hold the original by a from-import (the patch would silently not take
 effect there); either is an error before the tool starts (exit 99).
 
-  no_rebind       Params are assigned but model_state_leaves is never rebound (the forward keeps the dummies)
+  no_rebind       Params are assigned but model_state_leaves is never rebound (the forward keeps the dummies, which
+                  are not freed first: freed, the forward would fail on their deleted buffers, exit 3)
   skip_one_param  the swap leaves the last planned Param dummy
   copy_in_dict    after the swap, one dict entry is a copy of the engine's array, not the array itself
   no_flush        the radix cache is not flushed after the swap
   no_pause        generation is not paused around the swap, nor is the pause confirmed (agree_paused): forward
-                  steps run on half-swapped weights
+                  steps run on half-swapped weights (the replaced ones not freed first: freed, a forward would fail
+                  on their deleted buffers, exit 3)
   flush_ignored   the flush is sent without holding the retracted requests aside and its answer is ignored
                   (sglang-jax refuses it while requests wait: the cache keeps the old weights' prefix KV)
   crash_while_serving  the scheduler thread raises once the --serve-load clients run (exit 3, one error line)
@@ -135,6 +137,7 @@ def apply(mutation: str) -> None:
 
         patch(engine_state.EngineState, "assign", assign)
         patch(engine_state.EngineState, "rebind_from_model", lambda self: None)
+        patch(swapper, "free_first", lambda *args: False)  # the dummies stay alive for the forward to use
     elif mutation == "skip_one_param":
         original = swapper.place_and_assign
 
@@ -165,6 +168,7 @@ def apply(mutation: str) -> None:
 
         patch(pause, "pause_generation", pause_generation)
         patch(pause, "agree_paused", lambda guard, pauses: None)
+        patch(swapper, "free_first", lambda *args: False)
     elif mutation == "flush_ignored":
         async def flush_radix_cache(guard):
             await guard.engine.tokenizer_manager.flush_cache()
@@ -352,17 +356,18 @@ def apply(mutation: str) -> None:
     elif mutation == "norm_left_dummy":
         import numpy as np
 
-        original_plan_swap, original_place, engine_params = planning.plan_swap, placement.place, {}
+        original_plan_swap, original_place, dummy = planning.plan_swap, placement.place, {}
+        target = "model.layers.0.post_attention_layernorm.scale"
 
-        def plan_swap(flat, params, *args):
-            engine_params.update(params)
+        def plan_swap(flat, params, *args):  # its dummy values, read before the swap frees them
+            dummy.setdefault(target, np.asarray(params[target].get_value()))
             return original_plan_swap(flat, params, *args)
 
         def place(item, src, num_kv_heads, *args, **kwargs):
-            if item.target == "model.layers.0.post_attention_layernorm.scale":
+            if item.target == target:
                 import jax
 
-                return jax.device_put(np.asarray(engine_params[item.target].get_value()), item.sharding)
+                return jax.device_put(dummy[target], item.sharding)
             return original_place(item, src, num_kv_heads, *args, **kwargs)
 
         patch(planning, "plan_swap", plan_swap)

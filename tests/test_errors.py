@@ -397,6 +397,9 @@ def poison(tensors) -> None:
 @pytest.mark.parametrize("extra, where, rollback, refused", [
     # each bucket as placed: the first with a NaN is refused, the buckets before it are put back
     (["--bucket-mb", "1"], "placed on the devices", "dummy", {"model.layers_0.mlp.up_proj.kernel": 1}),
+    # bulk: its one bucket is checked before it is assigned (its rollback needs the arrays it replaces)
+    (["--swap-mode", "bulk"], "placed on the devices", "kept",
+     {"model.layers_0.mlp.up_proj.kernel": 1, "model.layers_1.input_layernorm.scale": 1}),
     # no rollback (a device source, --no-rollback): the whole tree is checked first, nothing is assigned
     (["--weights-source", "trainer", "--no-rollback"], "in the tree", "off",
      {"model.layers_0.mlp.up_proj.kernel": 1, "model.layers_1.input_layernorm.scale": 1}),

@@ -78,3 +78,13 @@ def test_device_shards_are_read_in_place_on_cpu():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["rows"] == out["cols"] == out["replicated"] == ["bad"]
     assert out["screen_reads"] == 0 and out["counts"] == {"bad": 1}
+
+
+def test_a_screen_closed_early_leaves_no_thread_reading(monkeypatch):
+    """close() (a swap that failed before waiting on its check) cancels what has not started and waits for what
+    has: no thread reads a buffer the caller may then delete."""
+    monkeypatch.setattr(finite, "PIECE_BYTES", 1 << 12)
+    started = finite.screen({"w": np.ones(1 << 22, np.float32)})  # 4096 pieces
+    started.close()
+    assert all(piece.done() for _, piece in started.pieces)
+    assert any(piece.cancelled() for _, piece in started.pieces)

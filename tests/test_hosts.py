@@ -314,11 +314,14 @@ def test_a_failure_on_one_rank_ends_every_rank(checkpoint, tmp_path):
     assert "engine_ready_dummy" not in [r["phase"] for r in results[0][1]]
 
 
-@pytest.mark.parametrize("extra", [["--bucket-mb", "1"], ["--no-rollback"]])
+@pytest.mark.parametrize("extra", [["--bucket-mb", "1"], ["--no-rollback"],
+                                   ["--weights-source", "trainer", "--no-rollback"]])
 def test_nonfinite_weights_are_refused_on_every_rank(checkpoint, tmp_path, extra):
     """One NaN and one infinity in the checkpoint (a trainer that diverged), on two hosts: each rank holds its
     shards of them only, yet both refuse the same tensors and keep their weights (exit 2 everywhere), per
-    bucket as placed (rolled back) or in the whole tree before anything is placed (--no-rollback)."""
+    bucket as placed (rolled back) or in the whole tree before anything is placed (--no-rollback; from a
+    trainer tree each rank reads only its own shards, so the one that holds the NaN must stop the other before
+    either pauses)."""
     from test_errors import poison, rewrite_tensors
 
     folder = str(tmp_path / "ckpt")
