@@ -140,6 +140,22 @@ def free_replaced(state: EngineState, bucket: list[SwapItem], source: Mapping[st
             old.delete()
 
 
+def agree_finite(error: ToolError | None) -> ToolError | None:
+    """Several hosts: each checked only its own shards of the tree; every rank refuses if any found a NaN or an
+    infinity (the lowest such rank's error), before any pauses. One host: `error`."""
+    if not HOSTS.multi:
+        return error
+    found = HOSTS.agree("finite_source", error.record() if error is not None else None)
+    if error is not None:
+        return error
+    rank, rec = next(((r, rec) for r, rec in enumerate(found) if rec), (None, None))
+    if rec is None:
+        return None
+    details = {k: v for k, v in rec.items() if k not in ("phase", "stage", "error", "hint", "exit_code")}
+    return ToolError(rec["stage"], f"rank {rank}: {rec['error']}", rec["hint"], rec["exit_code"],
+                     **{**details, "failed_rank": rank})
+
+
 def agree_plan(plan: list[SwapItem]) -> None:
     """Several hosts: every host is about to swap the same plan, or none touches its engine."""
     plans = HOSTS.agree("swap_plan", planning.plan_fingerprint(plan))
@@ -439,13 +455,17 @@ class ParamSwapper:
                              time.perf_counter() - t)
         # several hosts (each reads its own shards: all must know before any pauses) or a lazy tree (its
         # computed arrays are not kept for the swap): the check is waited on now, before generation is paused
+        error, seconds = None, 0.0
         try:
             seconds = finite.check_finite(plan, arrays, FiniteCheck.SOURCE, screen)
         except ToolError as e:
-            e.details.update(assigned=0, rollback=undo.kind)  # the engine was not touched
-            raise
+            error = e
         finally:
             screen.close()
+        error = agree_finite(error)
+        if error is not None:
+            error.details.update(assigned=0, rollback=undo.kind)  # the engine was not touched
+            raise error
         return SwapInput(flat, plan, device, undo, FiniteCheck.SOURCE, None, seconds)
 
     def change_engine(self, checked: SwapInput, mode: SwapMode, alias: bool,

@@ -328,7 +328,8 @@ def test_nonfinite_weights_are_refused_on_every_rank(checkpoint, tmp_path, extra
     shutil.copytree(checkpoint(tied=True, num_kv_heads=2), folder)
     rewrite_tensors(folder, poison)
     results = run_hosts([folder, folder], *extra)
-    assert [code for code, *_ in results] == [2, 2], results[0][3][-3000:] + results[1][3][-3000:]
+    errors = [[r for r in records if r["phase"] == "error"] for _, records, *_ in results]
+    assert [code for code, *_ in results] == [2, 2], (errors, results[0][3][-3000:] + results[1][3][-3000:])
     error = phase_of(results[0][1], "error")
     assert error["stage"] == "weights_finite" and "model.layers_0.mlp.up_proj.kernel" in error["error"], error
     assert error["previous_weights_answer_matches"] is True and "weights_swapped_from_mllm" not in [
