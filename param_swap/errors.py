@@ -40,3 +40,10 @@ class ToolError(Exception):
     def record(self) -> dict:
         return {"phase": "error", "stage": self.stage, "error": self.error, "hint": self.hint,
                 "exit_code": self.exit_code, **self.details}
+
+    @classmethod
+    def of_rank(cls, rank: int, record: dict) -> "ToolError":
+        """Another rank's error (its record()) as this rank's: the same stage, exit code and details."""
+        details = {k: v for k, v in record.items() if k not in ("phase", "stage", "error", "hint", "exit_code")}
+        return cls(record["stage"], f"rank {rank}: {record['error']}", record["hint"], record["exit_code"],
+                   **{**details, "failed_rank": rank})

@@ -211,10 +211,7 @@ class HostGroup:
         found = sorted((int(k.rsplit("/", 1)[1]), json.loads(v)) for k, v in self.kv_dir(f"{self.KEY}/error/", "error"))
         if not found:
             return None
-        rank, record = found[0]
-        details = {k: v for k, v in record.items() if k not in ("phase", "stage", "error", "hint", "exit_code")}
-        return ToolError(record["stage"], f"rank {rank}: {record['error']}", record["hint"], record["exit_code"],
-                         **details)
+        return ToolError.of_rank(*found[0])
 
     def beat(self) -> None:
         """This rank's heartbeat until the process exits (also while it ends: a rank that finished first must not

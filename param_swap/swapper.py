@@ -148,12 +148,7 @@ def agree_finite(error: ToolError | None) -> ToolError | None:
     found = HOSTS.agree("finite_source", error.record() if error is not None else None)
     if error is not None:
         return error
-    rank, rec = next(((r, rec) for r, rec in enumerate(found) if rec), (None, None))
-    if rec is None:
-        return None
-    details = {k: v for k, v in rec.items() if k not in ("phase", "stage", "error", "hint", "exit_code")}
-    return ToolError(rec["stage"], f"rank {rank}: {rec['error']}", rec["hint"], rec["exit_code"],
-                     **{**details, "failed_rank": rank})
+    return next((ToolError.of_rank(r, rec) for r, rec in enumerate(found) if rec), None)
 
 
 def agree_plan(plan: list[SwapItem]) -> None:
